@@ -1,0 +1,24 @@
+"""mmsphere: contrastive image-text and video-text representation learning on the unit hypersphere."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from mmsphere.config import Config
+
+
+def load(run_dir: str, device: str = "cpu") -> Any:
+    """Restore the trained dual encoder saved in a run directory (``model.safetensors`` + ``config.yaml``)."""
+    from mmsphere.models import load_run
+
+    return load_run(run_dir, device=device)
+
+
+def train(config: "Config") -> Any:
+    """Fine-tune from a :class:`~mmsphere.config.Config`; returns the training summary."""
+    from mmsphere.train import train as _train
+
+    return _train(config)

@@ -1,0 +1,42 @@
+"""The ``mmsphere`` console command: one sub-command per tool, each a thin parser over the library."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# sub-command -> "module:function"; each function takes the remaining argv and returns an exit code
+COMMANDS = {
+    "train": ("mmsphere.train.cli:main", "fine-tune a dual encoder (also: accelerate launch scripts/train.py)"),
+    "eval-retrieval": ("mmsphere.eval.cli:main", "text-video / text-image retrieval evaluation"),
+    "score-ood": ("mmsphere.ood.cli:main", "out-of-distribution detection scoring"),
+    "make-shards": ("mmsphere.data.cli:make_shards_main", "build webdataset shards from a CSV/JSONL list"),
+    "inspect-shards": ("mmsphere.data.cli:inspect_shards_main", "decode every sample of shards and report"),
+    "demo": ("mmsphere.demo:main", "build the demo data, fine-tune, evaluate and write a report"),
+}
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Run sub-command ``name`` with ``argv``; returns its exit code."""
+    module_name, _, function_name = COMMANDS[name][0].partition(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mmsphere`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(len(name) for name in COMMANDS)
+        print("usage: mmsphere COMMAND [ARGS...]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<{width}}  {help_text}")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"mmsphere: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return run_command(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

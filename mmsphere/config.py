@@ -1,0 +1,340 @@
+"""One typed configuration tree, loaded from YAML with ``dotted.key=value`` overrides.
+
+Validation happens here, when the config is built: unknown keys (with the closest valid key
+suggested), wrong types and impossible values raise :class:`ConfigError` before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class MmsphereError(Exception):
+    """Base class of the errors mmsphere raises for bad user input."""
+
+
+class ConfigError(MmsphereError, ValueError):
+    """A configuration key is unknown, mistyped or holds an impossible value."""
+
+
+CONTRASTIVE_TERMS = ("clip", "angular_margin")
+EXTRA_TERMS = ("m2mix", "calibrated_uniformity", "cma")
+
+
+@dataclass
+class ModelConfig:
+    """The dual encoder: an open_clip architecture plus a temporal head for video."""
+
+    name: str = "ViT-B-32"  # open_clip architecture name or path to a JSON model config
+    pretrained: str | None = None  # open_clip tag, local file, local directory or hf-hub:ORG/NAME
+    temporal_head: str = "mean"  # mean (CLIP4Clip meanP) | transformer (CLIP4Clip seqTransf)
+    temporal_layers: int = 1
+    temporal_heads: int = 0  # 0 = width // 64, at least 1
+    max_frames: int = 32  # size of the frame position embedding of the transformer head
+    freeze_image: bool = False
+    freeze_text: bool = False
+    image_lr: float | None = None  # None = train.lr
+    text_lr: float | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SourceConfig:
+    """One stream of shards: a webdataset URL pattern, its modality and its sampling weight."""
+
+    urls: str = ""
+    modality: str = "video"  # video | image
+    weight: float = 1.0
+    name: str = ""
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are decoded."""
+
+    train: list[SourceConfig] = field(default_factory=list)
+    meta: SourceConfig | None = None  # clean meta set for meta-learned weighting
+    val: SourceConfig | None = None
+    frames: int = 8
+    image_size: int | None = None  # None = the model's own input size
+    workers: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = True
+    fast_decode: bool = False  # seek to the nearest keyframe instead of exact decoding (train only)
+    random_offset: bool = False  # random-offset segments instead of linspace frames (train only)
+    epoch_samples: int = 10000  # length of a virtual epoch, in samples per process
+
+
+@dataclass
+class LossConfig:
+    """The composed objective: which terms, their weights and their hyper-parameters."""
+
+    terms: dict[str, float] = field(default_factory=lambda: {"angular_margin": 1.0})
+    margin: float = 0.1
+    m2mix_alpha: float = 0.5
+    tau_mix: float = 0.07
+    uniformity_t: float = 2.0
+    calibration_alpha: float = 0.5
+    min_sim: float = 0.0
+    max_sim: float = 0.8
+    detach_calibration: bool = True
+    local_loss: bool = False
+    gather_with_grad: bool = True
+
+
+@dataclass
+class MetaConfig:
+    """Meta-Weight-Net sample weighting (NeurIPS'19, as used by MAMA)."""
+
+    enabled: bool = False
+    interval: int = 1
+    hidden: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    virtual_lr: float | None = None  # None = the current learning rate
+    params: str = "heads"  # all | last_blocks | heads
+    last_blocks: int = 1
+    normalize: str = "mean"  # mean | sum
+    batch_size: int | None = None  # None = train.batch_size
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = 1000
+    batch_size: int = 32  # per process
+    lr: float = 1e-5
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    precision: str = "no"  # no | bf16 | fp16
+    accum_freq: int = 1
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str | None = None  # path, "latest" or null
+    log_every: int = 10
+    val_every: int = 0  # 0 = only at the end
+    max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
+    cpu: bool = False  # force CPU processes even where CUDA exists
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# building from dicts, YAML and overrides
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from a YAML file and ``dotted.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    for override in overrides or []:
+        apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set ``dotted.key=value`` in a raw config dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like dotted.key=value")
+    key, _, text = override.partition("=")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a plain nested dict."""
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain YAML-safe data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        values[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [arg for arg in args if arg is not type(None)]
+        return _coerce(inner[0], value, key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(args[0], item, f"{key}[{index}]") for index, item in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r} must be a list of {len(args)} values")
+        return tuple(_coerce(arg, item, key) for arg, item in zip(args, value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping")
+        return {str(name): _coerce(args[1], item, f"{key}.{name}") for name, item in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# values that parse but are impossible
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Raise :class:`ConfigError` for values that are well-typed but impossible."""
+    model, data, loss, meta, train = config.model, config.data, config.loss, config.meta, config.train
+    _check(model.temporal_head in ("mean", "transformer"),
+           f"model.temporal_head={model.temporal_head!r} must be 'mean' or 'transformer'")
+    _check(model.temporal_layers >= 1, f"model.temporal_layers={model.temporal_layers} must be >= 1")
+    _check(model.max_frames >= 1, f"model.max_frames={model.max_frames} must be >= 1")
+    _check(data.frames >= 1, f"data.frames={data.frames} must be >= 1")
+    _check(data.frames <= model.max_frames or model.temporal_head == "mean",
+           f"data.frames={data.frames} exceeds model.max_frames={model.max_frames}")
+    _check(data.workers >= 0, f"data.workers={data.workers} must be >= 0")
+    _check(data.shuffle_buffer >= 0, f"data.shuffle_buffer={data.shuffle_buffer} must be >= 0")
+    _check(data.epoch_samples >= 1, f"data.epoch_samples={data.epoch_samples} must be >= 1")
+    for index, source in enumerate(data.train + [s for s in (data.meta, data.val) if s is not None]):
+        where = f"data source {source.name or index}"
+        _check(bool(source.urls), f"{where}: urls must name at least one shard")
+        _check(source.modality in ("video", "image"),
+               f"{where}: modality={source.modality!r} must be 'video' or 'image'")
+        _check(source.weight > 0, f"{where}: weight={source.weight} must be > 0")
+
+    contrastive = [name for name in loss.terms if name in CONTRASTIVE_TERMS]
+    for name, weight in loss.terms.items():
+        if name not in CONTRASTIVE_TERMS + EXTRA_TERMS:
+            close = difflib.get_close_matches(name, CONTRASTIVE_TERMS + EXTRA_TERMS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"loss.terms: unknown term {name!r}{hint} "
+                              f"(known: {', '.join(CONTRASTIVE_TERMS + EXTRA_TERMS)})")
+        _check(math.isfinite(weight) and weight >= 0, f"loss.terms.{name}={weight} must be >= 0")
+    _check(len(contrastive) == 1,
+           f"loss.terms must hold exactly one of {CONTRASTIVE_TERMS}, got {contrastive or 'none'}")
+    _check(0 <= loss.margin < math.pi, f"loss.margin={loss.margin} must be in [0, π)")
+    _check(loss.m2mix_alpha > 0, f"loss.m2mix_alpha={loss.m2mix_alpha} must be > 0")
+    _check(loss.tau_mix > 0, f"loss.tau_mix={loss.tau_mix} must be > 0")
+    _check(loss.uniformity_t > 0, f"loss.uniformity_t={loss.uniformity_t} must be > 0")
+    _check(loss.calibration_alpha > 0, f"loss.calibration_alpha={loss.calibration_alpha} must be > 0")
+    _check(-1 <= loss.min_sim <= loss.max_sim <= 1,
+           f"loss.min_sim={loss.min_sim}, loss.max_sim={loss.max_sim} must satisfy -1 <= min <= max <= 1")
+
+    _check(meta.interval >= 1, f"meta.interval={meta.interval} must be >= 1")
+    _check(meta.hidden >= 1, f"meta.hidden={meta.hidden} must be >= 1")
+    _check(meta.params in ("all", "last_blocks", "heads"),
+           f"meta.params={meta.params!r} must be 'all', 'last_blocks' or 'heads'")
+    _check(meta.last_blocks >= 1, f"meta.last_blocks={meta.last_blocks} must be >= 1")
+    _check(meta.normalize in ("mean", "sum"), f"meta.normalize={meta.normalize!r} must be 'mean' or 'sum'")
+    _check(meta.virtual_lr is None or meta.virtual_lr > 0, f"meta.virtual_lr={meta.virtual_lr} must be > 0")
+    _check(meta.batch_size is None or meta.batch_size >= 2, f"meta.batch_size={meta.batch_size} must be >= 2")
+    if meta.enabled:
+        _check(data.meta is not None, "meta.enabled=true needs data.meta (the clean meta set's shards)")
+
+    _check(train.max_steps >= 1, f"train.max_steps={train.max_steps} must be >= 1")
+    _check(train.batch_size >= 2, f"train.batch_size={train.batch_size} must be >= 2 (contrastive)")
+    _check(train.lr > 0, f"train.lr={train.lr} must be > 0")
+    _check(train.weight_decay >= 0, f"train.weight_decay={train.weight_decay} must be >= 0")
+    _check(train.warmup_steps >= 0, f"train.warmup_steps={train.warmup_steps} must be >= 0")
+    _check(train.grad_clip is None or train.grad_clip > 0, f"train.grad_clip={train.grad_clip} must be > 0")
+    _check(train.precision in ("no", "bf16", "fp16"),
+           f"train.precision={train.precision!r} must be 'no', 'bf16' or 'fp16'")
+    _check(train.accum_freq >= 1, f"train.accum_freq={train.accum_freq} must be >= 1")
+    _check(train.batch_size % train.accum_freq == 0,
+           f"train.batch_size={train.batch_size} must be divisible by train.accum_freq={train.accum_freq}")
+    _check(train.checkpoint_every >= 1, f"train.checkpoint_every={train.checkpoint_every} must be >= 1")
+    _check(train.keep_checkpoints >= 1, f"train.keep_checkpoints={train.keep_checkpoints} must be >= 1")
+    _check(train.max_nonfinite_steps >= 1,
+           f"train.max_nonfinite_steps={train.max_nonfinite_steps} must be >= 1")
