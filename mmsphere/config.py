@@ -112,7 +112,7 @@ class TrainConfig:
     """The optimisation loop."""
 
     max_steps: int = 1000
-    batch_size: int = 32  # per process
+    batch_size: int = 32  # global: split evenly over processes, then over accum_freq micro-batches
     lr: float = 1e-5
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)

@@ -1,0 +1,31 @@
+"""Out-of-distribution detection with a dual encoder: zero-shot scores and their metrics."""
+
+from mmsphere.ood.metrics import CONVENTIONS, METRIC_KEYS, mean_metrics, ood_metrics, roc_curve
+from mmsphere.ood.scores import (
+    DEFAULT_TEMPERATURE,
+    SCORES,
+    cosine_logits,
+    energy_score,
+    maxlogit_score,
+    mcm_score,
+    msp_score,
+    neglabel_score,
+    ood_score,
+)
+
+__all__ = [
+    "CONVENTIONS",
+    "DEFAULT_TEMPERATURE",
+    "METRIC_KEYS",
+    "SCORES",
+    "cosine_logits",
+    "energy_score",
+    "maxlogit_score",
+    "mcm_score",
+    "mean_metrics",
+    "msp_score",
+    "neglabel_score",
+    "ood_metrics",
+    "ood_score",
+    "roc_curve",
+]

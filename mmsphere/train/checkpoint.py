@@ -1,0 +1,78 @@
+"""Training state for resume: ``accelerator.save_state`` into a temporary directory, then a rename.
+
+A checkpoint directory is complete exactly when it is named ``step_XXXXXXXX`` and holds
+``trainer_state.json``; the rename is the last thing that happens, so a run killed mid-write leaves
+only a ``.tmp-*`` directory that is never picked as ``latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    """Where the checkpoints of a run live."""
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    complete = [path for path in root.glob("step_*") if (path / STATE_FILE).is_file()]
+    return sorted(complete, key=lambda path: int(path.name.split("_")[1]))
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint ``train.resume`` names: a path, ``latest`` (None when there is none yet) or null."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any],
+                    keep: int) -> Path:
+    """Save the full training state atomically; every process must call this."""
+    root = checkpoint_dir(output_dir)
+    final = root / f"step_{step:08d}"
+    temporary = root / f".tmp-step_{step:08d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
+    """Restore model, optimisers, scheduler and RNG from ``path``; returns its trainer state."""
+    accelerator.load_state(str(path))
+    return json.loads((Path(path) / STATE_FILE).read_text())

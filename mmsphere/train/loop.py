@@ -1,0 +1,387 @@
+"""The fine-tuning loop: shard → decode → batch → encoders → features → objective → weights → step.
+
+Read top to bottom: :func:`train` sets up, then each step takes a batch, optionally runs one meta
+iteration of the WeightNet, computes the weighted objective, steps, logs and checkpoints. Helpers
+sit below their caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from tqdm.auto import tqdm
+
+from mmsphere.config import Config, ConfigError, MmsphereError, save_config
+from mmsphere.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from mmsphere.train.optim import build_optimizer, cosine_schedule
+from mmsphere.train.preflight import check_data_sources, prepare_output_dir
+from mmsphere.weighting import WeightNet, meta_step
+
+logger = logging.getLogger(__name__)
+
+MAX_LOG_LOGIT_SCALE = math.log(100.0)
+
+
+class NonFiniteLossError(MmsphereError, RuntimeError):
+    """Too many non-finite losses in a row: the run stops, its last good checkpoint intact."""
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Fine-tune the dual encoder described by ``config``; returns the run summary."""
+    from mmsphere.data import build_train_stream, stats
+    from mmsphere.losses import Objective
+    from mmsphere.models import create_model, save_run
+
+    accelerator = build_accelerator(config)
+    world_size, rank = accelerator.num_processes, accelerator.process_index
+    local_batch = local_batch_size(config.train.batch_size, world_size)
+    check_data_sources(config)
+    output_dir = Path(config.output_dir)
+    resume_from = prepare_output_dir(config, is_main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+
+    set_seed(config.seed)  # identical initialisation on every rank
+    model = create_model(config.model)
+    objective = Objective(config.loss)
+    optimizer = build_optimizer(model, config)
+    scheduler = cosine_schedule(optimizer, config.train.warmup_steps, config.train.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # the scheduler is not prepared: accelerate would step it once per process
+    accelerator.register_for_checkpointing(scheduler)
+    network = accelerator.unwrap_model(model)
+
+    weighting = MetaWeighting(config, network, objective) if config.meta.enabled else None
+    if weighting is not None:
+        weighting.weight_net.to(accelerator.device)
+        accelerator.register_for_checkpointing(weighting.weight_net, weighting.optimizer)
+
+    step, data_epoch = 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        step, data_epoch = state["step"], state["data_epoch"] + 1
+        logger.info("resumed from %s at step %d", resume_from, step)
+
+    stream_kwargs = dict(image_size=network.image_size, image_mean=network.image_mean,
+                         image_std=network.image_std, tokenizer=network.tokenizer,
+                         rank=rank, world_size=world_size, seed=config.seed)
+    train_batches = _epochs(build_train_stream, config.data.train, config, local_batch, data_epoch,
+                            stream_kwargs)
+    meta_batches = None
+    if weighting is not None:
+        meta_local = local_batch_size(config.meta.batch_size or config.train.batch_size, world_size)
+        meta_batches = _epochs(build_train_stream, [config.data.meta], config, meta_local, data_epoch,
+                               stream_kwargs)
+
+    log = RunLog(output_dir, accelerator.is_main_process)
+    nonfinite_in_row, nonfinite_total = 0, 0
+    samples_seen, started = 0, time.time()
+    progress = tqdm(total=config.train.max_steps, initial=step, disable=not accelerator.is_main_process,
+                    desc="train", unit="step", dynamic_ncols=True)
+    while step < config.train.max_steps:
+        data_epoch, batch = next(train_batches)
+        inputs = model_inputs(batch, accelerator.device)
+        step_seed = config.seed * 1_000_003 + step  # same draws on every rank and every micro-batch
+
+        meta_result = None
+        if weighting is not None and step % config.meta.interval == 0:
+            _, meta_batch = next(meta_batches)
+            meta_result = weighting.meta_step(inputs, model_inputs(meta_batch, accelerator.device),
+                                              virtual_lr=config.meta.virtual_lr or scheduler.get_last_lr()[0])
+
+        weigh = weighting.weigh if weighting is not None else None
+        result = train_step(model, objective, inputs, accelerator, config, weigh=weigh, seed=step_seed)
+
+        if not _finite_everywhere(result.loss):
+            nonfinite_in_row += 1
+            nonfinite_total += 1
+            optimizer.zero_grad(set_to_none=True)
+            logger.warning("non-finite loss at step %d: step skipped (%d in a row)", step, nonfinite_in_row)
+            if nonfinite_in_row >= config.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{nonfinite_in_row} non-finite losses in a row at step {step}; stopping. The last good "
+                    f"checkpoint is {list_checkpoints(output_dir)[-1] if list_checkpoints(output_dir) else 'none'}")
+            continue
+        nonfinite_in_row = 0
+        if config.train.grad_clip is not None:
+            accelerator.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            network.log_logit_scale.clamp_(0.0, MAX_LOG_LOGIT_SCALE)
+        step += 1
+        samples_seen += config.train.batch_size
+        progress.update(1)
+
+        if weighting is not None:
+            log.sample_weights(step, batch["key"], result.per_sample.detach(), weighting.last_weights)
+        if step % config.train.log_every == 0 or step == config.train.max_steps:
+            rate = samples_seen / max(time.time() - started, 1e-9)
+            record = {"step": step, "epoch": data_epoch, "lr": scheduler.get_last_lr()[0],
+                      "logit_scale": network.log_logit_scale.exp().item(), "samples_per_s": rate,
+                      **{f"loss/{name}": value.item() for name, value in result.terms.items()}}
+            if meta_result is not None:
+                record.update({"meta/virtual_loss": meta_result.virtual_loss,
+                               "meta/meta_loss": meta_result.meta_loss,
+                               "meta/weight_mean": meta_result.weight_mean})
+            log.metrics(record)
+            progress.set_postfix(loss=f"{result.terms['total'].item():.3f}", samples_s=f"{rate:.1f}")
+        if config.data.val is not None and config.train.val_every and step % config.train.val_every == 0:
+            log.metrics({"step": step, **validate(network, config, accelerator)})
+        if step % config.train.checkpoint_every == 0 or step == config.train.max_steps:
+            save_checkpoint(accelerator, output_dir, step, {"data_epoch": data_epoch},
+                            keep=config.train.keep_checkpoints)
+    progress.close()
+
+    summary = {"steps": step, "data_epoch": data_epoch, "nonfinite_steps_skipped": nonfinite_total,
+               "skipped_samples": _skipped_everywhere(stats.skipped_counts()),
+               "wall_time_s": time.time() - started}
+    if config.data.val is not None:
+        summary["validation"] = validate(network, config, accelerator)
+        log.metrics({"step": step, **summary["validation"]})
+    if accelerator.is_main_process:
+        save_run(network, config, output_dir)
+        if weighting is not None:
+            weighting.plot_curve(output_dir / "weighting_curve.png", log.max_loss_seen)
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info("run summary: %s", summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+# ------------------------------------------------------------------------------------------
+# set-up
+
+
+def build_accelerator(config: Config) -> Accelerator:
+    """An Accelerator that really is distributed on CPU-only machines (gloo), mixed precision as asked."""
+    cpu = config.train.cpu or not torch.cuda.is_available()
+    if cpu and config.train.precision == "fp16":
+        raise ConfigError("train.precision='fp16' needs a GPU; use 'bf16' or 'no' on CPU")
+    # without cpu=True on a CUDA-less machine, accelerate treats each process as alone
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=config.train.precision,
+        # video and image batches use different parameters (the temporal head)
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def local_batch_size(global_batch: int, world_size: int) -> int:
+    """Per-process share of the global batch; it must split evenly."""
+    if global_batch < world_size or global_batch % world_size:
+        raise ConfigError(f"train.batch_size={global_batch} must be a multiple of the number of processes "
+                          f"({world_size}) and at least that large")
+    return global_batch // world_size
+
+
+def _epochs(build_stream, sources, config: Config, batch_size: int, start_epoch: int,
+            stream_kwargs: dict) -> Iterator[tuple[int, dict]]:
+    """Endless (epoch, batch) pairs: a fresh, reseeded stream for each (virtual) data epoch."""
+    epoch = start_epoch
+    while True:
+        produced = False
+        for batch in build_stream(sources, config.data, batch_size=batch_size, epoch=epoch, **stream_kwargs):
+            produced = True
+            yield epoch, batch
+        if not produced:
+            urls = ", ".join(source.urls for source in sources)
+            raise MmsphereError(f"the data stream over {urls} produced no batch in epoch {epoch}: "
+                                f"every sample was skipped or there are fewer samples than one batch")
+        epoch += 1
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the dual encoder for one batch (an image is a one-frame video)."""
+    text = batch["text"].to(device, non_blocking=True)
+    if batch["modality"] == "image":
+        return {"text": text, "images": batch["frames"][:, 0].to(device, non_blocking=True)}
+    return {"text": text, "frames": batch["frames"].to(device, non_blocking=True),
+            "frame_mask": batch["frame_mask"].to(device, non_blocking=True)}
+
+
+# ------------------------------------------------------------------------------------------
+# one optimisation step
+
+
+def train_step(model, objective, inputs: dict[str, torch.Tensor], accelerator: Accelerator, config: Config,
+               *, weigh=None, seed: int):
+    """Forward and backward of one global batch; micro-batches share the full set of negatives.
+
+    With ``accum_freq > 1`` the features of every micro-batch are first computed without grad and
+    cached; each micro-batch is then re-encoded with grad and its slice replaces the cached one
+    (open_clip's ``--accum-freq``), so the loss always sees the whole batch. The logit scale
+    carries grad in the first micro-batch only, so its gradient is counted once.
+    """
+    accum = config.train.accum_freq
+    if accum == 1:
+        with accelerator.autocast():
+            outputs = model(**inputs)
+            result = objective(**outputs, sample_weights=weigh, weight_normalize=config.meta.normalize, seed=seed)
+        if _finite_everywhere(result.loss):
+            accelerator.backward(result.loss)
+        return result
+
+    micro_inputs = _split(inputs, accum)
+    with torch.no_grad(), accelerator.autocast():
+        cached = [model(**micro) for micro in micro_inputs]
+    image_cache = [out["image_features"] for out in cached]
+    text_cache = [out["text_features"] for out in cached]
+    result = None
+    for index, micro in enumerate(micro_inputs):
+        sync = contextlib.nullcontext() if index == accum - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                outputs = model(**micro)
+                image_features = torch.cat(image_cache[:index] + [outputs["image_features"]] + image_cache[index + 1:])
+                text_features = torch.cat(text_cache[:index] + [outputs["text_features"]] + text_cache[index + 1:])
+                logit_scale = outputs["logit_scale"] if index == 0 else outputs["logit_scale"].detach()
+                micro_result = objective(image_features, text_features, logit_scale, sample_weights=weigh,
+                                         weight_normalize=config.meta.normalize, seed=seed)
+            if not _finite_everywhere(micro_result.loss):
+                return micro_result
+            accelerator.backward(micro_result.loss)
+        result = result or micro_result
+    return result
+
+
+def _split(inputs: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    chunks = {name: tensor.chunk(parts) for name, tensor in inputs.items()}
+    return [{name: chunks[name][index] for name in inputs} for index in range(parts)]
+
+
+def _finite_everywhere(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every process (all must skip a step together)."""
+    flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def _skipped_everywhere(counts: dict[str, int]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for per_rank in gather_object([counts]) if dist.is_available() and dist.is_initialized() else [counts]:
+        for reason, count in per_rank.items():
+            total[reason] = total.get(reason, 0) + count
+    return total
+
+
+# ------------------------------------------------------------------------------------------
+# meta-learned sample weighting
+
+
+class MetaWeighting:
+    """The WeightNet, its optimiser and the contrastive-only objective the meta step differentiates."""
+
+    def __init__(self, config: Config, network: torch.nn.Module, objective) -> None:
+        from mmsphere.losses import Objective
+
+        self.config = config
+        self.network = network
+        self.weight_net = WeightNet(config.meta.hidden)
+        self.optimizer = torch.optim.Adam(self.weight_net.parameters(), lr=config.meta.lr,
+                                          weight_decay=config.meta.weight_decay)
+        contrastive_name = next(name for name in config.loss.terms if name in ("clip", "angular_margin"))
+        self.contrastive_objective = Objective(dataclasses.replace(config.loss, terms={contrastive_name: 1.0}))
+        self.parameter_names = network.meta_parameter_names(config.meta.params, config.meta.last_blocks)
+        self.last_weights: torch.Tensor | None = None
+
+    def meta_step(self, train_inputs, meta_inputs, *, virtual_lr: float):
+        """One second-order meta iteration (in fp32: the double backward is sensitive to rounding)."""
+
+        def contrastive(image_features, text_features, logit_scale, weigh):
+            out = self.contrastive_objective(image_features, text_features, logit_scale, sample_weights=weigh,
+                                             weight_normalize=self.config.meta.normalize)
+            return out.loss, out.per_sample
+
+        return meta_step(self.network, contrastive, self.weight_net, self.optimizer, train_inputs, meta_inputs,
+                         parameter_names=self.parameter_names, virtual_lr=virtual_lr)
+
+    def weigh(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """Weights of the real step: ``V(ℓ.detach(); Θ)`` with no gradient into Θ."""
+        with torch.no_grad():
+            weights = self.weight_net(per_sample.detach().float())
+        self.last_weights = weights
+        return weights.to(per_sample.dtype)
+
+    def plot_curve(self, path: Path, max_loss: float) -> None:
+        """Save the learned weighting curve ℓ → V(ℓ) as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        device = next(self.weight_net.parameters()).device
+        losses = torch.linspace(0.0, max(max_loss, 1e-3) * 1.1, 200, device=device)
+        with torch.no_grad():
+            weights = self.weight_net(losses).cpu()
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        axis.plot(losses.cpu().numpy(), weights.numpy())
+        axis.set_xlabel("per-sample loss ℓ")
+        axis.set_ylabel("weight V(ℓ)")
+        axis.set_title("learned weighting curve")
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+
+
+# ------------------------------------------------------------------------------------------
+# logging and validation
+
+
+class RunLog:
+    """``metrics.jsonl`` and ``sample_weights.jsonl`` of a run, written by the main process."""
+
+    def __init__(self, output_dir: Path, is_main: bool) -> None:
+        self.output_dir = output_dir
+        self.is_main = is_main
+        self.max_loss_seen = 0.0
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        """Append one line of metrics."""
+        if self.is_main:
+            with open(self.output_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def sample_weights(self, step: int, keys: list[str], per_sample: torch.Tensor, weights: torch.Tensor | None) -> None:
+        """Append ``{step, key, loss, weight}`` for every sample of the global batch."""
+        if weights is None:
+            return
+        rows = [{"step": step, "key": key, "loss": float(loss), "weight": float(weight)}
+                for key, loss, weight in zip(keys, per_sample.float().cpu().tolist(), weights.float().cpu().tolist())]
+        if dist.is_available() and dist.is_initialized():
+            rows = gather_object(rows)
+        self.max_loss_seen = max([self.max_loss_seen] + [row["loss"] for row in rows])
+        if self.is_main:
+            with open(self.output_dir / "sample_weights.jsonl", "a") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def validate(network: torch.nn.Module, config: Config, accelerator: Accelerator) -> dict[str, float]:
+    """Retrieval metrics on the validation stream (main process; others wait)."""
+    from mmsphere.eval.evaluate import evaluate_retrieval_loader
+
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process:
+        was_training = network.training
+        network.eval()
+        results = evaluate_retrieval_loader(network, config.data.val.urls, modality=config.data.val.modality,
+                                            frames=config.data.frames, batch_size=config.train.batch_size)
+        network.train(was_training)
+        metrics = {f"val/{name}": value for name, value in results.items() if isinstance(value, (int, float))}
+    accelerator.wait_for_everyone()
+    return metrics
