@@ -1,0 +1,22 @@
+"""The dual encoder: open_clip towers + a temporal head, built from a :class:`~mmsphere.config.ModelConfig`."""
+
+from mmsphere.models.dual_encoder import DualEncoder
+from mmsphere.models.factory import create_model, load_weights, register_model_configs, resolve_architecture
+from mmsphere.models.run_dir import load_run, save_run
+from mmsphere.models.temporal import MeanTemporalHead, TransformerTemporalHead, build_temporal_head, masked_mean
+
+register_model_configs()
+
+__all__ = [
+    "DualEncoder",
+    "MeanTemporalHead",
+    "TransformerTemporalHead",
+    "build_temporal_head",
+    "create_model",
+    "load_run",
+    "load_weights",
+    "masked_mean",
+    "register_model_configs",
+    "resolve_architecture",
+    "save_run",
+]

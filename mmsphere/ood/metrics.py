@@ -8,6 +8,7 @@ positive class themselves, so neither depends on ``positive``.
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -101,10 +102,9 @@ def false_positive_rate_at_recall(positive_scores: np.ndarray, negative_scores: 
                                   recall: Fraction = RECALL_LEVEL) -> float:
     """Fraction of negatives scoring ``>=`` the largest threshold that keeps ``>= recall`` of the positives."""
     # the kept fraction only changes at positive scores, so the threshold is the k-th largest
-    # positive score, k the smallest count with k/n >= recall (exact rational arithmetic:
-    # 0.95*20 is not 19 in floating point)
+    # positive score, k the smallest count with k/n >= recall (rational, so the boundary is exact)
     count = positive_scores.size
-    needed = -(-recall.numerator * count // recall.denominator)
+    needed = math.ceil(Fraction(recall) * count)
     threshold = np.sort(positive_scores)[::-1][needed - 1]
     return float(np.mean(negative_scores >= threshold))
 

@@ -67,22 +67,23 @@ def train(config: Config) -> dict[str, Any]:
         weighting.weight_net.to(accelerator.device)
         accelerator.register_for_checkpointing(weighting.weight_net, weighting.optimizer)
 
-    step, data_epoch = 0, 0
+    step, data_epoch, resumed_from_step = 0, 0, None
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from)
         step, data_epoch = state["step"], state["data_epoch"] + 1
+        resumed_from_step = step
         logger.info("resumed from %s at step %d", resume_from, step)
 
     stream_kwargs = dict(image_size=network.image_size, image_mean=network.image_mean,
                          image_std=network.image_std, tokenizer=network.tokenizer,
                          rank=rank, world_size=world_size, seed=config.seed)
     train_batches = _epochs(build_train_stream, config.data.train, config, local_batch, data_epoch,
-                            stream_kwargs)
+                            dict(stream_kwargs, split="train"))
     meta_batches = None
     if weighting is not None:
         meta_local = local_batch_size(config.meta.batch_size or config.train.batch_size, world_size)
         meta_batches = _epochs(build_train_stream, [config.data.meta], config, meta_local, data_epoch,
-                               stream_kwargs)
+                               dict(stream_kwargs, split="meta"))
 
     log = RunLog(output_dir, accelerator.is_main_process)
     nonfinite_in_row, nonfinite_total = 0, 0
@@ -145,7 +146,8 @@ def train(config: Config) -> dict[str, Any]:
                             keep=config.train.keep_checkpoints)
     progress.close()
 
-    summary = {"steps": step, "data_epoch": data_epoch, "nonfinite_steps_skipped": nonfinite_total,
+    summary = {"steps": step, "world_size": world_size, "resumed_from_step": resumed_from_step,
+               "data_epoch": data_epoch, "nonfinite_steps_skipped": nonfinite_total,
                "skipped_samples": _skipped_everywhere(stats.skipped_counts()),
                "wall_time_s": time.time() - started}
     if config.data.val is not None:

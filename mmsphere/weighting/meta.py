@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
+from mmsphere.losses.distributed import all_reduce_values, all_reduce_with_grad, world_info
 from mmsphere.weighting.weight_net import WeightNet
 
 # (image_features, text_features, logit_scale, sample_weights) -> (loss, per_sample)
@@ -33,17 +33,10 @@ class MetaStepResult:
     weight_mean: float
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _average_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """Differentiable mean over ranks: the virtual step must use the data-parallel gradient."""
-    if not _distributed():
-        return tensor
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(tensor) / dist.get_world_size()
+    world_size = world_info().world_size
+    return tensor if world_size == 1 else all_reduce_with_grad(tensor) / world_size
 
 
 def meta_step(
@@ -100,11 +93,9 @@ def meta_step(
     meta_gradients = torch.autograd.grad(meta_loss, weight_parameters, allow_unused=True)
     for parameter, gradient in zip(weight_parameters, meta_gradients):
         gradient = torch.zeros_like(parameter) if gradient is None else gradient.detach()
-        if _distributed():
-            # every rank saw the same global meta loss; averaging keeps WeightNet identical everywhere
-            dist.all_reduce(gradient)
-            gradient /= dist.get_world_size()
-        parameter.grad = gradient
+        # each rank holds Σ_r' ∂L_meta,r'/∂Θ_r; their mean is the single-process meta-gradient, and
+        # averaging keeps the WeightNet identical on every rank
+        parameter.grad = all_reduce_values(gradient, average=True)
     weight_optimizer.step()
     weight_optimizer.zero_grad(set_to_none=True)
     weight_mean = torch.cat(weights_seen).mean().item() if weights_seen else float("nan")

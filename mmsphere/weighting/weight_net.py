@@ -20,5 +20,5 @@ class WeightNet(nn.Module):
         """losses: [n] per-sample losses -> [n] weights in (0, 1)."""
         if losses.dim() != 1:
             raise ValueError(f"WeightNet expects per-sample losses of shape [n], got {tuple(losses.shape)}")
-        hidden = torch.relu(self.hidden(losses.float().unsqueeze(-1)))
+        hidden = torch.relu(self.hidden(losses.to(self.hidden.weight.dtype).unsqueeze(-1)))
         return torch.sigmoid(self.output(hidden)).squeeze(-1)

@@ -1,0 +1,117 @@
+"""``mmsphere make-shards`` and ``mmsphere inspect-shards``: thin parsers over the data library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from mmsphere.config import MmsphereError
+from mmsphere.data.shards import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, INPUT_SKIP_REASONS, make_shards
+from mmsphere.data.stats import SKIP_REASONS
+
+_ERRORS = (MmsphereError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def make_shards_main(argv: list[str]) -> int:
+    """Build webdataset shards from a CSV/JSONL list of media files and captions."""
+    parser = argparse.ArgumentParser(
+        prog="mmsphere make-shards",
+        description="Write DIR/shard-%%06d.tar and DIR/sizes.json from a CSV or JSONL list (media path + "
+        "caption/captions, optional key/split) or an MSR-VTT 1k-A CSV (with --media-root).",
+    )
+    parser.add_argument("--input", required=True, help="the sample list (.csv, .tsv or .jsonl)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard at most")
+    parser.add_argument("--maxsize", type=int, default=DEFAULT_MAXSIZE, help="bytes per shard at most")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in the output folder")
+    parser.add_argument("--media-root", default=None, help="folder that relative media paths start from")
+    parser.add_argument("--max-side", type=int, default=None, help="re-encode videos whose longer side exceeds this")
+    parser.add_argument("--max-fps", type=float, default=None, help="re-encode videos faster than this frame rate")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = make_shards(
+            args.input,
+            args.out,
+            media_root=args.media_root,
+            maxcount=args.maxcount,
+            maxsize=args.maxsize,
+            overwrite=args.overwrite,
+            max_side=args.max_side,
+            max_fps=args.max_fps,
+            progress=not args.quiet,
+        )
+    except _ERRORS as error:
+        print(f"mmsphere make-shards: error: {error}", file=sys.stderr)
+        return 2
+    written = sum(summary.samples.values())
+    for split, paths in summary.shards.items():
+        print(f"{split or 'all'}: {summary.samples[split]} samples in {len(paths)} shard(s): {summary.url_pattern(split)}")
+    by_reason = summary.skipped_by_reason()
+    if by_reason:
+        print(f"skipped {len(summary.skipped)} input(s):")
+        for reason, count in sorted(by_reason.items()):
+            first = next(item for item in summary.skipped if item.reason == reason)
+            example = f"{first.where} {first.detail}".strip()
+            print(f"  {reason:<22} {count:>6}  ({INPUT_SKIP_REASONS[reason]}; first: {example})")
+    else:
+        print("skipped 0 inputs")
+    if written == 0:
+        print("mmsphere make-shards: error: no sample was written", file=sys.stderr)
+        return 1
+    return 0
+
+
+def inspect_shards_main(argv: list[str]) -> int:
+    """Decode every sample of some shards through the training decode path and report."""
+    from mmsphere.data.inspect import inspect_shards
+
+    parser = argparse.ArgumentParser(
+        prog="mmsphere inspect-shards",
+        description="Decode every sample exactly as training does; report decoded samples by modality, "
+        "skipped samples by reason and frame-count statistics.",
+    )
+    parser.add_argument("urls", nargs="+", help="shard URLs or patterns (brace patterns, '::'-joined, pipe:)")
+    parser.add_argument("--frames", type=int, default=8, help="frames per clip, T (default 8)")
+    parser.add_argument("--size", type=int, default=224, help="image size after resize and crop (default 224)")
+    parser.add_argument("--modality", choices=("video", "image"), default=None, help="expect only this modality")
+    parser.add_argument("--fast", action="store_true", help="use the fast keyframe decoding of training")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.json else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = inspect_shards(
+            args.urls, frames=args.frames, image_size=args.size, modality=args.modality, fast=args.fast,
+            progress=not args.json,
+        )
+    except _ERRORS as error:
+        print(f"mmsphere inspect-shards: error: {error}", file=sys.stderr)
+        return 2
+    summary = report.to_dict()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_report(summary)
+    return 0 if report.decoded else 1
+
+
+def _print_report(summary: dict) -> None:
+    print(f"shards: {summary['shards']}")
+    modalities = ", ".join(f"{name} {count}" for name, count in summary["decoded_by_modality"].items())
+    print(f"decoded: {summary['decoded']} ({modalities or 'nothing'})")
+    backends = ", ".join(f"{name} {count}" for name, count in summary["decoded_by_backend"].items())
+    if backends:
+        print(f"decoders: {backends}")
+    print(f"skipped: {summary['skipped']}")
+    for reason, count in summary["skipped_by_reason"].items():
+        print(f"  {reason:<20} {count:>6}  {SKIP_REASONS[reason]}")
+    frames = summary["video_frames"]
+    if frames["clips"]:
+        print(
+            f"video frames per clip: min {frames['min']}, median {frames['median']:.0f}, mean {frames['mean']:.1f}, "
+            f"max {frames['max']}; {frames['shorter_than_requested']} clip(s) shorter than "
+            f"T={summary['frames_requested']} (kept, masked)"
+        )

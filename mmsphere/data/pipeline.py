@@ -1,0 +1,423 @@
+"""Training and evaluation streams over webdataset shards.
+
+Per source, a webdataset ``DataPipeline``: shard list (reshuffled by seed and epoch, split by node
+then by worker) or resampled shards -> tolerant tar reader -> seeded shuffle buffer -> decode.
+A training stream draws, for each batch, one source by weight and fills the batch from it alone, so
+every batch is homogeneous (one source, one modality). Each pass over a :class:`TrainStream` is a
+virtual epoch of exactly ``len(stream)`` batches on every rank, so data-parallel ranks never wait
+on one another at the end of an epoch.
+
+Rank and world size are passed in, never read from ``torch.distributed``; each rank builds its own
+stream, which must not go through ``accelerator.prepare``. Skipped samples reach
+:func:`mmsphere.data.stats.skipped_counts` through ``batch["skipped"]`` (see :mod:`.stats`).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmsphere.config import ConfigError, DataConfig, MmsphereError, SourceConfig
+from mmsphere.data.reader import check_shards, read_tar_samples, resampled_shards, shuffled, split_shards, stream_seed
+from mmsphere.data.samples import MODALITIES, DecodeOptions, Sample, decode_samples
+from mmsphere.data.stats import SkipCounter, SkipReport, add_skipped
+
+logger = logging.getLogger(__name__)
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+# A resampled source that produces nothing for this long is broken, not unlucky: stop with an
+# error rather than spin forever.
+MAX_FAILED_SAMPLES_IN_A_ROW = 10_000
+MIN_EMPTY_SHARDS_IN_A_ROW = 64
+SHUFFLE_INITIAL = 100
+
+
+@dataclass(frozen=True)
+class _Source:
+    name: str
+    modality: str
+    weight: float
+    urls: tuple[str, ...]
+    options: DecodeOptions
+
+
+def build_train_stream(
+    sources: Sequence[SourceConfig],
+    data: DataConfig,
+    *,
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    tokenizer: Tokenizer,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    split: str = "train",
+) -> TrainStream:
+    """One rank's stream of homogeneous training batches, interleaving ``sources`` by weight.
+
+    Batches: ``{"key", "source", "modality", "frames" [B,T,3,H,W], "frame_mask" [B,T], "text" [B,L],
+    "caption", "skipped"}`` (images: ``T = 1``). ``split`` names the stream (``"train"``,
+    ``"meta"``) and enters its seeds, so two streams over the same shards draw differently.
+    """
+    if not sources:
+        raise ConfigError(f"{split} stream: no data source given (data.train is empty?)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+    if data.workers < 0:
+        raise ConfigError(f"data.workers={data.workers} must be >= 0")
+    if data.epoch_samples < 1:
+        raise ConfigError(f"data.epoch_samples={data.epoch_samples} must be >= 1")
+    _check_tokenizer(tokenizer)
+    size = data.image_size if data.image_size is not None else image_size
+    resolved = []
+    for index, source in enumerate(sources):
+        name = source.name or f"{split}{index}"
+        where = f"data source {name!r}"
+        if source.modality not in MODALITIES:
+            raise ConfigError(f"{where}: modality={source.modality!r} must be one of {MODALITIES}")
+        if not source.weight > 0:
+            raise ConfigError(f"{where}: weight={source.weight} must be > 0")
+        urls = check_shards(source.urls, where)
+        processes = world_size * max(1, data.workers)
+        if not data.resampled and len(urls) < processes:
+            raise ConfigError(
+                f"{where}: {len(urls)} shard(s) for {world_size} process(es) x {max(1, data.workers)} "
+                f"worker(s) = {processes} readers; each reader needs at least one shard. Write more, "
+                f"smaller shards (make-shards --maxcount), lower data.workers, or set data.resampled=true"
+            )
+        options = DecodeOptions(
+            frames=data.frames,
+            image_size=size,
+            image_mean=tuple(image_mean),
+            image_std=tuple(image_std),
+            modality=source.modality,
+            fast=data.fast_decode,
+            random_offset=data.random_offset,
+        )
+        resolved.append(_Source(name, source.modality, float(source.weight), tuple(urls), options))
+    return TrainStream(
+        resolved,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        num_batches=max(1, data.epoch_samples // batch_size),
+        workers=data.workers,
+        shuffle_buffer=data.shuffle_buffer,
+        resampled=data.resampled,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        epoch=epoch,
+        split=split,
+    )
+
+
+class TrainStream:
+    """Iterable of training batches; each pass is one virtual epoch, after which ``epoch`` advances."""
+
+    def __init__(
+        self,
+        sources: list[_Source],
+        *,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        num_batches: int,
+        workers: int,
+        shuffle_buffer: int,
+        resampled: bool,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int,
+        split: str,
+    ):
+        self.sources = sources
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+        self.workers = workers
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = epoch
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch`` (e.g. when resuming)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        dataset = _TrainDataset(self, self.epoch)
+        yield from _deliver(dataset, self.workers)
+        self.epoch += 1
+
+
+class _TrainDataset(IterableDataset):
+    """What each loader worker runs: its share of one epoch's batches."""
+
+    def __init__(self, stream: TrainStream, epoch: int):
+        super().__init__()
+        self.stream = stream
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict | SkipReport]:
+        stream = self.stream
+        worker, num_workers = _worker_info()
+        counter = SkipCounter()
+        quota = _share(stream.num_batches, worker, num_workers)
+        if quota:
+            ids = (stream.seed, stream.split, self.epoch, stream.rank, worker)
+            per_source = [
+                self._samples(index, worker, num_workers, counter) for index in range(len(stream.sources))
+            ]
+            chooser = random.Random(stream_seed(*ids, "interleave"))
+            caption_rng = np.random.default_rng(stream_seed(*ids, "captions"))
+            weights = [source.weight for source in stream.sources]
+            for _ in range(quota):
+                index = chooser.choices(range(len(weights)), weights)[0]
+                samples = list(itertools.islice(per_source[index], stream.batch_size))
+                source = stream.sources[index]
+                yield collate_train(
+                    samples,
+                    source=source.name,
+                    modality=source.modality,
+                    tokenizer=stream.tokenizer,
+                    caption_rng=caption_rng,
+                    skipped=counter.drain(),
+                )
+        yield SkipReport(counter.drain())
+
+    def _samples(self, index: int, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[Sample]:
+        """An endless stream of decoded samples of one source for this rank and worker."""
+        stream, source = self.stream, self.stream.sources[index]
+        ids = (stream.seed, stream.split, self.epoch, stream.rank, worker, index)
+        decode_rng = np.random.default_rng(stream_seed(*ids, "decode"))
+        shuffle_rng = random.Random(stream_seed(*ids, "shuffle"))
+        if stream.resampled:
+            guard = _StallGuard(source, len(source.urls), stream.shuffle_buffer, counter)
+            shards = functools.partial(resampled_shards, source.urls, stream_seed(*ids, "shards"))
+            yield from _source_pipeline(shards, source, counter, stream.shuffle_buffer, shuffle_rng, decode_rng, guard)
+            return
+        for repetition in itertools.count():
+            # the same order on every rank, so that the node split is a partition
+            order = shuffled(source.urls, stream_seed(stream.seed, stream.split, self.epoch, repetition, index))
+            mine = split_shards(order, stream.rank, stream.world_size, worker, num_workers)
+            decoded = 0
+            for sample in _source_pipeline(mine, source, counter, stream.shuffle_buffer, shuffle_rng, decode_rng):
+                decoded += 1
+                yield sample
+            if decoded == 0:
+                raise MmsphereError(
+                    f"data source {source.name!r}: a full pass over its {len(mine)} shard(s) for rank "
+                    f"{stream.rank}, worker {worker} gave no decodable sample (skipped: {dict(counter.totals)}); "
+                    f"check them with `mmsphere inspect-shards`"
+                )
+
+
+class _StallGuard:
+    """Stops a resampled source that has long stopped producing samples, instead of hanging."""
+
+    def __init__(self, source: _Source, num_shards: int, shuffle_buffer: int, counter: SkipCounter):
+        self.source = source
+        self.counter = counter
+        self.max_empty_shards = max(MIN_EMPTY_SHARDS_IN_A_ROW, 4 * num_shards)
+        self.max_failed = MAX_FAILED_SAMPLES_IN_A_ROW + shuffle_buffer
+        self.empty_shards = 0
+        self.raw_since_success = 0
+
+    def shard_done(self, url: str, samples: int) -> None:
+        self.empty_shards = 0 if samples else self.empty_shards + 1
+        if self.empty_shards >= self.max_empty_shards:
+            self._fail(f"{self.empty_shards} shards in a row gave no sample (last: {url})")
+
+    def count_raw(self, raws: Iterable) -> Iterator:
+        for raw in raws:
+            self.raw_since_success += 1
+            if self.raw_since_success >= self.max_failed:
+                self._fail(f"{self.raw_since_success} samples in a row failed to decode")
+            yield raw
+
+    def count_decoded(self, samples: Iterable[Sample]) -> Iterator[Sample]:
+        for sample in samples:
+            self.raw_since_success = 0
+            yield sample
+
+    def _fail(self, what: str) -> None:
+        raise MmsphereError(
+            f"data source {self.source.name!r}: {what} (skipped so far: {dict(self.counter.totals)}); "
+            f"check the shards with `mmsphere inspect-shards`"
+        )
+
+
+def _source_pipeline(
+    shards: Iterable[str] | Callable[[], Iterator[str]],
+    source: _Source,
+    counter: SkipCounter,
+    shuffle_buffer: int,
+    shuffle_rng: random.Random,
+    decode_rng: np.random.Generator,
+    guard: _StallGuard | None = None,
+) -> wds.DataPipeline:
+    return wds.DataPipeline(
+        list(shards) if not callable(shards) else shards,
+        functools.partial(read_tar_samples, counter=counter, on_shard_end=guard.shard_done if guard else None),
+        guard.count_raw if guard else None,
+        wds.shuffle(shuffle_buffer, initial=min(SHUFFLE_INITIAL, shuffle_buffer), rng=shuffle_rng)
+        if shuffle_buffer > 1
+        else None,
+        functools.partial(decode_samples, options=source.options, counter=counter, rng=decode_rng),
+        guard.count_decoded if guard else None,
+    )
+
+
+def collate_train(
+    samples: list[Sample],
+    *,
+    source: str,
+    modality: str,
+    tokenizer: Tokenizer,
+    caption_rng: np.random.Generator,
+    skipped: dict[str, int],
+) -> dict:
+    """Stack decoded samples into a training batch; one random caption per sample, tokenised."""
+    captions = [sample.captions[int(caption_rng.integers(len(sample.captions)))] for sample in samples]
+    return {
+        "key": [sample.key for sample in samples],
+        "source": source,
+        "modality": modality,
+        "frames": torch.stack([sample.frames for sample in samples]),
+        "frame_mask": torch.stack([sample.frame_mask for sample in samples]),
+        "text": tokenizer(captions),
+        "caption": captions,
+        "skipped": skipped,
+    }
+
+
+def build_eval_loader(
+    urls: str | Sequence[str],
+    modality: str,
+    *,
+    frames: int,
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    batch_size: int,
+    workers: int = 0,
+) -> EvalLoader:
+    """Every sample of the shards once, decoded exactly, with all of its captions (not tokenised).
+
+    Batches: ``{"key", "modality", "frames" [B,T,3,H,W], "frame_mask" [B,T], "captions": list[list[str]],
+    "skipped"}``; the last batch may be smaller. Shards are read in order (with workers, each worker
+    reads every ``workers``-th shard).
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"modality={modality!r} must be one of {MODALITIES}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if workers < 0:
+        raise ValueError(f"workers={workers} must be >= 0")
+    if frames < 1:
+        raise ValueError(f"frames={frames} must be >= 1")
+    shard_urls = check_shards(urls, f"{modality} evaluation shards")
+    options = DecodeOptions(
+        frames=frames if modality == "video" else 1,
+        image_size=image_size,
+        image_mean=tuple(image_mean),
+        image_std=tuple(image_std),
+        modality=modality,
+    )
+    return EvalLoader(shard_urls, options, batch_size, min(workers, len(shard_urls)))
+
+
+class EvalLoader:
+    """Iterable over evaluation batches (see :func:`build_eval_loader`)."""
+
+    def __init__(self, urls: list[str], options: DecodeOptions, batch_size: int, workers: int):
+        self.urls = urls
+        self.options = options
+        self.batch_size = batch_size
+        self.workers = workers
+
+    def __iter__(self) -> Iterator[dict]:
+        yield from _deliver(_EvalDataset(self), self.workers)
+
+
+class _EvalDataset(IterableDataset):
+    def __init__(self, loader: EvalLoader):
+        super().__init__()
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict | SkipReport]:
+        loader = self.loader
+        worker, num_workers = _worker_info()
+        counter = SkipCounter()
+        shards = split_shards(loader.urls, 0, 1, worker, num_workers)
+        samples = decode_samples(read_tar_samples(shards, counter), loader.options, counter)
+        while batch := list(itertools.islice(samples, loader.batch_size)):
+            yield collate_eval(batch, modality=loader.options.modality, skipped=counter.drain())
+        yield SkipReport(counter.drain())
+
+
+def collate_eval(samples: list[Sample], *, modality: str, skipped: dict[str, int]) -> dict:
+    """Stack decoded samples into an evaluation batch, keeping every caption."""
+    return {
+        "key": [sample.key for sample in samples],
+        "modality": modality,
+        "frames": torch.stack([sample.frames for sample in samples]),
+        "frame_mask": torch.stack([sample.frame_mask for sample in samples]),
+        "captions": [list(sample.captions) for sample in samples],
+        "skipped": skipped,
+    }
+
+
+def _deliver(dataset: IterableDataset, workers: int) -> Iterator[dict]:
+    """Run ``dataset`` in this process or in ``workers`` loader processes; fold skip counts into the totals."""
+    if workers == 0:
+        items: Iterable = iter(dataset)
+    else:
+        # batch_size=None: the dataset yields finished batches (and a final SkipReport per worker)
+        items = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2)
+    for item in items:
+        if isinstance(item, SkipReport):
+            add_skipped(item.counts)
+            continue
+        add_skipped(item["skipped"])
+        yield item
+
+
+def _worker_info() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _share(total: int, worker: int, num_workers: int) -> int:
+    """Worker ``worker``'s part of ``total`` items split as evenly as possible."""
+    return total // num_workers + (1 if worker < total % num_workers else 0)
+
+
+def _check_tokenizer(tokenizer: Tokenizer) -> None:
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be callable list[str] -> LongTensor[N, L], got {type(tokenizer).__name__}")
+    probe = tokenizer(["a photo", "a video"])
+    if not isinstance(probe, torch.Tensor) or probe.ndim != 2 or probe.shape[0] != 2:
+        shape = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+        raise TypeError(f"tokenizer must return a tensor [N, L] for N captions, got {shape}")

@@ -1,0 +1,158 @@
+"""``mmsphere eval-retrieval`` / ``python scripts/eval_retrieval.py``: text-video retrieval evaluation.
+
+Prints t2v and v2t R@1/5/10, MdR and MnR (DSL rows only with ``--dsl``, labelled as such) and the
+geometry diagnostics; writes a JSON with everything needed to reproduce the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmsphere.config import ConfigError, MmsphereError
+
+logger = logging.getLogger(__name__)
+
+ERRORS = (MmsphereError, ValueError, FileNotFoundError)
+
+
+def main(argv: list[str]) -> int:
+    """Evaluate a run directory (or an open_clip model) on retrieval shards or a media list."""
+    parser = argparse.ArgumentParser(prog="mmsphere eval-retrieval", description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", metavar="URLS", help="webdataset shard URLs, e.g. 'shards/test-{000000..000009}.tar'")
+    data.add_argument("--list", metavar="FILE", help="CSV/JSONL of media paths and captions, or the MSR-VTT 1k-A CSV")
+    parser.add_argument("--media-root", metavar="DIR", help="folder the media paths of --list are relative to")
+    parser.add_argument("--modality", choices=("video", "image"), default="video")
+    parser.add_argument("--frames", type=int, default=12, help="frames per video, sampled uniformly (default 12)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in this process)")
+    parser.add_argument("--out", default="retrieval_results.json", help="results JSON (default %(default)s)")
+    parser.add_argument("--save-sim", metavar="SIM.npy", help="write the caption x video similarity matrix and its keys")
+    parser.add_argument("--dsl", action="store_true", help="add dual-softmax (DSL) post-processed rows, labelled as such")
+    parser.add_argument("--dsl-temperature", type=float, help="DSL temperature (default: 1 / the model's logit scale)")
+    parser.add_argument("--chunk-size", type=int, help="query rows scored at once (default: ~16M scores per chunk)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        if args.list is None and args.media_root is not None:
+            raise MmsphereError("--media-root goes with --list, not with --data")
+        if args.frames < 1:
+            raise MmsphereError(f"--frames={args.frames} must be >= 1")
+        from mmsphere.eval.evaluate import evaluate_retrieval
+
+        model, model_identity = load_model(args.run, args.model, args.pretrained, args.device)
+        if args.data is not None:
+            data: Any = args.data
+            data_identity = {"urls": args.data}
+        else:
+            data, data_identity = list_batches(model, args.list, args.media_root, modality=args.modality,
+                                               frames=args.frames, batch_size=args.batch_size, workers=args.workers)
+        results = evaluate_retrieval(
+            model, data, modality=args.modality, frames=args.frames, batch_size=args.batch_size,
+            workers=args.workers, dsl=args.dsl, dsl_temperature=args.dsl_temperature, chunk_size=args.chunk_size,
+            save_sim=args.save_sim,
+        )
+    except ERRORS as error:
+        print(f"eval-retrieval: error: {error}", file=sys.stderr)
+        return 2
+
+    from mmsphere.eval.report import versions, write_json
+
+    results["data"].update(data_identity, frames=args.frames if args.modality == "video" else 1)
+    results = {"model": model_identity, **results, "versions": versions(), "command": ["eval-retrieval", *argv]}
+    print(format_results(results))
+    print(f"\nresults: {write_json(args.out, results)}")
+    if args.save_sim:
+        print(f"similarity matrix: {results['saved_similarity']['similarity']} "
+              f"(keys: {results['saved_similarity']['keys']})")
+    return 0
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--run RUN_DIR | --model NAME [--pretrained TAG]`` and ``--device``, shared with ``score-ood``."""
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", metavar="RUN_DIR", help="a run directory written by mmsphere train")
+    model.add_argument("--model", metavar="NAME", help="an open_clip architecture name or JSON config")
+    parser.add_argument("--pretrained", metavar="TAG", help="open_clip pretrained tag or checkpoint (with --model)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(run: str | None, name: str | None, pretrained: str | None, device: str) -> tuple[Any, dict[str, Any]]:
+    """The dual encoder of a run directory or of an open_clip name + tag, and how to identify it."""
+    from mmsphere.config import ModelConfig, config_to_dict
+    from mmsphere.models import create_model, load_run
+
+    if run is not None:
+        if pretrained is not None:
+            raise ConfigError("--pretrained goes with --model; a run directory holds its own weights")
+        model = load_run(run, device=device)
+        identity = {"run_dir": str(Path(run).resolve()), "config": config_to_dict(model.run_config)["model"],
+                    "weights_sha256": file_sha256(Path(run) / "model.safetensors")}
+    else:
+        model = create_model(ModelConfig(name=name, pretrained=pretrained), device=device)
+        identity = {"name": name, "pretrained": pretrained}
+    model.eval()
+    identity.update(embed_dim=model.embed_dim, image_size=model.image_size, logit_scale=float(
+        model.log_logit_scale.detach().exp()))
+    return model, identity
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in blocks (weights files are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_batches(model: Any, list_file: str, media_root: str | None, *, modality: str, frames: int, batch_size: int,
+                 workers: int) -> tuple[Any, dict[str, Any]]:
+    """Evaluation batches of a media list (CSV/JSONL or the MSR-VTT 1k-A CSV) and its identity."""
+    from mmsphere.eval.media_list import MediaListLoader
+
+    batches = MediaListLoader(list_file, media_root, modality=modality, frames=frames, image_size=model.image_size,
+                              image_mean=model.image_mean, image_std=model.image_std, batch_size=batch_size,
+                              workers=workers)
+    identity = {"list": str(Path(list_file).resolve()), "list_sha256": file_sha256(list_file),
+                "media_root": str(Path(media_root).resolve()) if media_root else None,
+                "skipped_list_lines": batches.skipped_lines}
+    return batches, identity
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The terminal report: metrics table (DSL rows labelled), set sizes, tie rule and geometry."""
+    from mmsphere.eval.report import format_table
+
+    labels = {"t2v": "t2v (text->video)", "v2t": "v2t (video->text)",
+              "t2v_dsl": "t2v + DSL post-processing", "v2t_dsl": "v2t + DSL post-processing"}
+    rows = []
+    for direction, metrics in results["metrics"].items():
+        base = direction.removesuffix("_dsl")
+        rows.append([labels[direction], metrics["R@1"], metrics["R@5"], metrics["R@10"], metrics["MdR"],
+                     metrics["MnR"], results["num_queries"][base], results["num_gallery"][base]])
+    data = results["data"]
+    lines = [
+        f"retrieval on {data['num_videos']} {data['modality']}s with {data['num_captions']} captions"
+        + (f" ({sum(data['skipped'].values())} samples skipped: {data['skipped']})" if data["skipped"] else ""),
+        format_table(["direction", "R@1", "R@5", "R@10", "MdR", "MnR", "queries", "gallery"], rows),
+        f"tie rule: {results['tie_rule']}",
+    ]
+    if "dsl" in results:
+        lines.append(f"DSL rows: {results['dsl']['definition']} (T={results['dsl']['temperature']:.4g})")
+    geometry = results["geometry"]
+    lines.append(
+        "geometry: alignment {alignment:.4f}  uniformity image {uniformity_image:.4f} / text {uniformity_text:.4f} "
+        "/ union {uniformity_union:.4f}  modality gap {modality_gap:.4f}  mean angle positive "
+        "{mean_positive_angle:.2f}° / negative {mean_negative_angle:.2f}°".format(**geometry)
+    )
+    return "\n".join(lines)

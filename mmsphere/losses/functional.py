@@ -1,0 +1,279 @@
+"""The hyperspherical objective family as pure functions (DESIGN §1).
+
+Every function takes L2-normalised feature rows ``[B, D]`` and returns a tensor; nothing here holds
+state, reads a config or moves data between devices, so each one can be checked against a direct
+transcription of its formula.
+
+Precision: inputs of any float dtype are accepted. Half-precision inputs (fp16, bf16) are upcast
+and the arithmetic runs in fp32, because logits at ``logit_scale = 100`` and cosines near ±1 need
+more than 8–11 mantissa bits; losses come back in that compute dtype (fp32 for fp16/bf16/fp32
+inputs, fp64 for fp64 inputs). :func:`slerp` returns features, so it returns the input dtype.
+
+``logit_scale`` is always the multiplier ``s`` (``exp`` of the learned log-scale), a float or a
+one-element tensor; gradients flow into it when it is a tensor that requires them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "clip_loss",
+    "angular_margin_loss",
+    "slerp",
+    "m2mix_loss",
+    "alignment",
+    "uniformity",
+    "calibrated_uniformity",
+    "cma_regularizer",
+]
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def clip_loss(img: Tensor, txt: Tensor, logit_scale: float | Tensor, reduction: str = "mean") -> Tensor:
+    """Symmetric InfoNCE of CLIP (Radford et al. 2021); ``"mean"`` equals ``open_clip.ClipLoss``.
+
+    img, txt: [B, D] unit-norm. Per-sample ``ℓ_i = ½[CE(L)_i + CE(Lᵀ)_i]`` with ``L = s·img·txtᵀ``.
+    """
+    _check_pair(img, txt)
+    img, txt = _upcast(img), _upcast(txt)
+    logits = _as_scale(logit_scale, img) * (img @ txt.T)
+    return _reduce(_symmetric_cross_entropy(logits), reduction)
+
+
+def angular_margin_loss(
+    img: Tensor, txt: Tensor, logit_scale: float | Tensor, margin: float, reduction: str = "mean"
+) -> Tensor:
+    """Subtractive angular margin contrastive loss (MAMA, ECCV 2024).
+
+    img, txt: [B, D] unit-norm. The positive logits become ``s·cos(θ_ii − m)`` with
+    ``θ_ii = arccos(clamp(⟨img_i, txt_i⟩, −1+ε, 1−ε))``; negatives stay ``s·⟨img_i, txt_j⟩``.
+    ``margin=0`` is :func:`clip_loss` (up to the clamp).
+    """
+    _check_pair(img, txt)
+    _check_margin(margin)
+    input_dtype = img.dtype
+    img, txt = _upcast(img), _upcast(txt)
+    scale = _as_scale(logit_scale, img)
+    similarity = img @ txt.T
+    positive = scale * _margin_cosine(similarity.diagonal(), margin, input_dtype)
+    logits = torch.diagonal_scatter(scale * similarity, positive)
+    return _reduce(_symmetric_cross_entropy(logits), reduction)
+
+
+def slerp(a: Tensor, b: Tensor, lam: float | Tensor) -> Tensor:
+    """Geodesic interpolation of unit rows: ``sin(λθ)/sinθ·a + sin((1−λ)θ)/sinθ·b``, ``θ = ∠(a, b)``.
+
+    a, b: [B, D] unit-norm; lam: a float or a tensor of shape [B] (one λ per row). ``lam=1`` gives
+    ``a`` and ``lam=0`` gives ``b`` exactly. Nearly identical rows fall back to normalised linear
+    interpolation, where the geodesic and the chord coincide; antipodal rows (no unique geodesic)
+    give a finite, arbitrary point. Returns [B, D] in the input dtype.
+    """
+    _check_pair(a, b, names=("a", "b"))
+    output_dtype = a.dtype
+    a, b = _upcast(a), _upcast(b)
+    weight_a, weight_b = _slerp_weights((a * b).sum(dim=1), _as_lam(lam, a))
+    return (weight_a[:, None] * a + weight_b[:, None] * b).to(output_dtype)
+
+
+def m2mix_loss(
+    img: Tensor, txt: Tensor, lam: float | Tensor, tau_mix: float = 0.07, reduction: str = "mean"
+) -> Tensor:
+    """Geodesic multimodal mixup hard negatives (m²-mix, Oh et al., NeurIPS 2023).
+
+    img, txt: [B, D] unit-norm. With ``n_j = slerp(img_j, txt_j, λ)`` the off-diagonal negatives
+    become ``⟨img_i, n_j⟩`` (image side) and ``⟨txt_i, n_j⟩`` (text side), the positives stay
+    ``⟨img_i, txt_i⟩``; per-sample ``½[CE(P_img/τ)_i + CE(P_txt/τ)_i]``.
+    """
+    _check_pair(img, txt)
+    if not tau_mix > 0:
+        raise ValueError(f"tau_mix={tau_mix} must be > 0")
+    img, txt = _upcast(img), _upcast(txt)
+    mixed = slerp(img, txt, lam)
+    similarity = img @ txt.T
+    eye = torch.eye(img.shape[0], dtype=torch.bool, device=img.device)
+    image_side = torch.where(eye, similarity, img @ mixed.T) / tau_mix
+    text_side = torch.where(eye, similarity.T, txt @ mixed.T) / tau_mix
+    labels = torch.arange(img.shape[0], device=img.device)
+    per_sample = 0.5 * (
+        F.cross_entropy(image_side, labels, reduction="none") + F.cross_entropy(text_side, labels, reduction="none")
+    )
+    return _reduce(per_sample, reduction)
+
+
+def alignment(x: Tensor, y: Tensor, alpha: float = 2.0, reduction: str = "mean") -> Tensor:
+    """Alignment ``mean_i ‖x_i − y_i‖^α`` (Wang & Isola, ICML 2020).
+
+    x, y: [B, D]. ``reduction="none"`` gives the per-pair distances ``[B]``.
+    """
+    _check_pair(x, y, names=("x", "y"))
+    if not alpha > 0:
+        raise ValueError(f"alpha={alpha} must be > 0")
+    x, y = _upcast(x), _upcast(y)
+    # vector_norm's gradient at a zero difference is defined as 0, so identical pairs stay finite
+    return _reduce(torch.linalg.vector_norm(x - y, dim=1).pow(alpha), reduction)
+
+
+def uniformity(x: Tensor, t: float = 2.0) -> Tensor:
+    """Uniformity ``log mean_{i<j} exp(−t‖x_i − x_j‖²)`` (Wang & Isola, ICML 2020).
+
+    x: [B, D] with B >= 2. Returns a scalar.
+    """
+    _check_features(x, "x")
+    _check_temperature(t)
+    x = _upcast(x)
+    return _log_mean_upper(-t * _squared_distances(x))
+
+
+def calibrated_uniformity(x: Tensor, sim: Tensor, t: float = 2.0) -> Tensor:
+    """Calibrated uniformity (CM³, 2025): ``log mean_{i<j} exp(−t(‖x_i − x_j‖² − 2 + 2·sim_ij))``.
+
+    x: [B, D] unit-norm with B >= 2; sim: [B, B] calibration similarities (only ``i < j`` is read).
+    Higher ``sim_ij`` weakens the repulsion of i and j; ``sim ≡ 1`` gives :func:`uniformity`.
+    """
+    _check_features(x, "x")
+    _check_temperature(t)
+    if sim.dim() != 2 or sim.shape != (x.shape[0], x.shape[0]):
+        raise ValueError(f"sim must have shape [B, B] = {[x.shape[0]] * 2} for x of shape {list(x.shape)}, "
+                         f"got {list(sim.shape)}")
+    x = _upcast(x)
+    return _log_mean_upper(-t * (_squared_distances(x) - 2 + 2 * sim.to(x.dtype)))
+
+
+def cma_regularizer(img: Tensor, txt: Tensor, logit_scale: float | Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-modal alignment regulariser (CMA, CVPR 2025).
+
+    img, txt: [B, D] unit-norm. ``½[mean_k −LSE_j(s⟨img_k, txt_j⟩) + mean_k −LSE_j(s⟨img_j, txt_k⟩)]``;
+    ``reduction="none"`` gives ``−½[LSE_j(s⟨img_k, txt_j⟩) + LSE_j(s⟨img_j, txt_k⟩)]`` per sample k.
+    """
+    _check_pair(img, txt)
+    img, txt = _upcast(img), _upcast(txt)
+    logits = _as_scale(logit_scale, img) * (img @ txt.T)
+    per_sample = -0.5 * (torch.logsumexp(logits, dim=1) + torch.logsumexp(logits, dim=0))
+    return _reduce(per_sample, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# pieces shared with the composed objective (mmsphere.losses.objective)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.to(_compute_dtype(x.dtype))
+
+
+def _arccos_eps(input_dtype: torch.dtype) -> float:
+    """Distance from ±1 at which cosines are clamped before ``arccos``.
+
+    The slope of arccos is ``1/sqrt(1 − c²)``: 707 at ``1 − 1e-6``. Half-precision features carry
+    norm errors of order 1e-3, so cosines that close to 1 hold no angle information and would only
+    amplify rounding into the gradient; 1e-3 bounds the slope at 22 while keeping the clamp angle
+    (0.045 rad) below typical margins.
+    """
+    return 1e-3 if input_dtype in (torch.float16, torch.bfloat16) else 1e-6
+
+
+def _margin_cosine(cosine: Tensor, margin: float, input_dtype: torch.dtype) -> Tensor:
+    """``cos(arccos(clamp(c)) − m)`` for the positive pairs of the angular margin loss."""
+    eps = _arccos_eps(input_dtype)
+    return torch.cos(torch.arccos(cosine.clamp(-1 + eps, 1 - eps)) - margin)
+
+
+def _slerp_weights(cosine: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """Coefficients ``(w_a, w_b)`` with ``slerp(a, b, λ) = w_a·a + w_b·b``, per row; cosine: [B]."""
+    # Below this gap to 1 the angle is too small for arccos to resolve in the compute dtype; the
+    # chord then equals the arc to O(θ³), far below rounding.
+    near = 1e-12 if cosine.dtype == torch.float64 else 1e-6
+    is_close = cosine > 1 - near
+    # Both branches are evaluated (torch.where), so each gets inputs on which it is finite and has
+    # finite gradients; otherwise a NaN in the unused branch would leak into the backward pass.
+    arc_cosine = torch.where(is_close, torch.zeros_like(cosine), cosine).clamp(min=-1 + near)
+    theta = torch.arccos(arc_cosine)
+    sin_theta = torch.sin(theta)
+    arc_a = torch.sin(lam * theta) / sin_theta
+    arc_b = torch.sin((1 - lam) * theta) / sin_theta
+    chord_cosine = torch.where(is_close, cosine, torch.ones_like(cosine))
+    chord_norm = torch.sqrt(lam**2 + (1 - lam) ** 2 + 2 * lam * (1 - lam) * chord_cosine)
+    return torch.where(is_close, lam / chord_norm, arc_a), torch.where(is_close, (1 - lam) / chord_norm, arc_b)
+
+
+def _symmetric_cross_entropy(logits: Tensor) -> Tensor:
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none"))
+
+
+def _squared_distances(x: Tensor) -> Tensor:
+    # the Gram form may dip below 0 by rounding for identical rows; harmless, no square root follows
+    squared_norms = (x * x).sum(dim=1)
+    return squared_norms[:, None] + squared_norms[None, :] - 2 * (x @ x.T)
+
+
+def _log_mean_upper(exponents: Tensor) -> Tensor:
+    """``log mean_{i<j} exp(exponents_ij)`` over the strict upper triangle, stably."""
+    size = exponents.shape[0]
+    upper = torch.ones(size, size, dtype=torch.bool, device=exponents.device).triu(diagonal=1)
+    masked = exponents.masked_fill(~upper, float("-inf"))
+    return torch.logsumexp(masked.flatten(), dim=0) - math.log(size * (size - 1) / 2)
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"reduction={reduction!r} must be one of {REDUCTIONS}")
+
+
+def _as_scale(logit_scale: float | Tensor, like: Tensor) -> Tensor:
+    scale = torch.as_tensor(logit_scale, dtype=like.dtype, device=like.device)
+    if scale.numel() != 1:
+        raise ValueError(f"logit_scale must be a float or a one-element tensor, got shape {list(scale.shape)}")
+    return scale.reshape(())
+
+
+def _as_lam(lam: float | Tensor, like: Tensor) -> Tensor:
+    if isinstance(lam, (int, float)) and not 0 <= lam <= 1:
+        raise ValueError(f"lam={lam} must be in [0, 1]")
+    lam = torch.as_tensor(lam, dtype=like.dtype, device=like.device)
+    if lam.dim() > 1 or (lam.dim() == 1 and lam.shape[0] != like.shape[0]):
+        raise ValueError(f"lam must be a float or a tensor of shape [B] = [{like.shape[0]}], got {list(lam.shape)}")
+    return lam
+
+
+def _check_features(x: Tensor, name: str, min_rows: int = 2) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [B, D], got shape {list(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor, got {x.dtype}")
+    if x.shape[0] < min_rows or x.shape[1] == 0:
+        raise ValueError(f"{name} must hold at least {min_rows} rows of dimension >= 1, got shape {list(x.shape)}")
+
+
+def _check_pair(first: Tensor, second: Tensor, names: tuple[str, str] = ("img", "txt")) -> None:
+    _check_features(first, names[0], min_rows=1)
+    _check_features(second, names[1], min_rows=1)
+    if first.shape != second.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same shape [B, D], "
+                         f"got {list(first.shape)} and {list(second.shape)}")
+
+
+def _check_margin(margin: float) -> None:
+    if not 0 <= margin < math.pi:
+        raise ValueError(f"margin={margin} must be in [0, π)")
+
+
+def _check_temperature(t: float) -> None:
+    if not t > 0:
+        raise ValueError(f"t={t} must be > 0")

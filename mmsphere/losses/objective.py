@@ -1,0 +1,426 @@
+"""The composed training objective: a registry of terms and the :class:`Objective` that sums them.
+
+``loss = w_c·(1/n) Σ v_i·ℓ_i + ω_mix·m2mix + ω_unif·½[cu(img, S) + cu(txt, S)] + λ_cma·cma``
+(DESIGN §1, Composition), with ``ℓ`` from ``clip`` or ``angular_margin`` and ``v`` the sample
+weights (``v ≡ 1`` without meta weighting).
+
+Each registered term has a reference definition built from :mod:`mmsphere.losses.functional`.
+:class:`Objective` computes the same values through shared similarity matrices: ``img·txtᵀ`` once
+for the contrastive term, CMA and the m²-mix positives; the Gram matrices ``img·imgᵀ``/``txt·txtᵀ``
+once for calibrated uniformity and for the m²-mix negatives (``⟨x, n_j⟩`` is a per-column
+combination of Gram and similarity entries, since ``n_j = slerp(img_j, txt_j, λ)`` is a linear
+combination of ``img_j`` and ``txt_j``). That is 3 feature matmuls instead of 8.
+
+Random draws (the m²-mix λ, then the calibration λ's ``p_i`` of the whole global batch) come
+from ``numpy.random.default_rng(seed)`` in that order, so every rank draws the same values.
+
+Under several processes (see :mod:`mmsphere.losses.distributed`) the objective receives the
+LOCAL batch and all-gathers features itself. Global mode: every rank evaluates all rows of the
+global batch. ``local_loss``: rank r evaluates the rows of its own samples against all columns;
+the row-wise terms (contrastive, m²-mix, CMA) are local sums scaled so that their average over
+ranks is the global value, and calibrated uniformity, which is the log of a mean over all pairs,
+combines every rank's partial log-sum with a differentiable gather. In both modes the gradients,
+after DDP's averaging over ranks, equal those of one process on the concatenated batch, and the
+returned ``loss`` and ``terms`` values are the global ones on every rank.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mmsphere.config import ConfigError, LossConfig
+from mmsphere.losses import distributed
+from mmsphere.losses import functional as F
+from mmsphere.losses.functional import _as_scale, _margin_cosine, _slerp_weights, _upcast
+
+__all__ = ["Term", "TERMS", "ObjectiveOutput", "Objective", "MixingDraws", "draw_mixing", "calibration_similarity"]
+
+
+# --------------------------------------------------------------------------------------------
+# the registry: reference definitions with one signature, term(img, txt, logit_scale, **extras)
+
+
+@dataclass(frozen=True)
+class Term:
+    """A registered objective term: its reference function and recommended weight."""
+
+    name: str
+    function: Callable[..., Tensor]
+    default_weight: float
+    contrastive: bool  # provides the per-sample losses the sample weights act on
+    description: str
+
+
+def calibration_similarity(
+    img: Tensor, txt: Tensor, lam: Tensor | np.ndarray, min_sim: float = 0.0, max_sim: float = 0.8, detach: bool = True
+) -> Tensor:
+    """CM³ calibration matrix ``S = clamp(f·fᵀ, min_sim, max_sim)`` of fused features ``f_i = slerp(img_i, txt_i, p_i)``.
+
+    img, txt: [B, D] unit-norm; lam: [B], the per-sample ``p_i``. Returns [B, B].
+    """
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
+        fused = F.slerp(_upcast(img), _upcast(txt), lam)
+        return (fused @ fused.T).clamp(min_sim, max_sim)
+
+
+def _clip_term(img: Tensor, txt: Tensor, logit_scale: float | Tensor, *, reduction: str = "mean", **_: object) -> Tensor:
+    return F.clip_loss(img, txt, logit_scale, reduction=reduction)
+
+
+def _angular_margin_term(
+    img: Tensor, txt: Tensor, logit_scale: float | Tensor, *, config: LossConfig, reduction: str = "mean", **_: object
+) -> Tensor:
+    return F.angular_margin_loss(img, txt, logit_scale, config.margin, reduction=reduction)
+
+
+def _m2mix_term(
+    img: Tensor, txt: Tensor, logit_scale: float | Tensor, *, config: LossConfig, mix_lam: float,
+    reduction: str = "mean", **_: object,
+) -> Tensor:
+    return F.m2mix_loss(img, txt, mix_lam, config.tau_mix, reduction=reduction)
+
+
+def _calibrated_uniformity_term(
+    img: Tensor, txt: Tensor, logit_scale: float | Tensor, *, config: LossConfig, calibration_lam: Tensor, **_: object
+) -> Tensor:
+    calibration = calibration_similarity(img, txt, calibration_lam, config.min_sim, config.max_sim,
+                                         detach=config.detach_calibration)
+    return 0.5 * (F.calibrated_uniformity(img, calibration, config.uniformity_t)
+                  + F.calibrated_uniformity(txt, calibration, config.uniformity_t))
+
+
+def _cma_term(img: Tensor, txt: Tensor, logit_scale: float | Tensor, *, reduction: str = "mean", **_: object) -> Tensor:
+    return F.cma_regularizer(img, txt, logit_scale, reduction=reduction)
+
+
+TERMS: dict[str, Term] = {
+    term.name: term
+    for term in (
+        Term("clip", _clip_term, 1.0, True, "symmetric InfoNCE (CLIP)"),
+        Term("angular_margin", _angular_margin_term, 1.0, True, "subtractive angular margin (MAMA, ECCV'24)"),
+        Term("m2mix", _m2mix_term, 0.1, False, "geodesic multimodal mixup negatives (m²-mix, NeurIPS'23)"),
+        Term("calibrated_uniformity", _calibrated_uniformity_term, 0.1, False,
+             "calibrated uniformity on both modalities (CM³, 2025)"),
+        Term("cma", _cma_term, 0.001, False, "cross-modal alignment regulariser (CMA, CVPR'25)"),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------
+# random draws shared by all ranks
+
+
+@dataclass(frozen=True)
+class MixingDraws:
+    """The random quantities of one call: the m²-mix λ and the calibration ``p_i`` (None when unused)."""
+
+    mix_lam: float | None
+    calibration_lam: np.ndarray | None
+
+
+def draw_mixing(config: LossConfig, batch_size: int, seed: int | None) -> MixingDraws:
+    """Draw λ ~ Beta(m2mix_alpha, m2mix_alpha), then p ~ Beta(calibration_alpha, ·) of size batch_size, for the active terms."""
+    rng = np.random.default_rng(seed)
+    mix_lam = float(rng.beta(config.m2mix_alpha, config.m2mix_alpha)) if config.terms.get("m2mix", 0) > 0 else None
+    calibration_lam = None
+    if config.terms.get("calibrated_uniformity", 0) > 0:
+        calibration_lam = rng.beta(config.calibration_alpha, config.calibration_alpha, size=batch_size)
+    return MixingDraws(mix_lam, calibration_lam)
+
+
+# --------------------------------------------------------------------------------------------
+# the objective
+
+
+@dataclass
+class ObjectiveOutput:
+    """What one objective call returns: the loss to backpropagate, its terms for logging, per-sample losses."""
+
+    loss: Tensor  # scalar, with graph
+    terms: dict[str, Tensor]  # detached values: one per active term (before its config weight) and "total"
+    per_sample: Tensor  # [n] contrastive losses of the local samples, with graph
+
+
+@dataclass
+class _Rows:
+    """The rows this rank evaluates, against the columns of the whole (global) batch."""
+
+    image: Tensor  # [r, D] row features
+    text: Tensor
+    all_image: Tensor  # [N, D] column features
+    all_text: Tensor
+    offset: int  # global index of the first row
+    local_start: int  # global index of this rank's first sample
+    local_size: int
+    is_global: bool  # rows are the whole batch
+    rank_factor: int  # local mode: world size, so that the mean over ranks of a local sum / N is the global mean
+
+    @property
+    def total(self) -> int:
+        return self.all_image.shape[0]
+
+
+class Objective(nn.Module):
+    """The composed objective of a :class:`~mmsphere.config.LossConfig`; no learnable parameters."""
+
+    def __init__(self, config: LossConfig) -> None:
+        super().__init__()
+        _validate(config)
+        self.config = config
+        self.weights = {name: weight for name, weight in config.terms.items()
+                        if TERMS[name].contrastive or weight > 0}
+        self.contrastive = next(name for name in self.weights if TERMS[name].contrastive)
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: float | Tensor,
+        *,
+        sample_weights: Tensor | None = None,
+        weight_normalize: str = "mean",
+        seed: int | None = None,
+    ) -> ObjectiveOutput:
+        """Evaluate every active term on the (gathered) batch.
+
+        image_features, text_features: [n, D] unit-norm, this process's samples; logit_scale: the
+        multiplier s; sample_weights: [n] detached weights v_i (None: all 1), averaged over the global
+        batch (``"mean"``) or normalised to sum 1 over it (``"sum"``); seed: of the random draws.
+        """
+        _check_inputs(image_features, text_features, logit_scale, sample_weights, weight_normalize, seed)
+        device = image_features.device
+        # the pairwise math runs in fp32 or fp64 even inside an autocast region (see functional.py)
+        with torch.autocast(device_type=device.type, enabled=False):
+            rows, weights, weight_total = self._gather(image_features, text_features, sample_weights, weight_normalize)
+            draws = draw_mixing(self.config, rows.total, distributed.shared_seed(seed, device))
+            return self._evaluate(rows, _as_scale(logit_scale, rows.image), weights, weight_total, draws,
+                                  image_features.dtype)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _gather(
+        self, image_features: Tensor, text_features: Tensor, sample_weights: Tensor | None, weight_normalize: str
+    ) -> tuple[_Rows, Tensor | None, Tensor | float]:
+        rank, world_size = distributed.world_info()
+        local_size = image_features.shape[0]
+        local_image, local_text = _upcast(image_features), _upcast(text_features)
+        if world_size == 1:
+            rows = _Rows(local_image, local_text, local_image, local_text, 0, 0, local_size, True, 1)
+            weights = None if sample_weights is None else sample_weights.to(local_image.dtype)
+        else:
+            sizes = distributed.gather_sizes(local_size, image_features.device)
+            local_start = sum(sizes[:rank])
+            if self.config.gather_with_grad:
+                all_image = distributed.all_gather_with_grad(local_image, sizes)
+                all_text = distributed.all_gather_with_grad(local_text, sizes)
+            else:
+                # Global mode only (enforced in _validate): every rank holds the whole loss, so the
+                # local rows' gradient is complete without backward traffic; the factor undoes the
+                # averaging over ranks that DDP applies to parameter gradients.
+                all_image = distributed.all_gather_local_grad(distributed.scale_gradient(local_image, world_size), sizes)
+                all_text = distributed.all_gather_local_grad(distributed.scale_gradient(local_text, world_size), sizes)
+            if self.config.local_loss:
+                rows = _Rows(local_image, local_text, all_image, all_text, local_start, local_start, local_size,
+                             False, world_size)
+                weights = None if sample_weights is None else sample_weights.to(local_image.dtype)
+            else:
+                rows = _Rows(all_image, all_text, all_image, all_text, 0, local_start, local_size, True, 1)
+                weights = None if sample_weights is None else (
+                    distributed.all_gather_no_grad(sample_weights, sizes).to(local_image.dtype))
+        weight_total: Tensor | float = float(rows.total)
+        if weight_normalize == "sum" and weights is not None:
+            weight_total = weights.sum() if rows.is_global else distributed.all_reduce_values(weights.sum())
+            # all-zero weights give a zero loss rather than 0/0
+            weight_total = weight_total.clamp(min=torch.finfo(weights.dtype).tiny)
+        return rows, weights, weight_total
+
+    def _evaluate(
+        self, rows: _Rows, scale: Tensor, weights: Tensor | None, weight_total: Tensor | float, draws: MixingDraws,
+        input_dtype: torch.dtype,
+    ) -> ObjectiveOutput:
+        config = self.config
+        similarity = rows.image @ rows.all_text.T  # [r, N]: ⟨img_i, txt_j⟩
+        similarity_t = similarity.T if rows.is_global else rows.text @ rows.all_image.T  # ⟨txt_i, img_j⟩
+        positive_cosine = similarity.diagonal(rows.offset)
+
+        # Contrastive and CMA logits differ only on the diagonal, so both come from the log-sum-exp
+        # of the negatives: CE_i = logaddexp(neg_i, pos_i) − pos_i.
+        logits = scale * similarity
+        logits.diagonal(rows.offset).fill_(-math.inf)
+        negatives_image = torch.logsumexp(logits, dim=1)
+        if rows.is_global:
+            negatives_text = torch.logsumexp(logits, dim=0)
+        else:
+            logits_t = scale * similarity_t
+            logits_t.diagonal(rows.offset).fill_(-math.inf)
+            negatives_text = torch.logsumexp(logits_t, dim=1)
+        plain_positive = scale * positive_cosine
+        if self.contrastive == "angular_margin":
+            positive = scale * _margin_cosine(positive_cosine, config.margin, input_dtype)
+        else:
+            positive = plain_positive
+        per_sample = 0.5 * (torch.logaddexp(negatives_image, positive)
+                            + torch.logaddexp(negatives_text, positive)) - positive
+
+        values: dict[str, Tensor] = {}
+        weighted = per_sample if weights is None else weights * per_sample
+        values[self.contrastive] = rows.rank_factor * weighted.sum() / weight_total
+
+        gram_image = gram_text = None
+        if "m2mix" in self.weights or "calibrated_uniformity" in self.weights:
+            gram_image = rows.image @ rows.all_image.T
+            gram_text = rows.text @ rows.all_text.T
+        if "m2mix" in self.weights:
+            values["m2mix"] = self._m2mix(rows, similarity, similarity_t, gram_image, gram_text, positive_cosine,
+                                          draws.mix_lam)
+        if "calibrated_uniformity" in self.weights:
+            values["calibrated_uniformity"] = self._calibrated_uniformity(rows, gram_image, gram_text,
+                                                                          draws.calibration_lam)
+        if "cma" in self.weights:
+            cma_per_sample = -0.5 * (torch.logaddexp(negatives_image, plain_positive)
+                                     + torch.logaddexp(negatives_text, plain_positive))
+            values["cma"] = rows.rank_factor * cma_per_sample.sum() / rows.total
+
+        loss = sum(self.weights[name] * value for name, value in values.items())
+        logged = torch.stack([value.detach() for value in values.values()] + [loss.detach()])
+        if not rows.is_global:
+            logged = distributed.all_reduce_values(logged, average=True)
+            # every rank reports (and decides on, e.g. skipping a non-finite step) the global value
+            loss = loss + (logged[-1] - loss).detach()
+        terms = dict(zip([*values, "total"], logged.unbind()))
+        if rows.is_global:
+            per_sample = per_sample[rows.local_start:rows.local_start + rows.local_size]
+        return ObjectiveOutput(loss=loss, terms=terms, per_sample=per_sample)
+
+    def _m2mix(
+        self, rows: _Rows, similarity: Tensor, similarity_t: Tensor, gram_image: Tensor, gram_text: Tensor,
+        positive_cosine: Tensor, mix_lam: float,
+    ) -> Tensor:
+        tau = self.config.tau_mix
+        lam = torch.as_tensor(mix_lam, dtype=similarity.dtype, device=similarity.device)
+        weight_image, weight_text = _slerp_weights((rows.all_image * rows.all_text).sum(dim=1), lam)
+        weight_image, weight_text = weight_image / tau, weight_text / tau
+        # ⟨x_i, n_j⟩ = w_img,j·⟨x_i, img_j⟩ + w_txt,j·⟨x_i, txt_j⟩, with n_j the mixed embedding of pair j
+        mixed_image = torch.addcmul(similarity * weight_text, gram_image, weight_image)
+        mixed_text = torch.addcmul(gram_text * weight_text, similarity_t, weight_image)
+        mixed_image.diagonal(rows.offset).fill_(-math.inf)
+        mixed_text.diagonal(rows.offset).fill_(-math.inf)
+        positive = positive_cosine / tau
+        per_sample = 0.5 * (torch.logaddexp(torch.logsumexp(mixed_image, dim=1), positive)
+                            + torch.logaddexp(torch.logsumexp(mixed_text, dim=1), positive)) - positive
+        return rows.rank_factor * per_sample.sum() / rows.total
+
+    def _calibrated_uniformity(
+        self, rows: _Rows, gram_image: Tensor, gram_text: Tensor, calibration_lam: np.ndarray
+    ) -> Tensor:
+        config = self.config
+        lam = torch.as_tensor(calibration_lam, dtype=gram_image.dtype, device=gram_image.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not config.detach_calibration):
+            fused = F.slerp(rows.all_image, rows.all_text, lam)
+            fused_rows = fused if rows.is_global else fused[rows.offset:rows.offset + rows.image.shape[0]]
+            calibration = (fused_rows @ fused.T).clamp(config.min_sim, config.max_sim)
+        # −t(‖x_i − x_j‖² − 2 + 2·S_ij) = 2t(⟨x_i, x_j⟩ − S_ij) − t(‖x_i‖² − 1 + ‖x_j‖² − 1): the Gram
+        # form, with the norm terms (zero in value for unit rows) kept so the gradient keeps its
+        # radial part exactly as in the plain function; pairs i < j in global indices
+        columns = torch.arange(rows.total, device=gram_image.device)
+        row_index = rows.offset + torch.arange(rows.image.shape[0], device=gram_image.device)
+        lower = columns[None, :] <= row_index[:, None]
+        pair_count = rows.total * (rows.total - 1) / 2
+        result = []
+        for gram, row_features, all_features in ((gram_image, rows.image, rows.all_image),
+                                                 (gram_text, rows.text, rows.all_text)):
+            norm_excess = ((row_features * row_features).sum(dim=1) - 1)[:, None] \
+                + ((all_features * all_features).sum(dim=1) - 1)[None, :]
+            exponents = (2 * config.uniformity_t) * torch.add(gram - calibration, norm_excess, alpha=-0.5)
+            exponents.masked_fill_(lower, -math.inf)
+            log_sum = torch.logsumexp(exponents.flatten(), dim=0)
+            if not rows.is_global:
+                # log Σ over all pairs = LSE of every rank's partial log-sum; the gather carries the gradient
+                log_sum = torch.logsumexp(distributed.all_gather_with_grad(log_sum.reshape(1)), dim=0)
+            result.append(log_sum - math.log(pair_count))
+        return 0.5 * (result[0] + result[1])
+
+
+# --------------------------------------------------------------------------------------------
+# checks at the seam
+
+
+def _validate(config: LossConfig) -> None:
+    for name, weight in config.terms.items():
+        if name not in TERMS:
+            close = difflib.get_close_matches(name, list(TERMS), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"loss.terms: unknown term {name!r}{hint} (known: {', '.join(TERMS)})")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"loss.terms.{name}={weight} must be a finite number >= 0")
+    contrastive = [name for name in config.terms if TERMS[name].contrastive]
+    if len(contrastive) != 1:
+        raise ConfigError(f"loss.terms must hold exactly one of "
+                          f"{[name for name, term in TERMS.items() if term.contrastive]}, got {contrastive or 'none'}")
+    if not 0 <= config.margin < math.pi:
+        raise ConfigError(f"loss.margin={config.margin} must be in [0, π)")
+    for key in ("m2mix_alpha", "tau_mix", "uniformity_t", "calibration_alpha"):
+        if not getattr(config, key) > 0:
+            raise ConfigError(f"loss.{key}={getattr(config, key)} must be > 0")
+    if not -1 <= config.min_sim <= config.max_sim <= 1:
+        raise ConfigError(f"loss.min_sim={config.min_sim}, loss.max_sim={config.max_sim} "
+                          f"must satisfy -1 <= min_sim <= max_sim <= 1")
+    if config.local_loss and not config.gather_with_grad:
+        raise ConfigError("loss.local_loss=true needs loss.gather_with_grad=true: without gradients through the "
+                          "gather each rank misses the other ranks' terms and the result is not the global loss")
+
+
+def _check_inputs(
+    image_features: Tensor, text_features: Tensor, logit_scale: float | Tensor, sample_weights: Tensor | None,
+    weight_normalize: str, seed: int | None,
+) -> None:
+    for name, features in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
+            shape = list(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise ValueError(f"{name} must be a 2-D float tensor [n, D], got {shape}")
+        if features.shape[0] < 2 or features.shape[1] < 1:
+            raise ValueError(f"{name} must hold at least 2 samples per process (contrastive), "
+                             f"got shape {list(features.shape)}")
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"image_features and text_features must have the same shape [n, D], "
+                         f"got {list(image_features.shape)} and {list(text_features.shape)}")
+    if image_features.device != text_features.device:
+        raise ValueError(f"image_features ({image_features.device}) and text_features ({text_features.device}) "
+                         f"must be on the same device")
+    if isinstance(logit_scale, Tensor) and logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must be a float or a one-element tensor, got shape {list(logit_scale.shape)}")
+    if weight_normalize not in ("mean", "sum"):
+        raise ValueError(f"weight_normalize={weight_normalize!r} must be 'mean' or 'sum'")
+    if seed is not None and not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed={seed!r} must be an integer or None")
+    if sample_weights is not None:
+        if not isinstance(sample_weights, Tensor) or sample_weights.shape != (image_features.shape[0],):
+            shape = list(sample_weights.shape) if isinstance(sample_weights, Tensor) else type(sample_weights).__name__
+            raise ValueError(f"sample_weights must have shape [n] = [{image_features.shape[0]}], got {shape}")
+        if sample_weights.requires_grad:
+            raise ValueError("sample_weights must be detached: the real step carries no gradient into the "
+                             "weight net (the meta step differentiates through per_sample instead)")
+    # one host sync for all value checks; NaN rows pass, so a diverged model yields a non-finite loss
+    # that the training loop counts and skips instead of an exception
+    with torch.no_grad():
+        checks = [((torch.linalg.vector_norm(features.float(), dim=1) - 1).abs().amax())
+                  for features in (image_features, text_features)]
+        if sample_weights is not None:
+            checks.append((-sample_weights.float()).amax())
+        found = torch.stack(checks).tolist()
+    for name, features, deviation in zip(("image_features", "text_features"), (image_features, text_features), found):
+        # half-precision rows carry norm errors of a few 1e-3
+        tolerance = 2e-2 if features.dtype in (torch.float16, torch.bfloat16) else 1e-3
+        if deviation > tolerance:
+            raise ValueError(f"{name} must hold L2-normalised rows: max |‖row‖ − 1| = {deviation:.3g} "
+                             f"(tolerance {tolerance:g}); pass the encoder's normalised features")
+    if sample_weights is not None and found[2] > 0:
+        raise ValueError(f"sample_weights must be >= 0, got a minimum of {-found[2]:.3g}")
+

@@ -1,0 +1,243 @@
+"""The dual encoder: an open_clip model plus a temporal head, returning unit-norm features.
+
+Video frames ``[B, T, 3, H, W]`` go through the image tower all at once, are L2-normalised, pooled
+over time by the temporal head and L2-normalised again (CLIP4Clip). ``forward`` returns exactly the
+keyword arguments of the objective: ``image_features``, ``text_features`` and ``logit_scale``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from mmsphere.config import ConfigError, ModelConfig
+from mmsphere.models.temporal import build_temporal_head
+
+if TYPE_CHECKING:
+    from mmsphere.config import Config
+
+TOWERS = ("image", "text", "temporal", "logit_scale")
+META_PARAMETER_MODES = ("all", "last_blocks", "heads")
+# direct children of a tower that map its pooled output into the joint space, by open_clip tower type:
+# VisionTransformer.proj, TimmModel.head, ModifiedResNet.attnpool; CLIP.text_projection (native text
+# tower flattened into CLIP), TextTransformer.text_projection and HFTextEncoder.proj (CustomTextCLIP)
+IMAGE_HEAD_NAMES = ("proj", "head", "attnpool")
+TEXT_HEAD_NAMES = ("text_projection", "proj")
+
+
+class DualEncoder(nn.Module):
+    """An open_clip image-text model with a temporal head; every ``encode_*`` returns unit-norm ``[B, D]``."""
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        config: ModelConfig,
+        *,
+        embed_dim: int,
+        image_size: int,
+        image_mean: tuple[float, float, float],
+        image_std: tuple[float, float, float],
+        context_length: int,
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.temporal = build_temporal_head(config, embed_dim)
+        self.tokenizer = tokenizer
+        self.config = config
+        self.embed_dim = embed_dim
+        self.image_size = image_size
+        self.image_mean = tuple(float(value) for value in image_mean)
+        self.image_std = tuple(float(value) for value in image_std)
+        self.context_length = context_length
+        self.run_config: Config | None = None  # set by load_run
+        for name, parameter in self.named_parameters():
+            tower = self.tower_of(name)
+            if (tower == "image" and config.freeze_image) or (tower == "text" and config.freeze_text):
+                parameter.requires_grad_(False)
+        if config.gradient_checkpointing:
+            self.clip.set_grad_checkpointing(True)
+
+    # ----------------------------------------------------------------------------------------
+    # encoders
+
+    @property
+    def log_logit_scale(self) -> nn.Parameter:
+        """The learnable log of the logit multiplier (open_clip's ``logit_scale`` parameter)."""
+        return self.clip.logit_scale
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, L]`` (``L`` = context length) -> unit-norm text features ``[B, D]``."""
+        self._check_text(text)
+        return F.normalize(self.clip.encode_text(text), dim=-1)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` -> unit-norm image features ``[B, D]``; bypasses the temporal head."""
+        self._check_images(images, "images", expected_dim=4)
+        return F.normalize(self.clip.encode_image(images), dim=-1)
+
+    def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Frames ``[B, T, 3, H, W]`` with ``frame_mask [B, T]`` (None = all valid) -> unit-norm ``[B, D]``."""
+        self._check_images(frames, "frames", expected_dim=5)
+        batch, length = frames.shape[:2]
+        frame_mask = self._checked_frame_mask(frame_mask, frames)
+        frame_features = self.clip.encode_image(frames.flatten(0, 1))
+        frame_features = F.normalize(frame_features, dim=-1).view(batch, length, -1)
+        return F.normalize(self.temporal(frame_features, frame_mask), dim=-1)
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        images: torch.Tensor | None = None,
+        frames: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Features of a batch of pairs: ``image_features``, ``text_features`` and the multiplier ``logit_scale``.
+
+        Pass exactly one of ``images [B, 3, H, W]`` or ``frames [B, T, 3, H, W]`` (+ ``frame_mask``).
+        """
+        if (images is None) == (frames is None):
+            raise ValueError("pass exactly one of images [B, 3, H, W] or frames [B, T, 3, H, W]")
+        if images is not None and frame_mask is not None:
+            raise ValueError("frame_mask goes with frames, not with images")
+        visual = images if images is not None else frames
+        if text.ndim >= 1 and visual.ndim >= 1 and text.shape[0] != visual.shape[0]:
+            raise ValueError(
+                f"text of shape {tuple(text.shape)} and {'images' if images is not None else 'frames'} "
+                f"of shape {tuple(visual.shape)} must hold the same number of samples"
+            )
+        if images is not None:
+            image_features = self.encode_image(images)
+        else:
+            image_features = self.encode_video(frames, frame_mask)
+        return {
+            "image_features": image_features,
+            "text_features": self.encode_text(text),
+            "logit_scale": self.clip.logit_scale.exp(),
+        }
+
+    # ----------------------------------------------------------------------------------------
+    # parameter groups
+
+    def tower_of(self, parameter_name: str) -> str:
+        """``"image"``, ``"text"``, ``"temporal"`` or ``"logit_scale"`` for a name of ``named_parameters()``."""
+        if parameter_name in ("clip.logit_scale", "clip.logit_bias"):
+            return "logit_scale"
+        if parameter_name.startswith("temporal."):
+            return "temporal"
+        if parameter_name.startswith("clip.visual."):
+            return "image"
+        if parameter_name.startswith("clip."):
+            # open_clip's CLIP keeps the text tower's modules at top level, CustomTextCLIP under .text
+            return "text"
+        raise ValueError(
+            f"{parameter_name!r} is not a parameter name of the dual encoder "
+            "(names start with 'clip.' or 'temporal.')"
+        )
+
+    def meta_parameter_names(self, mode: str, last_blocks: int = 1) -> list[str]:
+        """Trainable parameters taking the Meta-Weight-Net virtual step: ``all``, ``heads`` or ``last_blocks``.
+
+        ``heads`` = both projection heads and the temporal head (not ``logit_scale``); ``last_blocks``
+        adds the last ``last_blocks`` blocks of each tower's block stack.
+        """
+        if mode not in META_PARAMETER_MODES:
+            raise ConfigError(f"meta.params={mode!r} must be one of {', '.join(META_PARAMETER_MODES)}")
+        if last_blocks < 1:
+            raise ConfigError(f"meta.last_blocks={last_blocks} must be >= 1")
+        trainable = [name for name, parameter in self.named_parameters() if parameter.requires_grad]
+        if mode == "all":
+            return trainable
+        prefixes = ["temporal"] + self._head_prefixes()
+        if mode == "last_blocks":
+            for stack_name, stack in self._block_stacks().values():
+                for index in range(max(0, len(stack) - last_blocks), len(stack)):
+                    prefixes.append(f"{stack_name}.{index}")
+        return [name for name in trainable if any(_under(name, prefix) for prefix in prefixes)]
+
+    def _head_prefixes(self) -> list[str]:
+        prefixes = [f"clip.visual.{name}" for name in IMAGE_HEAD_NAMES if _has_parameters(self.clip.visual, name)]
+        if _has_parameters(self.clip, "text_projection"):
+            prefixes.append("clip.text_projection")
+        text_tower = getattr(self.clip, "text", None)
+        if isinstance(text_tower, nn.Module):
+            prefixes += [f"clip.text.{name}" for name in TEXT_HEAD_NAMES if _has_parameters(text_tower, name)]
+        return prefixes
+
+    def _block_stacks(self) -> dict[str, tuple[str, nn.Module]]:
+        """Per tower, the stack of identical blocks holding the most parameters (its residual blocks)."""
+        best: dict[str, tuple[int, str, nn.Module]] = {}
+        for name, module in self.clip.named_modules():
+            if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
+                continue
+            if len({type(child) for child in module}) != 1:
+                continue
+            size = sum(parameter.numel() for parameter in module.parameters())
+            if size == 0:
+                continue
+            tower = self.tower_of(f"clip.{name}.0")
+            if tower not in best or size > best[tower][0]:
+                best[tower] = (size, f"clip.{name}", module)
+        return {tower: (name, module) for tower, (_, name, module) in best.items()}
+
+    # ----------------------------------------------------------------------------------------
+    # checks at the seam
+
+    def _check_text(self, text: torch.Tensor) -> None:
+        if not isinstance(text, torch.Tensor) or text.ndim != 2 or text.is_floating_point():
+            shape = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+            raise ValueError(f"text must be integer token ids of shape [B, {self.context_length}], got {shape}")
+        if text.shape[1] != self.context_length:
+            raise ValueError(
+                f"text of shape {tuple(text.shape)} must have the model's context length "
+                f"{self.context_length} (tokenise with model.tokenizer)"
+            )
+
+    def _check_images(self, images: torch.Tensor, name: str, expected_dim: int) -> None:
+        layout = "[B, 3, H, W]" if expected_dim == 4 else "[B, T, 3, H, W]"
+        if not isinstance(images, torch.Tensor) or images.ndim != expected_dim:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"{name} must have shape {layout}, got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"{name} must be normalised floating-point pixels, got dtype {images.dtype}")
+        if images.shape[-3] != 3 or 0 in images.shape:
+            raise ValueError(f"{name} must have shape {layout} with 3 channels, got {tuple(images.shape)}")
+        visual = self.clip.visual
+        # open_clip's ViT has a fixed positional-embedding grid; other towers accept other sizes
+        if isinstance(visual, VisionTransformer) and tuple(images.shape[-2:]) != tuple(visual.image_size):
+            raise ValueError(
+                f"{name} of shape {tuple(images.shape)} must be {tuple(visual.image_size)} pixels "
+                f"for this ViT (model.image_size={self.image_size})"
+            )
+
+    def _checked_frame_mask(self, frame_mask: torch.Tensor | None, frames: torch.Tensor) -> torch.Tensor:
+        batch, length = frames.shape[:2]
+        if frame_mask is None:
+            return torch.ones(batch, length, dtype=torch.bool, device=frames.device)
+        if not isinstance(frame_mask, torch.Tensor) or frame_mask.dtype != torch.bool:
+            kind = frame_mask.dtype if isinstance(frame_mask, torch.Tensor) else type(frame_mask).__name__
+            raise ValueError(f"frame_mask must be a bool tensor [B, T], got {kind}")
+        if tuple(frame_mask.shape) != (batch, length):
+            raise ValueError(
+                f"frame_mask of shape {tuple(frame_mask.shape)} does not match frames of shape {tuple(frames.shape)}"
+            )
+        empty = (~frame_mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"frame_mask rows {empty} have no valid frame; every video needs at least one")
+        return frame_mask.to(frames.device)
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _has_parameters(module: nn.Module, attribute: str) -> bool:
+    value = getattr(module, attribute, None)
+    if isinstance(value, nn.Parameter):
+        return True
+    return isinstance(value, nn.Module) and any(True for _ in value.parameters())

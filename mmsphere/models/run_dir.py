@@ -1,0 +1,136 @@
+"""Run directories for users: ``model.safetensors`` + the resolved ``config.yaml`` + ``mmsphere.json``.
+
+``mmsphere.json`` carries the format version and the preprocessing the weights were trained with
+(image size, mean, std), which a pretrained tag may have set and which the config alone cannot
+restore. Files are written to temporary names, flushed to disk, then renamed over the old ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+import mmsphere
+from mmsphere.config import Config, ConfigError, MmsphereError, load_config, save_config
+from mmsphere.models.checkpoint import check_compatible, tensor_shapes
+from mmsphere.models.dual_encoder import DualEncoder
+from mmsphere.models.factory import build_dual_encoder
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+INFO_FILE = "mmsphere.json"
+
+
+def save_run(model: DualEncoder, config: Config, run_dir: str | os.PathLike) -> None:
+    """Write ``model.safetensors``, ``config.yaml`` and ``mmsphere.json`` into ``run_dir`` atomically per file."""
+    if config.model != model.config:
+        differing = [key for key, value in vars(config.model).items() if getattr(model.config, key) != value]
+        raise ValueError(
+            f"config.model differs from the model's own config in {', '.join(differing)}; "
+            "save the config the model was built from"
+        )
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "mmsphere_version": mmsphere.__version__,
+        "torch_version": torch.__version__,
+        "embed_dim": model.embed_dim,
+        "image_size": model.image_size,
+        "image_mean": list(model.image_mean),
+        "image_std": list(model.image_std),
+        "context_length": model.context_length,
+    }
+    writers = {
+        WEIGHTS_FILE: lambda path: save_model(model, str(path), metadata={"format": "pt"}),
+        CONFIG_FILE: lambda path: save_config(config, path),
+        INFO_FILE: lambda path: path.write_text(json.dumps(info, indent=2) + "\n"),
+    }
+    temporary: dict[str, Path] = {}
+    try:
+        for name, write in writers.items():
+            handle, temporary_path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=run_dir)
+            os.close(handle)
+            temporary[name] = Path(temporary_path)
+            write(temporary[name])
+            _flush_to_disk(temporary[name])
+        # mmsphere.json last: a reader that finds it finds the weights and config it describes
+        for name in (WEIGHTS_FILE, CONFIG_FILE, INFO_FILE):
+            os.replace(temporary.pop(name), run_dir / name)
+    finally:
+        for leftover in temporary.values():
+            leftover.unlink(missing_ok=True)
+    logger.info("saved the dual encoder to %s", run_dir)
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DualEncoder:
+    """Restore the dual encoder of a run directory (in eval mode); its full config is ``.run_config``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
+    for name in (INFO_FILE, CONFIG_FILE, WEIGHTS_FILE):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"run directory {str(run_dir)!r} has no {name}; is it a finished mmsphere run?")
+    info = _read_info(run_dir / INFO_FILE)
+    try:
+        config = load_config(run_dir / CONFIG_FILE)
+    except ConfigError as error:
+        raise ConfigError(f"{str(run_dir / CONFIG_FILE)!r}: {error}") from None
+
+    model = build_dual_encoder(config.model, load_pretrained=False)
+    weights = run_dir / WEIGHTS_FILE
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    check_compatible(
+        expected,
+        tensor_shapes(weights),
+        f"{str(weights)!r}",
+        f"the model described by {str(run_dir / CONFIG_FILE)!r}",
+        allowed_missing=_shared_names(model),
+    )
+    load_model(model, str(weights), strict=True)
+    model.image_mean = tuple(float(value) for value in info.get("image_mean", model.image_mean))
+    model.image_std = tuple(float(value) for value in info.get("image_std", model.image_std))
+    model.run_config = config
+    return model.to(device).eval()
+
+
+def _read_info(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MmsphereError(f"cannot read {str(path)!r}: {error}") from None
+    if not isinstance(info, dict):
+        raise MmsphereError(f"{str(path)!r} must hold a JSON object")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise MmsphereError(
+            f"{str(path)!r} has format_version={info.get('format_version')!r} (written by mmsphere "
+            f"{info.get('mmsphere_version', '?')}); mmsphere {mmsphere.__version__} reads format_version={FORMAT_VERSION}"
+        )
+    return info
+
+
+def _shared_names(model: DualEncoder) -> set[str]:
+    """State-dict names whose tensor shares storage with another name (safetensors stores only one of them)."""
+    groups: dict[tuple[torch.device, int], list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer:  # empty tensors all report 0
+            groups.setdefault((tensor.device, pointer), []).append(name)
+    return {name for names in groups.values() if len(names) > 1 for name in names}
+
+
+def _flush_to_disk(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

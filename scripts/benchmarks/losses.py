@@ -1,0 +1,124 @@
+"""Forward+backward time of every objective term relative to ``open_clip.ClipLoss``.
+
+``python scripts/benchmark.py losses [--batch 1024 --dim 512 --repeats 20]``. Every repetition runs
+each case once, in a rotated order, so slow phases of a shared machine hit all cases alike; the
+figure of a case is the median over repetitions of its time divided by the baseline's time in the
+same repetition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as tf
+from tqdm import tqdm
+
+from mmsphere.config import LossConfig
+from mmsphere.losses import Objective, functional
+from mmsphere.losses.objective import calibration_similarity
+
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
+BASELINE = "open_clip.ClipLoss"
+FULL_TERMS = {"angular_margin": 1.0, "m2mix": 0.1, "calibrated_uniformity": 0.1, "cma": 0.001}
+
+
+def build_cases(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                config: LossConfig, seed: int) -> dict[str, Callable[[], torch.Tensor]]:
+    """Each case returns the scalar to backpropagate."""
+    rng = np.random.default_rng(seed)
+    mix_lam = float(rng.beta(config.m2mix_alpha, config.m2mix_alpha))
+    calibration_lam = torch.as_tensor(rng.beta(config.calibration_alpha, config.calibration_alpha,
+                                               size=image_features.shape[0]))
+    clip_baseline = open_clip.ClipLoss()
+    margin_objective = Objective(LossConfig(terms={"angular_margin": 1.0}, margin=config.margin))
+    full_objective = Objective(config)
+    img, txt, scale = image_features, text_features, logit_scale
+
+    def calibrated_uniformity_both() -> torch.Tensor:
+        calibration = calibration_similarity(img, txt, calibration_lam, config.min_sim, config.max_sim)
+        return 0.5 * (functional.calibrated_uniformity(img, calibration, config.uniformity_t)
+                      + functional.calibrated_uniformity(txt, calibration, config.uniformity_t))
+
+    def plain_composition() -> torch.Tensor:
+        return (FULL_TERMS["angular_margin"] * functional.angular_margin_loss(img, txt, scale, config.margin)
+                + FULL_TERMS["m2mix"] * functional.m2mix_loss(img, txt, mix_lam, config.tau_mix)
+                + FULL_TERMS["calibrated_uniformity"] * calibrated_uniformity_both()
+                + FULL_TERMS["cma"] * functional.cma_regularizer(img, txt, scale))
+
+    return {
+        BASELINE: lambda: clip_baseline(img, txt, scale),
+        "clip_loss": lambda: functional.clip_loss(img, txt, scale),
+        "angular_margin_loss": lambda: functional.angular_margin_loss(img, txt, scale, config.margin),
+        "m2mix_loss": lambda: functional.m2mix_loss(img, txt, mix_lam, config.tau_mix),
+        "calibrated_uniformity (img+txt, with S)": calibrated_uniformity_both,
+        "cma_regularizer": lambda: functional.cma_regularizer(img, txt, scale),
+        "Objective(angular_margin)": lambda: margin_objective(img, txt, scale, seed=seed).loss,
+        "composition, sum of plain functions": plain_composition,
+        "Objective(full composition)": lambda: full_objective(img, txt, scale, seed=seed).loss,
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark, print the table, optionally write JSON; returns an exit code."""
+    parser = argparse.ArgumentParser(prog="benchmark.py losses", description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.batch < 2 or args.dim < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--batch must be >= 2, --dim >= 1, --repeats >= 1, --warmup >= 0")
+
+    torch.manual_seed(args.seed)
+    dtype = DTYPES[args.dtype]
+    image_features = tf.normalize(torch.randn(args.batch, args.dim), dim=1).to(dtype).requires_grad_()
+    text_features = tf.normalize(torch.randn(args.batch, args.dim), dim=1).to(dtype).requires_grad_()
+    logit_scale = torch.tensor(1 / 0.07).requires_grad_()
+    config = LossConfig(terms=dict(FULL_TERMS))
+    cases = build_cases(image_features, text_features, logit_scale, config, args.seed)
+    leaves = (image_features, text_features, logit_scale)
+
+    def run_once(case: Callable[[], torch.Tensor]) -> float:
+        for leaf in leaves:
+            leaf.grad = None
+        start = time.perf_counter()
+        case().backward()
+        return time.perf_counter() - start
+
+    names = list(cases)
+    for _ in range(args.warmup):
+        for name in names:
+            run_once(cases[name])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in tqdm(range(args.repeats), desc="repetitions", unit="rep"):
+        rotation = repeat % len(names)
+        for name in names[rotation:] + names[:rotation]:
+            times[name].append(run_once(cases[name]))
+
+    ratios = {name: statistics.median(t / b for t, b in zip(times[name], times[BASELINE])) for name in names}
+    medians_ms = {name: 1e3 * statistics.median(times[name]) for name in names}
+    machine = (f"{platform.processor() or platform.machine()}, nproc={os.cpu_count()}, "
+               f"torch {torch.__version__} ({torch.get_num_threads()} threads), open_clip {open_clip.__version__}")
+    print(f"B={args.batch} D={args.dim} {args.dtype} CPU, forward+backward, {args.repeats} interleaved repetitions")
+    print(machine)
+    width = max(len(name) for name in names)
+    print(f"{'case':<{width}}  {'median ms':>9}  {'× ClipLoss':>10}")
+    for name in names:
+        print(f"{name:<{width}}  {medians_ms[name]:9.1f}  {ratios[name]:10.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "machine": machine, "median_ms": medians_ms, "ratio_to_clip": ratios},
+                      handle, indent=2)
+    return 0

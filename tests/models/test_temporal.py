@@ -1,0 +1,140 @@
+"""Temporal heads against loop-based float64 transcriptions of CLIP4Clip's meanP and seqTransf."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmsphere.config import ConfigError, ModelConfig
+from mmsphere.models import MeanTemporalHead, TransformerTemporalHead, build_temporal_head, masked_mean
+
+WIDTH, HEADS, MAX_FRAMES = 32, 2, 8
+
+
+def features_and_mask(batch: int = 4, length: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    features = F.normalize(torch.randn(batch, length, WIDTH, generator=generator), dim=-1)
+    lengths = [length, 1, 3, length - 1][:batch]
+    mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+    return features, mask
+
+
+def reference_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    rows = []
+    for row, valid in zip(features.double(), mask):
+        rows.append(torch.stack([row[t] for t in range(len(valid)) if valid[t]]).sum(0) / int(valid.sum()))
+    return torch.stack(rows)
+
+
+def reference_seq_transformer(head: TransformerTemporalHead, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """seqTransf written out: position embeddings, pre-LN blocks with masked attention, residual, mean."""
+    p = {name: value.double() for name, value in head.state_dict().items()}
+    layers = len(head.blocks)
+    head_width = WIDTH // HEADS
+    pooled = []
+    for x, valid in zip(features.double(), mask):
+        length = x.shape[0]
+        h = x + p["frame_position_embedding"][:length]
+        for i in range(layers):
+            block = f"blocks.{i}."
+            a = F.layer_norm(h, (WIDTH,), p[block + "norm1.weight"], p[block + "norm1.bias"], eps=1e-5)
+            qkv = a @ p[block + "self_attn.in_proj_weight"].T + p[block + "self_attn.in_proj_bias"]
+            q, k, v = qkv.split(WIDTH, dim=-1)
+            per_head = []
+            for j in range(HEADS):
+                cols = slice(j * head_width, (j + 1) * head_width)
+                scores = q[:, cols] @ k[:, cols].T / math.sqrt(head_width)
+                scores[:, ~valid] = -math.inf
+                per_head.append(scores.softmax(dim=-1) @ v[:, cols])
+            attended = torch.cat(per_head, dim=-1)
+            h = h + attended @ p[block + "self_attn.out_proj.weight"].T + p[block + "self_attn.out_proj.bias"]
+            m = F.layer_norm(h, (WIDTH,), p[block + "norm2.weight"], p[block + "norm2.bias"], eps=1e-5)
+            hidden = F.gelu(m @ p[block + "linear1.weight"].T + p[block + "linear1.bias"])
+            h = h + hidden @ p[block + "linear2.weight"].T + p[block + "linear2.bias"]
+        r = F.layer_norm(h, (WIDTH,), p["ln_post.weight"], p["ln_post.bias"], eps=1e-5)
+        y = x + r @ p["output_projection.weight"].T + p["output_projection.bias"]
+        pooled.append(y[valid].mean(dim=0))
+    return torch.stack(pooled)
+
+
+def test_masked_mean_matches_loop():
+    features, mask = features_and_mask()
+    torch.testing.assert_close(masked_mean(features, mask).double(), reference_mean(features, mask))
+    torch.testing.assert_close(MeanTemporalHead()(features, mask).double(), reference_mean(features, mask))
+
+
+def test_masked_mean_ignores_non_finite_padding():
+    features, mask = features_and_mask()
+    poisoned = features.masked_fill(~mask[..., None], float("inf"))
+    assert torch.equal(masked_mean(poisoned, mask), masked_mean(features, mask))
+
+
+def test_transformer_head_equals_mean_head_at_init():
+    torch.manual_seed(0)
+    head = TransformerTemporalHead(WIDTH, layers=2, heads=HEADS, max_frames=MAX_FRAMES)
+    features, mask = features_and_mask()
+    torch.testing.assert_close(head(features, mask), masked_mean(features, mask), rtol=0, atol=1e-7)
+
+
+def test_transformer_head_output_projection_learns_from_init():
+    torch.manual_seed(0)
+    head = TransformerTemporalHead(WIDTH, layers=1, heads=HEADS, max_frames=MAX_FRAMES)
+    features, mask = features_and_mask()
+    head(features, mask).pow(2).sum().backward()
+    assert head.output_projection.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_transformer_head_matches_float64_transcription(perturb, training, layers):
+    torch.manual_seed(0)
+    head = TransformerTemporalHead(WIDTH, layers=layers, heads=HEADS, max_frames=MAX_FRAMES)
+    perturb(head)
+    head.train(training)
+    features, mask = features_and_mask()
+    with torch.no_grad():
+        actual = head(features, mask)
+    torch.testing.assert_close(actual.double(), reference_seq_transformer(head, features, mask), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_transformer_head_padded_frames_change_nothing(perturb, training):
+    torch.manual_seed(0)
+    head = TransformerTemporalHead(WIDTH, layers=2, heads=HEADS, max_frames=MAX_FRAMES)
+    perturb(head)
+    head.train(training)
+    features, mask = features_and_mask(batch=4, length=6)
+    other_padding = torch.where(mask[..., None], features, torch.randn_like(features) * 10)
+    with torch.no_grad():
+        padded = head(features, mask)
+        repadded = head(other_padding, mask)
+        # the second video has one valid frame: equal to running it alone, without padding
+        alone = head(features[1:2, :1], torch.ones(1, 1, dtype=torch.bool))
+    torch.testing.assert_close(padded, repadded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[1:2], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(padded, masked_mean(features, mask), atol=1e-3)  # the head is not a no-op
+
+
+def test_transformer_head_rejects_more_frames_than_positions():
+    head = TransformerTemporalHead(WIDTH, layers=1, heads=HEADS, max_frames=4)
+    features = torch.randn(2, 5, WIDTH)
+    with pytest.raises(ValueError, match="max_frames=4"):
+        head(features, torch.ones(2, 5, dtype=torch.bool))
+
+
+def test_build_temporal_head_heads_from_width():
+    head = build_temporal_head(ModelConfig(temporal_head="transformer", temporal_layers=2, max_frames=8), 128)
+    assert isinstance(head, TransformerTemporalHead)
+    assert head.blocks[0].self_attn.num_heads == 2 and len(head.blocks) == 2  # 128 // 64
+    narrow = build_temporal_head(ModelConfig(temporal_head="transformer"), 32)
+    assert narrow.blocks[0].self_attn.num_heads == 1  # at least one head
+    assert isinstance(build_temporal_head(ModelConfig(temporal_head="mean"), 32), MeanTemporalHead)
+
+
+@pytest.mark.parametrize("heads, message", [(3, "temporal_heads=3 must divide"), (-1, "temporal_heads=-1")])
+def test_build_temporal_head_rejects_bad_heads(heads, message):
+    with pytest.raises(ConfigError, match=message):
+        build_temporal_head(ModelConfig(temporal_head="transformer", temporal_heads=heads), 32)

@@ -1,0 +1,69 @@
+"""One optimisation step of the real training-loop functions, run under torchrun by the tests.
+
+``python -m torch.distributed.run --nproc_per_node N distributed_step.py OUT META LOCAL_LOSS``: every
+rank takes its slice of one fixed global batch, runs (optionally) the meta step and one real step,
+and rank 0 saves the loss and the updated parameters for comparison across world sizes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from accelerate.utils import set_seed
+
+from mmsphere.config import config_from_dict
+from mmsphere.losses import Objective
+from mmsphere.models import create_model
+from mmsphere.train.loop import MetaWeighting, build_accelerator, local_batch_size, train_step
+from mmsphere.train.optim import build_optimizer, cosine_schedule
+
+GLOBAL_BATCH = 8
+
+
+def main(out: str, meta: bool, local_loss: bool) -> None:
+    config = config_from_dict({
+        "model": {"name": "mmsphere-tiny"},
+        "data": {"train": [{"urls": "unused.tar", "modality": "image"}], "meta": {"urls": "unused.tar", "modality": "image"}},
+        "loss": {"terms": {"angular_margin": 1.0, "m2mix": 0.5, "calibrated_uniformity": 0.5, "cma": 0.1},
+                 "local_loss": local_loss},
+        "meta": {"enabled": meta, "params": "heads", "hidden": 8, "lr": 0.05},
+        "train": {"batch_size": GLOBAL_BATCH, "lr": 1e-2, "warmup_steps": 0, "max_steps": 10, "cpu": True},
+    })
+    accelerator = build_accelerator(config)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    local = local_batch_size(GLOBAL_BATCH, world_size)
+    set_seed(0)
+    network = create_model(config.model).double()
+    objective = Objective(config.loss)
+    optimizer = build_optimizer(network, config)
+    scheduler = cosine_schedule(optimizer, 0, 10)
+    model, optimizer = accelerator.prepare(network, optimizer)
+    weighting = MetaWeighting(config, network, objective) if meta else None
+    if weighting is not None:
+        weighting.weight_net.double()
+        weighting.optimizer = torch.optim.Adam(weighting.weight_net.parameters(), lr=config.meta.lr)
+
+    generator = torch.Generator().manual_seed(1)
+    batch = {"text": torch.randint(1, 400, (GLOBAL_BATCH, 16), generator=generator),
+             "images": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator, dtype=torch.float64)}
+    meta_batch = {"text": torch.randint(1, 400, (GLOBAL_BATCH, 16), generator=generator),
+                  "images": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator, dtype=torch.float64)}
+    rows = slice(rank * local, (rank + 1) * local)
+    inputs = {name: tensor[rows] for name, tensor in batch.items()}
+    meta_inputs = {name: tensor[rows] for name, tensor in meta_batch.items()}
+
+    if weighting is not None:
+        weighting.meta_step(inputs, meta_inputs, virtual_lr=0.5)
+    result = train_step(model, objective, inputs, accelerator, config,
+                        weigh=weighting.weigh if weighting else None, seed=7)
+    optimizer.step()
+    if rank == 0:
+        torch.save({"loss": result.terms["total"].item(),
+                    "parameters": {name: p.detach().clone() for name, p in network.named_parameters()},
+                    "weight_net": None if weighting is None else weighting.weight_net.state_dict()}, out)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1")

@@ -1,0 +1,126 @@
+"""The training loop in one process: outputs, meta weighting, accumulation, pre-flight errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mmsphere.config import ConfigError, config_from_dict
+from mmsphere.losses import Objective
+from mmsphere.models import create_model, load_run
+from mmsphere.train import train
+from mmsphere.train.loop import build_accelerator, local_batch_size, train_step
+from mmsphere.train.optim import build_optimizer, cosine_schedule
+
+from .conftest import tiny_config
+
+
+def test_train_with_meta_weighting_writes_a_complete_run(image_text_shards, tmp_path):
+    raw = tiny_config(image_text_shards, tmp_path / "run", meta={"enabled": True, "interval": 2, "hidden": 8},
+                      loss={"terms": {"angular_margin": 1.0, "m2mix": 0.1, "calibrated_uniformity": 0.1, "cma": 0.001}})
+    summary = train(config_from_dict(raw))
+    run = tmp_path / "run"
+    assert summary["steps"] == 4 and summary["nonfinite_steps_skipped"] == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in metrics] == [1, 2, 3, 4]
+    assert all(math.isfinite(record["loss/total"]) for record in metrics)
+    assert "meta/meta_loss" in metrics[0] and "meta/meta_loss" not in metrics[1]  # interval 2, steps 0 and 2
+    weights = [json.loads(line) for line in (run / "sample_weights.jsonl").read_text().splitlines()]
+    assert len(weights) == 4 * 8 and {"step", "key", "loss", "weight"} <= set(weights[0])
+    assert all(0 < row["weight"] < 1 for row in weights)
+    assert (run / "weighting_curve.png").stat().st_size > 0
+    assert [path.name for path in sorted((run / "checkpoints").iterdir())] == ["step_00000002", "step_00000004"]
+    model = load_run(run)
+    exported = dict(model.named_parameters())["clip.logit_scale"]
+    assert 0 <= exported.item() <= math.log(100)
+
+
+def test_logit_scale_is_clamped(image_text_shards, tmp_path):
+    raw = tiny_config(image_text_shards, tmp_path / "run", train={"lr": 10.0, "max_steps": 2, "grad_clip": None})
+    train(config_from_dict(raw))
+    assert load_run(tmp_path / "run").log_logit_scale.item() <= math.log(100) + 1e-6
+
+
+def test_existing_run_needs_resume(image_text_shards, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(ConfigError, match="already holds a run.*train.resume=latest"):
+        train(config_from_dict(tiny_config(image_text_shards, tmp_path / "run")))
+
+
+def test_missing_shards_fail_before_work(image_text_shards, tmp_path):
+    raw = tiny_config(image_text_shards, tmp_path / "run")
+    raw["data"]["train"][0]["urls"] = str(tmp_path / "nowhere-{000..003}.tar")
+    with pytest.raises(ConfigError, match=r"data.train\[0\].urls=.*4 of 4 shards do not exist"):
+        train(config_from_dict(raw))
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_meta_set_fails_before_work(image_text_shards, tmp_path):
+    empty = tmp_path / "empty-000000.tar"
+    import tarfile
+
+    tarfile.open(empty, "w").close()
+    raw = tiny_config(image_text_shards, tmp_path / "run", meta={"enabled": True})
+    raw["data"]["meta"]["urls"] = str(empty)
+    with pytest.raises(ConfigError, match="data.meta.urls=.*holds no samples"):
+        train(config_from_dict(raw))
+
+
+def test_batch_smaller_than_processes():
+    with pytest.raises(ConfigError, match="train.batch_size=2 must be a multiple of the number of processes \\(4\\)"):
+        local_batch_size(2, 4)
+    assert local_batch_size(8, 2) == 4
+
+
+def test_weight_decay_groups_and_tower_learning_rates(image_text_shards, tmp_path):
+    config = config_from_dict(tiny_config(image_text_shards, tmp_path, model={"name": "mmsphere-tiny", "text_lr": 1e-5}))
+    model = create_model(config.model)
+    optimizer = build_optimizer(model, config)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            name = names[id(parameter)]
+            no_decay = parameter.ndim < 2 or "embedding" in name or "logit_scale" in name
+            assert group["weight_decay"] == (0.0 if no_decay else config.train.weight_decay), name
+            expected_lr = 1e-5 if model.tower_of(name) == "text" else config.train.lr
+            assert group["lr"] == expected_lr, name
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = cosine_schedule(optimizer, warmup_steps=4, max_steps=12)
+    rates = []
+    for _ in range(12):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert rates[4] == pytest.approx(1.0) and rates[8] == pytest.approx(0.5)
+    assert all(later <= earlier for earlier, later in zip(rates[3:], rates[4:]))
+
+
+@pytest.mark.parametrize("terms", [{"clip": 1.0}, {"angular_margin": 1.0, "m2mix": 0.5, "calibrated_uniformity": 0.5, "cma": 0.1}])
+def test_accumulation_keeps_all_negatives(image_text_shards, tmp_path, terms):
+    """accum_freq=2 gives the gradients of one full batch, not of two half batches."""
+    gradients = {}
+    for accum in (1, 2):
+        config = config_from_dict(tiny_config(image_text_shards, tmp_path, loss={"terms": terms},
+                                              train={"accum_freq": accum, "batch_size": 8}))
+        torch.manual_seed(0)
+        model = create_model(config.model).double()
+        accelerator = build_accelerator(config)
+        generator = torch.Generator().manual_seed(1)
+        inputs = {"text": torch.randint(1, 400, (8, 16), generator=generator),
+                  "images": torch.randn(8, 3, 32, 32, generator=generator, dtype=torch.float64)}
+        result = train_step(model, Objective(config.loss), inputs, accelerator, config, seed=3)
+        gradients[accum] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        losses = result.loss.item()
+        gradients[f"loss{accum}"] = losses
+    assert gradients["loss1"] == pytest.approx(gradients["loss2"], rel=1e-10)
+    assert gradients[1].keys() == gradients[2].keys()
+    for name in gradients[1]:
+        torch.testing.assert_close(gradients[2][name], gradients[1][name], rtol=1e-7, atol=1e-10, msg=name)
