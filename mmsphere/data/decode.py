@@ -100,7 +100,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
             width, height = image.size
             if width * height > max_pixels:
                 raise DecodeError("image_too_large", f"{width}x{height} = {width * height} pixels > {max_pixels}")
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))
     except DecodeError:
         raise
     except Image.DecompressionBombError as error:

@@ -277,8 +277,10 @@ def _source_pipeline(
     decode_rng: np.random.Generator,
     guard: _StallGuard | None = None,
 ) -> wds.DataPipeline:
+    # DataPipeline would splice a list argument in as stages: hand it a callable that yields URLs
+    first = shards if callable(shards) else functools.partial(iter, list(shards))
     return wds.DataPipeline(
-        list(shards) if not callable(shards) else shards,
+        first,
         functools.partial(read_tar_samples, counter=counter, on_shard_end=guard.shard_done if guard else None),
         guard.count_raw if guard else None,
         wds.shuffle(shuffle_buffer, initial=min(SHUFFLE_INITIAL, shuffle_buffer), rng=shuffle_rng)

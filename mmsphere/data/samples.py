@@ -82,7 +82,7 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     """``dir/key.ext.more`` -> (``dir/key``, ``ext.more``): webdataset's rule, the key ends at the first dot."""
     slash = name.rfind("/")
     dot = name.find(".", slash + 1)
-    if dot <= slash + 1 or dot == len(name) - 1:
+    if dot <= slash + 1:
         return None
     return name[:dot], name[dot + 1 :].lower()
 

@@ -24,7 +24,7 @@ def sample_frame_indices(
 ) -> list[int]:
     """Indices of the ``frames`` frames to decode from a clip of ``num_frames`` frames.
 
-    Uniform: ``linspace(0, n-1, T)`` rounded to the nearest frame. Random offset (TSN-style
+    Uniform: ``linspace(0, n-1, T)`` rounded half up to a frame index. Random offset (TSN-style
     segments): the clip is cut into ``T`` equal segments and one frame is drawn in each. A clip
     shorter than ``T`` gives all of its frames (the caller masks the rest).
     """
@@ -35,7 +35,11 @@ def sample_frame_indices(
     if num_frames <= frames:
         return list(range(num_frames))
     if not random_offset:
-        return [int(index) for index in np.rint(np.linspace(0, num_frames - 1, frames))]
+        if frames == 1:
+            return [0]  # numpy's linspace(0, n-1, 1) is [0] as well
+        # linspace(0, n-1, T) rounded half up, in integers so that no float error moves a tie
+        span, steps = num_frames - 1, frames - 1
+        return [(2 * step * span + steps) // (2 * steps) for step in range(frames)]
     if rng is None:
         raise ValueError("random_offset=True needs an rng")
     edges = np.floor(np.linspace(0, num_frames, frames + 1)).astype(int)
@@ -87,6 +91,8 @@ def to_model_frames(
     if not 1 <= count <= num_frames:
         raise ValueError(f"got {count} frames for num_frames={num_frames}")
     # channels-last uint8 is the layout torch's fast antialiased resize kernel expects
+    if not frames.flags.writeable:
+        frames = frames.copy()  # torch will not wrap read-only memory (e.g. np.asarray of a PIL image)
     pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     output = torch.zeros(num_frames, 3, image_size, image_size, dtype=torch.float32)
     output[:count] = normalize(resize_center_crop(pixels, image_size), mean, std)

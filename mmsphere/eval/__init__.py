@@ -1,5 +1,7 @@
 """Retrieval evaluation: metrics with the DESIGN §4 tie rule, geometry diagnostics, the library entry."""
 
+from mmsphere.eval.encode import EncodedEvalSet, encode_eval_set, encode_texts
+from mmsphere.eval.evaluate import evaluate_retrieval, evaluate_retrieval_loader, save_similarity, score_retrieval
 from mmsphere.eval.geometry import GEOMETRY_KEYS, chunked_uniformity, geometry_diagnostics
 from mmsphere.eval.retrieval import (
     TIE_RULE,
@@ -13,21 +15,18 @@ from mmsphere.eval.retrieval import (
 __all__ = [
     "GEOMETRY_KEYS",
     "TIE_RULE",
+    "EncodedEvalSet",
     "chunked_uniformity",
     "dual_softmax",
+    "encode_eval_set",
+    "encode_texts",
     "evaluate_retrieval",
+    "evaluate_retrieval_loader",
     "geometry_diagnostics",
     "metrics_from_ranks",
     "retrieval_metrics",
     "retrieval_ranks",
+    "save_similarity",
+    "score_retrieval",
     "topk_search",
 ]
-
-
-def __getattr__(name: str):
-    # the library entry pulls in the model and data stacks; import it only when asked for
-    if name == "evaluate_retrieval":
-        from mmsphere.eval.evaluate import evaluate_retrieval
-
-        return evaluate_retrieval
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,6 +47,8 @@ def main(argv: list[str]) -> int:
             raise MmsphereError("--media-root goes with --list, not with --data")
         if args.frames < 1:
             raise MmsphereError(f"--frames={args.frames} must be >= 1")
+        if args.save_sim is not None and Path(args.save_sim).suffix != ".npy":
+            raise MmsphereError(f"--save-sim {args.save_sim!r} must end in .npy (numpy's format, np.load reads it)")
         from mmsphere.eval.evaluate import evaluate_retrieval
 
         model, model_identity = load_model(args.run, args.model, args.pretrained, args.device)

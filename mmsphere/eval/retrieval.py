@@ -68,41 +68,45 @@ def as_ground_truth(query_to_gallery: QueryToGallery, num_queries: int, num_gall
     if isinstance(query_to_gallery, np.ndarray):
         if query_to_gallery.dtype.kind not in "iu":
             raise ValueError(f"query_to_gallery must hold integers, got dtype {query_to_gallery.dtype}")
-        if query_to_gallery.ndim == 1:
-            per_query = [[int(item)] for item in query_to_gallery]
-        elif query_to_gallery.ndim == 2:
-            per_query = [[int(item) for item in row] for row in query_to_gallery]
-        else:
+        if query_to_gallery.ndim not in (1, 2):
             raise ValueError(f"query_to_gallery must be 1-D or 2-D, got shape {tuple(query_to_gallery.shape)}")
+        per_query_count = 1 if query_to_gallery.ndim == 1 else query_to_gallery.shape[1]
+        counts = np.full(query_to_gallery.shape[0], per_query_count, dtype=np.int64)
+        flat = query_to_gallery.astype(np.int64).ravel()
     elif isinstance(query_to_gallery, Sequence) and not isinstance(query_to_gallery, (str, bytes)):
         per_query = [_items_of_query(entry, query) for query, entry in enumerate(query_to_gallery)]
+        counts = np.array([len(items) for items in per_query], dtype=np.int64)
+        flat = np.array([item for items in per_query for item in items], dtype=np.int64)
     else:
         raise ValueError(
             f"query_to_gallery must be None, an integer array or a list of integer sequences, "
             f"got {type(query_to_gallery).__name__}"
         )
 
-    if len(per_query) != num_queries:
+    if counts.size != num_queries:
         raise ValueError(
-            f"query_to_gallery has {len(per_query)} entries but the similarity matrix has {num_queries} queries (rows)"
+            f"query_to_gallery has {counts.size} entries but the similarity matrix has {num_queries} queries (rows)"
         )
-    counts = []
-    flat: list[int] = []
-    for query, items in enumerate(per_query):
-        if not items:
-            raise ValueError(f"query_to_gallery[{query}] is empty: every query needs a ground-truth item")
-        if len(set(items)) != len(items):
-            raise ValueError(f"query_to_gallery[{query}]={items} lists a gallery item twice")
-        for item in items:
-            if not 0 <= item < num_gallery:
-                raise ValueError(
-                    f"query_to_gallery[{query}] names gallery item {item}, outside [0, {num_gallery})"
-                )
-        counts.append(len(items))
-        flat.extend(items)
-    offsets = torch.zeros(num_queries + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
-    return GroundTruth(offsets, torch.tensor(flat, dtype=torch.int64))
+    offsets = np.zeros(num_queries + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(counts)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise ValueError(f"query_to_gallery[{empty[0]}] is empty: every query needs a ground-truth item")
+    query_of_item = np.repeat(np.arange(num_queries), counts)
+    outside = np.flatnonzero((flat < 0) | (flat >= num_gallery))
+    if outside.size:
+        item = outside[0]
+        raise ValueError(
+            f"query_to_gallery[{query_of_item[item]}] names gallery item {flat[item]}, outside [0, {num_gallery})"
+        )
+    # a ground-truth item listed twice would be subtracted twice from the rank
+    order = np.lexsort((flat, query_of_item))
+    repeated = np.flatnonzero((np.diff(query_of_item[order]) == 0) & (np.diff(flat[order]) == 0))
+    if repeated.size:
+        query = query_of_item[order[repeated[0]]]
+        items = flat[offsets[query] : offsets[query + 1]].tolist()
+        raise ValueError(f"query_to_gallery[{query}]={items} lists a gallery item twice")
+    return GroundTruth(torch.from_numpy(offsets), torch.from_numpy(flat))
 
 
 def _items_of_query(entry: Any, query: int) -> list[int]:

@@ -55,6 +55,7 @@ class Term:
     function: Callable[..., Tensor]
     default_weight: float
     contrastive: bool  # provides the per-sample losses the sample weights act on
+    per_sample: bool  # the function accepts reduction="none"
     description: str
 
 
@@ -103,12 +104,12 @@ def _cma_term(img: Tensor, txt: Tensor, logit_scale: float | Tensor, *, reductio
 TERMS: dict[str, Term] = {
     term.name: term
     for term in (
-        Term("clip", _clip_term, 1.0, True, "symmetric InfoNCE (CLIP)"),
-        Term("angular_margin", _angular_margin_term, 1.0, True, "subtractive angular margin (MAMA, ECCV'24)"),
-        Term("m2mix", _m2mix_term, 0.1, False, "geodesic multimodal mixup negatives (m²-mix, NeurIPS'23)"),
-        Term("calibrated_uniformity", _calibrated_uniformity_term, 0.1, False,
+        Term("clip", _clip_term, 1.0, True, True, "symmetric InfoNCE (CLIP)"),
+        Term("angular_margin", _angular_margin_term, 1.0, True, True, "subtractive angular margin (MAMA, ECCV'24)"),
+        Term("m2mix", _m2mix_term, 0.1, False, True, "geodesic multimodal mixup negatives (m²-mix, NeurIPS'23)"),
+        Term("calibrated_uniformity", _calibrated_uniformity_term, 0.1, False, False,
              "calibrated uniformity on both modalities (CM³, 2025)"),
-        Term("cma", _cma_term, 0.001, False, "cross-modal alignment regulariser (CMA, CVPR'25)"),
+        Term("cma", _cma_term, 0.001, False, True, "cross-modal alignment regulariser (CMA, CVPR'25)"),
     )
 }
 
@@ -157,14 +158,27 @@ class _Rows:
     all_image: Tensor  # [N, D] column features
     all_text: Tensor
     offset: int  # global index of the first row
-    local_start: int  # global index of this rank's first sample
-    local_size: int
-    is_global: bool  # rows are the whole batch
-    rank_factor: int  # local mode: world size, so that the mean over ranks of a local sum / N is the global mean
+    sizes: list[int]  # samples per rank
+    rank: int
+    is_global: bool  # the rows are the whole batch (global mode or a single process)
 
     @property
     def total(self) -> int:
         return self.all_image.shape[0]
+
+    @property
+    def local(self) -> slice:
+        """This rank's samples, as indices into the rows."""
+        start = 0 if not self.is_global else sum(self.sizes[:self.rank])
+        return slice(start, start + self.sizes[self.rank])
+
+    @property
+    def rank_factor(self) -> int:
+        """Local mode: a sum over this rank's rows times W/N averages over ranks to the global mean."""
+        return 1 if self.is_global else len(self.sizes)
+
+
+SampleWeights = Tensor | Callable[[Tensor], Tensor] | None
 
 
 class Objective(nn.Module):
@@ -184,108 +198,112 @@ class Objective(nn.Module):
         text_features: Tensor,
         logit_scale: float | Tensor,
         *,
-        sample_weights: Tensor | None = None,
+        sample_weights: SampleWeights = None,
         weight_normalize: str = "mean",
         seed: int | None = None,
     ) -> ObjectiveOutput:
         """Evaluate every active term on the (gathered) batch.
 
         image_features, text_features: [n, D] unit-norm, this process's samples; logit_scale: the
-        multiplier s; sample_weights: [n] detached weights v_i (None: all 1), averaged over the global
-        batch (``"mean"``) or normalised to sum 1 over it (``"sum"``); seed: of the random draws.
+        multiplier s. sample_weights: the weights v_i of this process's samples, either a tensor [n]
+        or a callable mapping the detached local per-sample losses [n] to them (how meta weighting
+        plugs in, ``V(ℓ.detach(); Θ)``); None means all 1. Weights may carry gradient (the meta
+        step's virtual loss differentiates through them into the weight net). They are averaged
+        over the global batch (``weight_normalize="mean"``) or normalised to sum 1 over it
+        (``"sum"``). seed: of the random draws (None: fresh entropy, shared by all ranks).
         """
         _check_inputs(image_features, text_features, logit_scale, sample_weights, weight_normalize, seed)
         device = image_features.device
         # the pairwise math runs in fp32 or fp64 even inside an autocast region (see functional.py)
         with torch.autocast(device_type=device.type, enabled=False):
-            rows, weights, weight_total = self._gather(image_features, text_features, sample_weights, weight_normalize)
+            rows = self._gather(image_features, text_features)
             draws = draw_mixing(self.config, rows.total, distributed.shared_seed(seed, device))
-            return self._evaluate(rows, _as_scale(logit_scale, rows.image), weights, weight_total, draws,
+            return self._evaluate(rows, _as_scale(logit_scale, rows.image), sample_weights, weight_normalize, draws,
                                   image_features.dtype)
 
     # ----------------------------------------------------------------------------------------
 
-    def _gather(
-        self, image_features: Tensor, text_features: Tensor, sample_weights: Tensor | None, weight_normalize: str
-    ) -> tuple[_Rows, Tensor | None, Tensor | float]:
+    def _gather(self, image_features: Tensor, text_features: Tensor) -> _Rows:
         rank, world_size = distributed.world_info()
-        local_size = image_features.shape[0]
         local_image, local_text = _upcast(image_features), _upcast(text_features)
         if world_size == 1:
-            rows = _Rows(local_image, local_text, local_image, local_text, 0, 0, local_size, True, 1)
-            weights = None if sample_weights is None else sample_weights.to(local_image.dtype)
+            return _Rows(local_image, local_text, local_image, local_text, 0, [image_features.shape[0]], 0, True)
+        sizes = distributed.gather_sizes(image_features.shape[0], image_features.device)
+        if self.config.gather_with_grad:
+            all_image = distributed.all_gather_with_grad(local_image, sizes)
+            all_text = distributed.all_gather_with_grad(local_text, sizes)
         else:
-            sizes = distributed.gather_sizes(local_size, image_features.device)
-            local_start = sum(sizes[:rank])
-            if self.config.gather_with_grad:
-                all_image = distributed.all_gather_with_grad(local_image, sizes)
-                all_text = distributed.all_gather_with_grad(local_text, sizes)
-            else:
-                # Global mode only (enforced in _validate): every rank holds the whole loss, so the
-                # local rows' gradient is complete without backward traffic; the factor undoes the
-                # averaging over ranks that DDP applies to parameter gradients.
-                all_image = distributed.all_gather_local_grad(distributed.scale_gradient(local_image, world_size), sizes)
-                all_text = distributed.all_gather_local_grad(distributed.scale_gradient(local_text, world_size), sizes)
-            if self.config.local_loss:
-                rows = _Rows(local_image, local_text, all_image, all_text, local_start, local_start, local_size,
-                             False, world_size)
-                weights = None if sample_weights is None else sample_weights.to(local_image.dtype)
-            else:
-                rows = _Rows(all_image, all_text, all_image, all_text, 0, local_start, local_size, True, 1)
-                weights = None if sample_weights is None else (
-                    distributed.all_gather_no_grad(sample_weights, sizes).to(local_image.dtype))
-        weight_total: Tensor | float = float(rows.total)
-        if weight_normalize == "sum" and weights is not None:
-            weight_total = weights.sum() if rows.is_global else distributed.all_reduce_values(weights.sum())
-            # all-zero weights give a zero loss rather than 0/0
-            weight_total = weight_total.clamp(min=torch.finfo(weights.dtype).tiny)
-        return rows, weights, weight_total
+            # Global mode only (enforced in _validate): every rank holds the whole loss, so the local
+            # rows' gradient is complete without backward traffic; the factor undoes the averaging
+            # over ranks that DDP applies to parameter gradients.
+            all_image = distributed.all_gather_local_grad(distributed.scale_gradient(local_image, world_size), sizes)
+            all_text = distributed.all_gather_local_grad(distributed.scale_gradient(local_text, world_size), sizes)
+        if self.config.local_loss:
+            return _Rows(local_image, local_text, all_image, all_text, sum(sizes[:rank]), sizes, rank, False)
+        return _Rows(all_image, all_text, all_image, all_text, 0, sizes, rank, True)
+
+    def _contrastive(self, per_sample: Tensor, rows: _Rows, sample_weights: SampleWeights,
+                     weight_normalize: str) -> Tensor:
+        """``(1/N) Σ v_i·ℓ_i`` or ``Σ v_i·ℓ_i / Σ v_i`` over the global batch (per rank in local mode)."""
+        if sample_weights is None:
+            return rows.rank_factor * per_sample.sum() / rows.total
+        local_losses = per_sample[rows.local]
+        weights = sample_weights(local_losses.detach()) if callable(sample_weights) else sample_weights
+        if weights.shape != local_losses.shape:
+            raise ValueError(f"sample_weights returned shape {list(weights.shape)}, expected [n] = "
+                             f"{list(local_losses.shape)}")
+        weights = weights.to(per_sample.dtype)
+        if rows.is_global and len(rows.sizes) > 1:
+            gather = distributed.all_gather_with_grad if weights.requires_grad else distributed.all_gather_no_grad
+            weights = gather(weights, rows.sizes)
+        weighted_sum = rows.rank_factor * (weights * per_sample).sum()
+        if weight_normalize == "mean":
+            return weighted_sum / rows.total
+        total = weights.sum()
+        if not rows.is_global:
+            total = (distributed.all_reduce_with_grad(total) if total.requires_grad
+                     else distributed.all_reduce_values(total))
+        # all-zero weights give a zero loss rather than 0/0
+        return weighted_sum / total.clamp(min=torch.finfo(total.dtype).tiny)
 
     def _evaluate(
-        self, rows: _Rows, scale: Tensor, weights: Tensor | None, weight_total: Tensor | float, draws: MixingDraws,
+        self, rows: _Rows, scale: Tensor, sample_weights: SampleWeights, weight_normalize: str, draws: MixingDraws,
         input_dtype: torch.dtype,
     ) -> ObjectiveOutput:
         config = self.config
+        offset = rows.offset
         similarity = rows.image @ rows.all_text.T  # [r, N]: ⟨img_i, txt_j⟩
-        similarity_t = similarity.T if rows.is_global else rows.text @ rows.all_image.T  # ⟨txt_i, img_j⟩
-        positive_cosine = similarity.diagonal(rows.offset)
-
-        # Contrastive and CMA logits differ only on the diagonal, so both come from the log-sum-exp
-        # of the negatives: CE_i = logaddexp(neg_i, pos_i) − pos_i.
-        logits = scale * similarity
-        logits.diagonal(rows.offset).fill_(-math.inf)
-        negatives_image = torch.logsumexp(logits, dim=1)
-        if rows.is_global:
-            negatives_text = torch.logsumexp(logits, dim=0)
-        else:
-            logits_t = scale * similarity_t
-            logits_t.diagonal(rows.offset).fill_(-math.inf)
-            negatives_text = torch.logsumexp(logits_t, dim=1)
-        plain_positive = scale * positive_cosine
+        # ⟨txt_i, img_j⟩; in global mode a transposed copy: element-wise kernels and log_softmax on a
+        # transposed view run several times slower than on contiguous rows
+        similarity_t = similarity.T.contiguous() if rows.is_global else rows.text @ rows.all_image.T
+        positive_cosine = similarity.diagonal(offset)
+        plain_logits = scale * similarity
+        plain_logits_t = scale * similarity_t
         if self.contrastive == "angular_margin":
             positive = scale * _margin_cosine(positive_cosine, config.margin, input_dtype)
+            logits = torch.diagonal_scatter(plain_logits, positive, offset)
+            logits_t = torch.diagonal_scatter(plain_logits_t, positive, offset)
         else:
-            positive = plain_positive
-        per_sample = 0.5 * (torch.logaddexp(negatives_image, positive)
-                            + torch.logaddexp(negatives_text, positive)) - positive
+            logits, logits_t = plain_logits, plain_logits_t
+        # CE_i = −log_softmax(L)_ii; log_softmax is one fused kernel each way, unlike logsumexp
+        per_sample = -0.5 * (_positive_log_softmax(logits, offset) + _positive_log_softmax(logits_t, offset))
 
-        values: dict[str, Tensor] = {}
-        weighted = per_sample if weights is None else weights * per_sample
-        values[self.contrastive] = rows.rank_factor * weighted.sum() / weight_total
-
+        values = {self.contrastive: self._contrastive(per_sample, rows, sample_weights, weight_normalize)}
         gram_image = gram_text = None
         if "m2mix" in self.weights or "calibrated_uniformity" in self.weights:
-            gram_image = rows.image @ rows.all_image.T
-            gram_text = rows.text @ rows.all_text.T
+            gram_image = _gram(rows.image) if rows.is_global else rows.image @ rows.all_image.T
+            gram_text = _gram(rows.text) if rows.is_global else rows.text @ rows.all_text.T
         if "m2mix" in self.weights:
             values["m2mix"] = self._m2mix(rows, similarity, similarity_t, gram_image, gram_text, positive_cosine,
                                           draws.mix_lam)
         if "calibrated_uniformity" in self.weights:
-            values["calibrated_uniformity"] = self._calibrated_uniformity(rows, gram_image, gram_text,
-                                                                          draws.calibration_lam)
+            values["calibrated_uniformity"] = self._calibrated_uniformity(rows, similarity, similarity_t, gram_image,
+                                                                          gram_text, draws.calibration_lam)
         if "cma" in self.weights:
-            cma_per_sample = -0.5 * (torch.logaddexp(negatives_image, plain_positive)
-                                     + torch.logaddexp(negatives_text, plain_positive))
+            # LSE_i = L_ii − log_softmax(L)_ii, exact also when the positive dominates the row
+            plain_positive = plain_logits.diagonal(offset)
+            cma_per_sample = -0.5 * ((plain_positive - _positive_log_softmax(plain_logits, offset))
+                                     + (plain_positive - _positive_log_softmax(plain_logits_t, offset)))
             values["cma"] = rows.rank_factor * cma_per_sample.sum() / rows.total
 
         loss = sum(self.weights[name] * value for name, value in values.items())
@@ -295,9 +313,7 @@ class Objective(nn.Module):
             # every rank reports (and decides on, e.g. skipping a non-finite step) the global value
             loss = loss + (logged[-1] - loss).detach()
         terms = dict(zip([*values, "total"], logged.unbind()))
-        if rows.is_global:
-            per_sample = per_sample[rows.local_start:rows.local_start + rows.local_size]
-        return ObjectiveOutput(loss=loss, terms=terms, per_sample=per_sample)
+        return ObjectiveOutput(loss=loss, terms=terms, per_sample=per_sample[rows.local])
 
     def _m2mix(
         self, rows: _Rows, similarity: Tensor, similarity_t: Tensor, gram_image: Tensor, gram_text: Tensor,
@@ -310,42 +326,68 @@ class Objective(nn.Module):
         # ⟨x_i, n_j⟩ = w_img,j·⟨x_i, img_j⟩ + w_txt,j·⟨x_i, txt_j⟩, with n_j the mixed embedding of pair j
         mixed_image = torch.addcmul(similarity * weight_text, gram_image, weight_image)
         mixed_text = torch.addcmul(gram_text * weight_text, similarity_t, weight_image)
-        mixed_image.diagonal(rows.offset).fill_(-math.inf)
-        mixed_text.diagonal(rows.offset).fill_(-math.inf)
         positive = positive_cosine / tau
-        per_sample = 0.5 * (torch.logaddexp(torch.logsumexp(mixed_image, dim=1), positive)
-                            + torch.logaddexp(torch.logsumexp(mixed_text, dim=1), positive)) - positive
+        mixed_image.diagonal(rows.offset).copy_(positive)
+        mixed_text.diagonal(rows.offset).copy_(positive)
+        per_sample = -0.5 * (_positive_log_softmax(mixed_image, rows.offset)
+                             + _positive_log_softmax(mixed_text, rows.offset))
         return rows.rank_factor * per_sample.sum() / rows.total
 
     def _calibrated_uniformity(
-        self, rows: _Rows, gram_image: Tensor, gram_text: Tensor, calibration_lam: np.ndarray
+        self, rows: _Rows, similarity: Tensor, similarity_t: Tensor, gram_image: Tensor, gram_text: Tensor,
+        calibration_lam: np.ndarray,
     ) -> Tensor:
         config = self.config
+        two_t = 2 * config.uniformity_t
         lam = torch.as_tensor(calibration_lam, dtype=gram_image.dtype, device=gram_image.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not config.detach_calibration):
-            fused = F.slerp(rows.all_image, rows.all_text, lam)
-            fused_rows = fused if rows.is_global else fused[rows.offset:rows.offset + rows.image.shape[0]]
-            calibration = (fused_rows @ fused.T).clamp(config.min_sim, config.max_sim)
-        # −t(‖x_i − x_j‖² − 2 + 2·S_ij) = 2t(⟨x_i, x_j⟩ − S_ij) − t(‖x_i‖² − 1 + ‖x_j‖² − 1): the Gram
-        # form, with the norm terms (zero in value for unit rows) kept so the gradient keeps its
-        # radial part exactly as in the plain function; pairs i < j in global indices
-        columns = torch.arange(rows.total, device=gram_image.device)
-        row_index = rows.offset + torch.arange(rows.image.shape[0], device=gram_image.device)
-        lower = columns[None, :] <= row_index[:, None]
+            weight_image, weight_text = _slerp_weights((rows.all_image * rows.all_text).sum(dim=1), lam)
+            row_weight_image = weight_image[rows.offset:rows.offset + rows.image.shape[0], None]
+            row_weight_text = weight_text[rows.offset:rows.offset + rows.image.shape[0], None]
+            # fused f_j = a_j·img_j + b_j·txt_j, so ⟨f_i, f_j⟩ = a_i⟨img_i, f_j⟩ + b_i⟨txt_i, f_j⟩ combines the
+            # blocks already computed instead of another matmul
+            image_to_fused = torch.addcmul(similarity * weight_text, gram_image, weight_image)
+            text_to_fused = torch.addcmul(gram_text * weight_text, similarity_t, weight_image)
+            fused_similarity = torch.addcmul(image_to_fused * row_weight_image, text_to_fused, row_weight_text)
+            # only pairs i < j (global indices) count: entry (k, j) of the row block needs j > offset + k
+            lower = torch.ones_like(fused_similarity, dtype=torch.bool).tril_(rows.offset)
+            base = torch.where(lower, -math.inf, -two_t * fused_similarity.clamp(config.min_sim, config.max_sim))
         pair_count = rows.total * (rows.total - 1) / 2
         result = []
-        for gram, row_features, all_features in ((gram_image, rows.image, rows.all_image),
-                                                 (gram_text, rows.text, rows.all_text)):
-            norm_excess = ((row_features * row_features).sum(dim=1) - 1)[:, None] \
-                + ((all_features * all_features).sum(dim=1) - 1)[None, :]
-            exponents = (2 * config.uniformity_t) * torch.add(gram - calibration, norm_excess, alpha=-0.5)
-            exponents.masked_fill_(lower, -math.inf)
-            log_sum = torch.logsumexp(exponents.flatten(), dim=0)
+        for gram in (gram_image, gram_text):
+            # for unit rows −t(‖x_i − x_j‖² − 2 + 2·S_ij) = 2t(⟨x_i, x_j⟩ − S_ij); the value equals the plain
+            # function's, the gradient lacks only the radial part that the encoders' L2 normalisation removes
+            exponents = torch.add(base, gram, alpha=two_t)
+            shift = exponents.detach().amax()
+            log_sum = exponents.sub_(shift).exp_().sum().log() + shift
             if not rows.is_global:
                 # log Σ over all pairs = LSE of every rank's partial log-sum; the gather carries the gradient
                 log_sum = torch.logsumexp(distributed.all_gather_with_grad(log_sum.reshape(1)), dim=0)
             result.append(log_sum - math.log(pair_count))
         return 0.5 * (result[0] + result[1])
+
+
+def _gram(features: Tensor) -> Tensor:
+    """``features·featuresᵀ`` whose backward is one matmul, ``(G̅ + G̅ᵀ)·features``, instead of two."""
+    return _SymmetricGram.apply(features)
+
+
+class _SymmetricGram(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(features)
+        return features @ features.T
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (features,) = ctx.saved_tensors
+        # written with differentiable ops, so second-order gradients (meta step) pass through
+        return (grad + grad.T.contiguous()) @ features
+
+
+def _positive_log_softmax(logits: Tensor, offset: int) -> Tensor:
+    """``log_softmax(logits, dim=1)`` at the positives, entries ``(k, offset + k)``."""
+    return torch.log_softmax(logits, dim=1).diagonal(offset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +420,7 @@ def _validate(config: LossConfig) -> None:
 
 
 def _check_inputs(
-    image_features: Tensor, text_features: Tensor, logit_scale: float | Tensor, sample_weights: Tensor | None,
+    image_features: Tensor, text_features: Tensor, logit_scale: float | Tensor, sample_weights: SampleWeights,
     weight_normalize: str, seed: int | None,
 ) -> None:
     for name, features in (("image_features", image_features), ("text_features", text_features)):
@@ -400,19 +442,19 @@ def _check_inputs(
         raise ValueError(f"weight_normalize={weight_normalize!r} must be 'mean' or 'sum'")
     if seed is not None and not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed={seed!r} must be an integer or None")
-    if sample_weights is not None:
+    if sample_weights is not None and not callable(sample_weights):
         if not isinstance(sample_weights, Tensor) or sample_weights.shape != (image_features.shape[0],):
             shape = list(sample_weights.shape) if isinstance(sample_weights, Tensor) else type(sample_weights).__name__
-            raise ValueError(f"sample_weights must have shape [n] = [{image_features.shape[0]}], got {shape}")
-        if sample_weights.requires_grad:
-            raise ValueError("sample_weights must be detached: the real step carries no gradient into the "
-                             "weight net (the meta step differentiates through per_sample instead)")
+            raise ValueError(f"sample_weights must be a tensor of shape [n] = [{image_features.shape[0]}] or a "
+                             f"callable, got {shape}")
+        if not sample_weights.is_floating_point():
+            raise ValueError(f"sample_weights must be a float tensor, got {sample_weights.dtype}")
     # one host sync for all value checks; NaN rows pass, so a diverged model yields a non-finite loss
     # that the training loop counts and skips instead of an exception
     with torch.no_grad():
         checks = [((torch.linalg.vector_norm(features.float(), dim=1) - 1).abs().amax())
                   for features in (image_features, text_features)]
-        if sample_weights is not None:
+        if isinstance(sample_weights, Tensor):
             checks.append((-sample_weights.float()).amax())
         found = torch.stack(checks).tolist()
     for name, features, deviation in zip(("image_features", "text_features"), (image_features, text_features), found):
@@ -421,6 +463,5 @@ def _check_inputs(
         if deviation > tolerance:
             raise ValueError(f"{name} must hold L2-normalised rows: max |‖row‖ − 1| = {deviation:.3g} "
                              f"(tolerance {tolerance:g}); pass the encoder's normalised features")
-    if sample_weights is not None and found[2] > 0:
+    if isinstance(sample_weights, Tensor) and found[2] > 0:
         raise ValueError(f"sample_weights must be >= 0, got a minimum of {-found[2]:.3g}")
-

@@ -52,7 +52,7 @@ def create_model(config: ModelConfig, device: str | torch.device = "cpu") -> Dua
 def build_dual_encoder(
     config: ModelConfig, device: str | torch.device = "cpu", *, load_pretrained: bool = True
 ) -> DualEncoder:
-    """``create_model``; with ``load_pretrained=False`` no weights are read at all (they come later)."""
+    """``create_model``; ``load_pretrained=False`` reads no weights at all, for callers that load their own."""
     architecture = resolve_architecture(config.name)
     preprocess_override: dict[str, Any] = {}
     checkpoint: Path | None = None
@@ -96,7 +96,7 @@ def build_dual_encoder(
 
 
 def resolve_architecture(name: str) -> str:
-    """The open_clip registry name for ``model.name``: a known architecture, or a JSON file registered under its stem."""
+    """The open_clip registry name of ``model.name``: a known architecture, or a JSON file registered by stem."""
     if name.endswith(".json") or Path(name).is_file():
         return _register_json(Path(name))
     known = open_clip.list_models()
@@ -257,7 +257,7 @@ def _preprocess_from(config_path: Path) -> dict[str, Any]:
 
 
 def load_weights(model: DualEncoder, path: str | os.PathLike, target: str) -> None:
-    """Load an open_clip or mmsphere (``clip.*``/``temporal.*``) checkpoint into ``model``, checking keys and shapes first."""
+    """Load an open_clip or a dual-encoder (``clip.*``/``temporal.*``) checkpoint, checking keys and shapes first."""
     path = Path(path)
     state_dict = read_state_dict(path)
     if any(key.startswith("clip.") for key in state_dict):
@@ -265,10 +265,12 @@ def load_weights(model: DualEncoder, path: str | os.PathLike, target: str) -> No
         source = f"checkpoint {str(path)!r}"
         check_compatible(shapes_of(model.state_dict()), shapes_of(state_dict), source, f"the dual encoder of {target}")
         model.load_state_dict(state_dict)
+        logger.info("loaded the dual encoder weights of %s", path)
         return
     state_dict = _adapt_to_architecture(model.clip, state_dict, path, target)
     check_compatible(shapes_of(model.clip.state_dict()), shapes_of(state_dict), f"checkpoint {str(path)!r}", target)
     model.clip.load_state_dict(state_dict)
+    logger.info("loaded open_clip weights of %s", path)
 
 
 def _adapt_to_architecture(

@@ -32,6 +32,11 @@ INFO_FILE = "mmsphere.json"
 
 def save_run(model: DualEncoder, config: Config, run_dir: str | os.PathLike) -> None:
     """Write ``model.safetensors``, ``config.yaml`` and ``mmsphere.json`` into ``run_dir`` atomically per file."""
+    if not isinstance(model, DualEncoder):
+        raise TypeError(
+            f"save_run takes a DualEncoder, got {type(model).__name__}; unwrap a distributed model first "
+            "(accelerator.unwrap_model)"
+        )
     if config.model != model.config:
         differing = [key for key, value in vars(config.model).items() if getattr(model.config, key) != value]
         raise ValueError(
@@ -63,7 +68,7 @@ def save_run(model: DualEncoder, config: Config, run_dir: str | os.PathLike) -> 
             temporary[name] = Path(temporary_path)
             write(temporary[name])
             _flush_to_disk(temporary[name])
-        # mmsphere.json last: a reader that finds it finds the weights and config it describes
+        # mmsphere.json last: in a first save it appears only once the weights and config are in place
         for name in (WEIGHTS_FILE, CONFIG_FILE, INFO_FILE):
             os.replace(temporary.pop(name), run_dir / name)
     finally:
@@ -113,7 +118,8 @@ def _read_info(path: Path) -> dict:
     if info.get("format_version") != FORMAT_VERSION:
         raise MmsphereError(
             f"{str(path)!r} has format_version={info.get('format_version')!r} (written by mmsphere "
-            f"{info.get('mmsphere_version', '?')}); mmsphere {mmsphere.__version__} reads format_version={FORMAT_VERSION}"
+            f"{info.get('mmsphere_version', '?')}); mmsphere {mmsphere.__version__} reads "
+            f"format_version={FORMAT_VERSION}"
         )
     return info
 

@@ -76,6 +76,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", nargs="*", metavar="SUBSTRING",
+                        help="only the cases whose name contains one of these (the baseline always runs)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.batch < 2 or args.dim < 1 or args.repeats < 1 or args.warmup < 0:
@@ -97,7 +99,8 @@ def main(argv: list[str]) -> int:
         case().backward()
         return time.perf_counter() - start
 
-    names = list(cases)
+    names = [name for name in cases
+             if name == BASELINE or not args.cases or any(part in name for part in args.cases)]
     for _ in range(args.warmup):
         for name in names:
             run_once(cases[name])

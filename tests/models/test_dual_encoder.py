@@ -85,14 +85,16 @@ def test_no_mask_means_every_frame_is_valid(make_model, random_frames):
     model = make_model().eval()
     frames = random_frames(2, 3)
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_video(frames), model.encode_video(frames, torch.ones(2, 3, dtype=torch.bool)))
+        all_valid = torch.ones(2, 3, dtype=torch.bool)
+        torch.testing.assert_close(model.encode_video(frames), model.encode_video(frames, all_valid))
 
 
 def test_image_is_a_one_frame_video_for_the_mean_head(make_model, random_frames):
     model = make_model(temporal_head="mean").eval()
     images = random_frames(4, 1)[:, 0]
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_video(images[:, None]), model.encode_image(images), rtol=1e-6, atol=1e-6)
+        as_video = model.encode_video(images[:, None])
+        torch.testing.assert_close(as_video, model.encode_image(images), rtol=1e-6, atol=1e-6)
 
 
 def test_transformer_head_model_starts_as_mean_head_model(make_model, random_frames):
@@ -107,7 +109,8 @@ def test_transformer_head_model_starts_as_mean_head_model(make_model, random_fra
 def test_bf16_autocast_gives_finite_unit_features(make_model, random_frames):
     model = make_model(temporal_head="transformer")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = model(model.tokenizer(CAPTIONS[:2]), frames=random_frames(2, 3), frame_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]).bool())
+        mask = torch.tensor([[True, True, False], [True, True, True]])
+        output = model(model.tokenizer(CAPTIONS[:2]), frames=random_frames(2, 3), frame_mask=mask)
     for name in ("image_features", "text_features"):
         assert torch.isfinite(output[name]).all()
         torch.testing.assert_close(output[name].float().norm(dim=-1), torch.ones(2), atol=2e-2, rtol=0)
@@ -118,7 +121,7 @@ def test_bf16_autocast_gives_finite_unit_features(make_model, random_frames):
     [
         (lambda m, t, f: m(t), "exactly one of images"),
         (lambda m, t, f: m(t, images=f[:, 0], frames=f), "exactly one of images"),
-        (lambda m, t, f: m(t, images=f[:, 0], frame_mask=torch.ones(4, 2, dtype=torch.bool)), "frame_mask goes with frames"),
+        (lambda m, t, f: m(t, images=f[:, 0], frame_mask=torch.ones(4, 2).bool()), "frame_mask goes with frames"),
         (lambda m, t, f: m(t[:3], frames=f), r"text of shape \(3, 16\) and frames of shape \(4, 2, 3, 32, 32\)"),
         (lambda m, t, f: m.encode_video(f[:, 0]), r"frames must have shape \[B, T, 3, H, W\], got \(4, 3, 32, 32\)"),
         (lambda m, t, f: m.encode_image(f), r"images must have shape \[B, 3, H, W\], got \(4, 2, 3, 32, 32\)"),
@@ -127,7 +130,8 @@ def test_bf16_autocast_gives_finite_unit_features(make_model, random_frames):
         (lambda m, t, f: m.encode_image((f[:, 0] * 255).to(torch.uint8)), "floating-point"),
         (lambda m, t, f: m.encode_video(f, torch.ones(4, 3, dtype=torch.bool)), r"frame_mask of shape \(4, 3\)"),
         (lambda m, t, f: m.encode_video(f, torch.ones(4, 2)), "frame_mask must be a bool tensor"),
-        (lambda m, t, f: m.encode_video(f, torch.tensor([[1, 1], [0, 0], [1, 0], [0, 0]]).bool()), r"rows \[1, 3\] have no valid frame"),
+        (lambda m, t, f: m.encode_video(f, torch.tensor([[1, 1], [0, 0], [1, 0], [0, 0]]).bool()),
+         r"rows \[1, 3\] have no valid frame"),
         (lambda m, t, f: m.encode_text(t[:, :8]), "context length 16"),
         (lambda m, t, f: m.encode_text(t.float()), "integer token ids"),
     ],
@@ -228,7 +232,7 @@ def test_meta_parameters_carry_an_exact_second_order_gradient(make_model, random
     perturb(model.temporal, std=0.05)
     names = model.meta_parameter_names(mode)
     parameters = dict(model.named_parameters())
-    text, frames = model.tokenizer(CAPTIONS), random_frames(4, 3).double()
+    text, frames = model.tokenizer(CAPTIONS), random_frames(4, 2).double()
 
     def meta_loss(weight_logits: torch.Tensor) -> torch.Tensor:
         output = torch.func.functional_call(model, parameters, (text,), {"frames": frames})
@@ -246,6 +250,7 @@ def test_meta_parameters_carry_an_exact_second_order_gradient(make_model, random
         # directional derivative along a fixed direction, by central differences
         direction = torch.tensor([0.5, -1.0, 0.25, 0.75], dtype=torch.float64)
         step = 1e-5
-        finite_difference = (meta_loss(weight_logits + step * direction) - meta_loss(weight_logits - step * direction)) / (2 * step)
+        ahead, behind = meta_loss(weight_logits + step * direction), meta_loss(weight_logits - step * direction)
+        finite_difference = (ahead - behind) / (2 * step)
     assert meta_gradient.abs().max() > 1e-6
     torch.testing.assert_close(meta_gradient @ direction, finite_difference.detach(), rtol=1e-5, atol=1e-9)

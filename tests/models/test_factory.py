@@ -46,7 +46,8 @@ def write_checkpoint(kind: str, state_dict: dict[str, torch.Tensor], directory: 
     elif kind == "directory":
         path = directory / "hub-layout"
         path.mkdir()
-        save_file({name: value.contiguous() for name, value in state_dict.items()}, str(path / "open_clip_model.safetensors"))
+        tensors = {name: value.contiguous() for name, value in state_dict.items()}
+        save_file(tensors, str(path / "open_clip_model.safetensors"))
     else:
         raise AssertionError(kind)
     return path
@@ -81,7 +82,8 @@ def test_pretrained_previous_run_weights_include_the_temporal_head(source, make_
 def test_checkpoint_of_another_architecture_names_offending_keys(make_model, write_architecture, tmp_path):
     wider = make_model(name=write_architecture("tiny-wide", vision={"width": 48}))
     path = write_checkpoint("safetensors", wider.clip.state_dict(), tmp_path)
-    with pytest.raises(MmsphereError, match=r"weights\.safetensors.*mmsphere-tiny.*shape mismatch.*visual\.conv1\.weight \[48, 3, 8, 8\] vs \[32, 3, 8, 8\]"):
+    message = r"weights\.safetensors.*mmsphere-tiny.*shape mismatch.*visual\.conv1\.weight \[48, 3, 8, 8\] vs \[32, 3,"
+    with pytest.raises(MmsphereError, match=message):
         make_model(pretrained=str(path))
 
 
@@ -90,7 +92,8 @@ def test_checkpoint_with_missing_and_unexpected_keys_names_them(source, make_mod
     del state_dict["visual.proj"]
     state_dict["visual.extra_head"] = torch.zeros(3)
     path = write_checkpoint("pt", state_dict, tmp_path)
-    with pytest.raises(MmsphereError, match=r"1 missing key\(s\) such as visual\.proj; 1 unexpected key\(s\) such as visual\.extra_head"):
+    message = r"1 missing key\(s\) such as visual\.proj; 1 unexpected key\(s\) such as visual\.extra_head"
+    with pytest.raises(MmsphereError, match=message):
         make_model(pretrained=str(path))
 
 
@@ -105,7 +108,8 @@ def test_unreadable_checkpoint_is_named(make_model, tmp_path, name):
 def test_checkpoint_holding_objects_is_refused_not_unpickled(make_model, tmp_path):
     path = tmp_path / "objects.pt"
     torch.save({"state_dict": NotATensor()}, path)
-    with pytest.raises(MmsphereError, match=r"objects.pt.*holds more than tensors \(Unsupported global: GLOBAL .*NotATensor\)"):
+    message = r"objects.pt.*holds more than tensors \(Unsupported global: GLOBAL .*NotATensor\)"
+    with pytest.raises(MmsphereError, match=message):
         make_model(pretrained=str(path))
 
 
@@ -170,7 +174,8 @@ def test_shipped_configs_are_registered():
     for name in ("mmsphere-tiny", "mmsphere-small"):
         assert name in open_clip.list_models()
     tiny = open_clip.get_model_config("mmsphere-tiny")
-    assert tiny["embed_dim"] == 32 and tiny["vision_cfg"]["image_size"] == 32 and tiny["text_cfg"]["context_length"] == 16
+    assert tiny["embed_dim"] == 32 and tiny["vision_cfg"]["image_size"] == 32
+    assert tiny["text_cfg"]["context_length"] == 16
 
 
 def test_model_moves_to_the_requested_device(make_model):
@@ -193,5 +198,15 @@ def test_timm_vision_tower_offline(make_model, tmp_path, random_frames):
     names = [name for name, _ in model.named_parameters()]
     blocks = len(model.clip.visual.trunk.blocks)
     last_block = {name for name in names if name.startswith(f"clip.visual.trunk.blocks.{blocks - 1}.")}
-    assert last_block and set(model.meta_parameter_names("heads")) == {"clip.text_projection", "clip.visual.head.proj.weight"}
+    assert set(model.meta_parameter_names("heads")) == {"clip.text_projection", "clip.visual.head.proj.weight"}
+    assert last_block
     assert last_block < set(model.meta_parameter_names("last_blocks"))
+
+
+def test_checkpoint_at_another_image_size_loads_with_a_resized_grid(source, make_model, write_architecture, tmp_path):
+    path = write_checkpoint("safetensors", source.clip.state_dict(), tmp_path)
+    larger = make_model(name=write_architecture("tiny-48px", vision={"image_size": 48}), pretrained=str(path))
+    assert larger.image_size == 48
+    assert larger.clip.visual.positional_embedding.shape == (37, 32)  # 6 x 6 patches + class token
+    assert torch.equal(larger.clip.visual.conv1.weight, source.clip.visual.conv1.weight)
+    assert torch.equal(larger.clip.visual.positional_embedding[0], source.clip.visual.positional_embedding[0])

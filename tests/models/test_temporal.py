@@ -29,7 +29,9 @@ def reference_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def reference_seq_transformer(head: TransformerTemporalHead, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def reference_seq_transformer(
+    head: TransformerTemporalHead, features: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """seqTransf written out: position embeddings, pre-LN blocks with masked attention, residual, mean."""
     p = {name: value.double() for name, value in head.state_dict().items()}
     layers = len(head.blocks)

@@ -100,10 +100,12 @@ def test_image_text_retrieval(run_dir, tmp_path):
         entries.append(ListEntry(f"image{index}", path, [f"picture number {index}", f"image {index}"]))
     urls = write_shards(entries, tmp_path / "shards", progress=False).url_pattern()
     out = tmp_path / "results.json"
-    assert main(["--run", str(run_dir), "--data", urls, "--modality", "image", "--out", str(out)]) == 0
+    # an open_clip architecture by name instead of a run directory (random weights: no download)
+    assert main(["--model", "mmsphere-tiny", "--data", urls, "--modality", "image", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["num_queries"] == {"t2v": 10, "v2t": 5}
     assert results["data"]["frames"] == 1 and results["data"]["modality"] == "image"
+    assert results["model"]["name"] == "mmsphere-tiny" and results["model"]["pretrained"] is None
 
 
 def _incompatible_run(run_dir: Path, tmp_path: Path) -> Path:
@@ -133,9 +135,11 @@ def _nan_run(run_dir: Path, tmp_path: Path) -> Path:
         (lambda run, shards, tmp: ["--run", str(run), "--data", shards, "--media-root", str(tmp)],
          "--media-root goes with --list"),
         (lambda run, shards, tmp: ["--run", str(run), "--data", shards, "--save-sim", str(tmp / "sim.txt")],
-         "save_sim="),
+         "--save-sim"),
         (lambda run, shards, tmp: ["--run", str(run), "--data", shards, "--frames", "0"], "--frames=0"),
         (lambda run, shards, tmp: ["--run", str(run), "--list", str(tmp / "missing.csv")], "does not exist"),
+        (lambda run, shards, tmp: ["--run", str(run), "--pretrained", "openai", "--data", shards],
+         "--pretrained goes with --model"),
     ],
 )
 def test_bad_input_fails_with_one_clear_message(arguments, message, run_dir, video_shards, tmp_path, capsys):

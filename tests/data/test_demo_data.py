@@ -1,0 +1,129 @@
+"""The embedded demo set: what its clips show matches what their captions say (checked on the decoded pixels)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from mmsphere.data import build_eval_loader
+from mmsphere.data.demo import DIGIT_WORDS, build_demo_data, main
+
+SMALL = dict(num_train=20, num_train_images=10, num_meta=4, num_val=6, num_ood=20, mismatch_fraction=0.25)
+DIRECTION_WORDS = ("left", "right", "up", "down")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, build_demo_data(out, seed=3, **SMALL)
+
+
+def parse_caption(caption: str) -> tuple[int, tuple[str, ...]]:
+    """(digit, directions in the order the caption names them)."""
+    words = re.findall(r"[a-z0-9]+", caption.lower())
+    digits = [int(word) if word.isdigit() else DIGIT_WORDS.index(word) for word in words
+              if word.isdigit() or word in DIGIT_WORDS]
+    assert len(digits) == 1, caption
+    return digits[0], tuple(word for word in words if word in DIRECTION_WORDS)
+
+
+def measured_motion(frames: np.ndarray) -> tuple[str, str]:
+    """The two directions a bright blob travels: start -> turn -> end, from intensity centroids."""
+    def centroid(frame):
+        weight = frame.mean(axis=0)
+        rows, columns = np.indices(weight.shape)
+        return np.array([(rows * weight).sum(), (columns * weight).sum()]) / weight.sum()
+
+    def direction(step):
+        axis = int(np.argmax(np.abs(step)))
+        return (("up", "down") if axis == 0 else ("left", "right"))[int(step[axis] > 0)]
+
+    turn = (len(frames) - 1) // 2
+    start, middle, end = (centroid(frames[index]) for index in (0, turn, len(frames) - 1))
+    return direction(middle - start), direction(end - middle)
+
+
+def decoded(meta, split, clip_frames):
+    info = meta["splits"][split]
+    loader = build_eval_loader(info["urls"], info["modality"], frames=clip_frames, image_size=meta["frame_size"],
+                               image_mean=(0, 0, 0), image_std=(1, 1, 1), batch_size=16)
+    return [(key, frames.numpy(), captions)
+            for batch in loader for key, frames, captions in zip(batch["key"], batch["frames"], batch["captions"])]
+
+
+def test_meta_json_describes_every_split(demo):
+    out, meta = demo
+    assert json.loads((out / "meta.json").read_text()) == meta
+    expected = {"train/video": 20, "train/image": 10, "meta": 4, "val": 6}
+    assert {split: meta["splits"][split]["samples"] for split in expected} == expected
+    assert meta["splits"]["ood/id"]["samples"] + meta["splits"]["ood/ood"]["samples"] == 20
+    assert meta["id_class_names"] == ["zero", "one", "two", "three", "four", "five"]
+    assert meta["ood_class_names"] == ["six", "seven", "eight", "nine"]
+    assert len(meta["mismatched_keys"]) == round(0.25 * 20) + round(0.25 * 10)
+    assert set(meta["mismatched_keys"]) == set(meta["mismatched_true_captions"])
+    assert all(key.startswith(("train-video", "train-image")) for key in meta["mismatched_keys"])
+    for split, info in meta["splits"].items():
+        assert info["shards"] >= 2 or info["samples"] < 8, split
+
+
+def test_clips_move_as_their_captions_say_unless_mismatched(demo):
+    _, meta = demo
+    mismatched = meta["mismatched_true_captions"]
+    clips = decoded(meta, "train/video", meta["clip_frames"]) + decoded(meta, "meta", meta["clip_frames"])
+    assert len(clips) == 24
+    for key, frames, captions in clips:
+        motion = measured_motion(frames)
+        described = {parse_caption(caption) for caption in captions}
+        assert len(described) == 1  # every caption of a clip tells the same story
+        digit, directions = described.pop()
+        if key in mismatched:
+            true_digit, true_directions = parse_caption(mismatched[key])
+            assert true_directions == motion
+            assert (digit, directions) != (true_digit, true_directions)
+        else:
+            assert directions == motion, (key, captions)
+
+
+def test_validation_clips_come_in_reversed_pairs(demo):
+    _, meta = demo
+    clips = decoded(meta, "val", meta["clip_frames"])
+    assert len(clips) == 6
+    for (_, frames_a, [caption_a]), (_, frames_b, [caption_b]) in zip(clips[::2], clips[1::2]):
+        digit_a, directions_a = parse_caption(caption_a)
+        digit_b, directions_b = parse_caption(caption_b)
+        assert digit_a == digit_b and directions_b == directions_a[::-1] and directions_a[0] != directions_a[1]
+        assert measured_motion(frames_a) == directions_a and measured_motion(frames_b) == directions_b
+
+
+def test_image_splits_hold_their_classes(demo):
+    _, meta = demo
+    images = decoded(meta, "train/image", 1)
+    assert len(images) == 10 and all(frames.shape == (1, 3, 32, 32) for _, frames, _ in images)
+    assert all(frames.max() > 0.5 for _, frames, _ in images)  # a bright digit on black
+    for split, allowed in (("ood/id", range(0, 6)), ("ood/ood", range(6, 10))):
+        for key, _, captions in decoded(meta, split, 1):
+            assert meta["labels"][key] in allowed
+            assert {parse_caption(caption)[0] for caption in captions} == {meta["labels"][key]}
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path, demo):
+    out, _ = demo
+    again = build_demo_data(tmp_path / "again", seed=3, **SMALL)
+    other = build_demo_data(tmp_path / "other", seed=4, **SMALL)
+    shards = sorted(path.relative_to(out) for path in out.rglob("*.tar"))
+    assert shards == sorted(path.relative_to(tmp_path / "again") for path in (tmp_path / "again").rglob("*.tar"))
+    assert all((out / path).read_bytes() == (tmp_path / "again" / path).read_bytes() for path in shards)
+    assert any((out / path).read_bytes() != (tmp_path / "other" / path).read_bytes() for path in shards)
+    assert again["mismatched_keys"] == demo[1]["mismatched_keys"]
+
+
+def test_bad_arguments_and_existing_output(tmp_path, demo, capsys):
+    with pytest.raises(ValueError, match="mismatch_fraction=1.0"):
+        build_demo_data(tmp_path / "a", mismatch_fraction=1.0)
+    with pytest.raises(ValueError, match="num_val=5"):
+        build_demo_data(tmp_path / "b", num_val=5)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        build_demo_data(demo[0], **SMALL)
+    assert main(["--out", str(demo[0])]) == 2
+    assert "already holds demo data" in capsys.readouterr().err
