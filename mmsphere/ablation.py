@@ -55,7 +55,7 @@ OOD_SCORES_FILE = "ood_scores.npz"
 # (metric key, column header, decimals) of the markdown tables
 RETRIEVAL_COLUMNS = [("t2v/R@1", "t2v R@1", 1), ("t2v/R@5", "t2v R@5", 1), ("t2v/MnR", "t2v MnR", 1),
                      ("v2t/R@1", "v2t R@1", 1), ("v2t/R@5", "v2t R@5", 1), ("v2t/MnR", "v2t MnR", 1),
-                     ("time/train_s", "train loop (s)", 0)]
+                     ("time/train_s", "train loop (s)", 1)]
 GEOMETRY_COLUMNS = [("geometry/alignment", "alignment", 3), ("geometry/uniformity_union", "uniformity (union)", 3),
                     ("geometry/modality_gap", "modality gap", 3),
                     ("geometry/mean_positive_angle", "positive angle (°)", 1),
@@ -370,7 +370,8 @@ def ablation_markdown(results: dict[str, Any]) -> str:
     variants = list(results["variants"])
     machine_info = results["machine"]
     lines = [
-        f"# Ablation: {len(variants)} variants × {len(results['seeds'])} seeds", "",
+        f"# Ablation: {sum(variant != ZERO_SHOT for variant in variants)} variants × {len(results['seeds'])} seeds"
+        + (" (+ the untrained model)" if ZERO_SHOT in variants else ""), "",
         f"Model `{base['model']['name']}` (pretrained: `{base['model']['pretrained']}`), "
         f"{base['train']['max_steps']} steps of global batch {base['train']['batch_size']}, lr {base['train']['lr']}; "
         f"seeds {results['seeds']}. Evaluated on `{results['data']['val']}` ({results['data']['modality']}).",
@@ -421,24 +422,26 @@ def plot_ablation(results: dict[str, Any], path: str | os.PathLike) -> Path:
     from matplotlib.figure import Figure
 
     variants = list(results["variants"])
-    panels = [("R@1 (%)", ["t2v/R@1", "v2t/R@1"])]
+    panels = [("R@1 (%)", [("t2v/R@1", "text → image"), ("v2t/R@1", "image → text")])]
     if results["ood"] is not None:
-        panels.append(("OoD AUROC (mean over sets)", [f"ood/{score}/mean/AUROC" for score in results["ood"]["scores"]]))
+        panels.append(("OoD AUROC (mean over sets)",
+                       [(f"ood/{score}/mean/AUROC", score) for score in results["ood"]["scores"]]))
     figure = Figure(figsize=(4 + 1.2 * len(variants) * len(panels), 4), layout="constrained")
-    for axes, (label, keys) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
-        width = 0.8 / len(keys)
-        for offset, key in enumerate(keys):
-            positions = np.arange(len(variants)) + (offset - (len(keys) - 1) / 2) * width
+    for axes, (label, series) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
+        width = 0.8 / len(series)
+        for offset, (key, name) in enumerate(series):
+            positions = np.arange(len(variants)) + (offset - (len(series) - 1) / 2) * width
             summaries = [results["aggregate"].get(variant, {}).get(key) for variant in variants]
             means = [summary["mean"] if summary else np.nan for summary in summaries]
             errors = [summary["std"] or 0.0 if summary else 0.0 for summary in summaries]
-            bars = axes.bar(positions, means, width, yerr=errors, capsize=3, alpha=0.6, label=key)
+            bars = axes.bar(positions, means, width, yerr=errors, capsize=3, alpha=0.6, label=name)
             for position, variant in zip(positions, variants):
                 values = [run["metrics"][key] for run in results["runs"]
                           if run["variant"] == variant and key in run["metrics"]]
                 axes.plot([position] * len(values), values, "o", color=bars.patches[0].get_facecolor(),
                           markersize=3, alpha=1.0)
         axes.set_xticks(np.arange(len(variants)), variants, rotation=30, ha="right")
+        axes.set_ylim(bottom=0)
         axes.set(ylabel=label, title=f"{label}: mean ± std, dots = seeds")
         axes.legend(fontsize="small")
     path = Path(path)

@@ -22,7 +22,7 @@ from mmsphere.models import load_run
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 ID_CLASSES, OOD_CLASSES = ("red", "green"), ("blue", "yellow")
-VARIANTS, SEEDS, STEPS = ["clip", "margin"], [0, 1], 2
+VARIANTS, SEEDS, STEPS = ["clip", "meta"], [0, 1], 2
 
 
 def colour_image(colour: str, rng: np.random.Generator) -> Image.Image:

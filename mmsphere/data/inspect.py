@@ -11,6 +11,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from tqdm import tqdm
 
 from mmsphere.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from mmsphere.data.pipeline import iterate_single_threaded
 from mmsphere.data.reader import check_shards, read_tar_samples
 from mmsphere.data.samples import DecodeOptions, decode_samples
 from mmsphere.data.stats import SkipCounter, add_skipped
@@ -90,7 +91,7 @@ def inspect_shards(
     backends: Counter[str] = Counter()
     report = InspectReport(shards=len(shard_urls), frames=frames)
     rng = np.random.default_rng(0)
-    samples = decode_samples(read_tar_samples(shard_urls, counter), options, counter, rng)
+    samples = iterate_single_threaded(decode_samples(read_tar_samples(shard_urls, counter), options, counter, rng))
     for sample in tqdm(samples, desc="inspect", unit="sample", disable=not progress):
         modalities[sample.modality] += 1
         backends[sample.backend] += 1

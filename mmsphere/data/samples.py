@@ -57,7 +57,7 @@ class DecodeOptions:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     modality: str | None = None  # None: whatever the sample holds (video first)
-    fast: bool = False  # nearest-keyframe decoding (training only)
+    fast: bool = False  # nearest-keyframe video and DCT-scaled JPEG decoding (training only)
     random_offset: bool = False  # random frame in each of T segments (training only)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
@@ -170,7 +170,8 @@ def decode_sample(raw: RawSample, options: DecodeOptions, rng: np.random.Generat
         pixels, indices, num_frames, backend = clip.frames, clip.indices, clip.num_frames, clip.backend
         length = options.frames
     else:
-        pixels = decode_image(data, max_pixels=options.max_image_pixels)[None]
+        draft_size = options.image_size if options.fast else None
+        pixels = decode_image(data, max_pixels=options.max_image_pixels, draft_size=draft_size)[None]
         indices, num_frames, backend, length = [0], 1, "pil", 1
     frames, frame_mask = to_model_frames(
         pixels, num_frames=length, image_size=options.image_size, mean=options.image_mean, std=options.image_std

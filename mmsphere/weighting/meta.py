@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmsphere.losses.distributed import all_reduce_values, all_reduce_with_grad, world_info
 from mmsphere.weighting.weight_net import WeightNet
@@ -64,7 +65,13 @@ def meta_step(
     if missing:
         raise ValueError(f"meta_step: unknown parameter names {missing[:3]}")
     virtual = {name: parameters[name] for name in parameter_names}
+    # fused attention kernels have no double backward; the math kernel does
+    with sdpa_kernel(SDPBackend.MATH):
+        return _meta_step(model, contrastive, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual,
+                          virtual_lr)
 
+
+def _meta_step(model, contrastive, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual, virtual_lr):
     # 1. virtual step, graph kept so that ŵ is a function of Θ
     outputs = functional_call(model, virtual, args=(), kwargs=train_inputs)
     weights_seen: list[torch.Tensor] = []

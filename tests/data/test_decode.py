@@ -168,3 +168,17 @@ def test_undecodable_images_raise_a_skip_reason(media, case, reason):
     with pytest.raises(DecodeError) as caught:
         decode_image(data)
     assert caught.value.reason == reason
+
+
+def test_fast_mode_lets_jpeg_decode_at_a_reduced_scale(media):
+    jpeg = media.image(640, 480, "JPEG")
+    full = decode_image(jpeg)
+    scaled = decode_image(jpeg, draft_size=224)
+    assert full.shape == (480, 640, 3)
+    assert scaled.shape == (240, 320, 3)  # the largest 1/2^k scale keeping both sides >= 224
+    halved = np.asarray(Image.fromarray(full).resize((320, 240), Image.BOX)).astype(float)
+    same = np.abs(scaled.astype(float) - halved).mean()
+    other = np.abs(scaled.astype(float) - halved[::-1]).mean()
+    assert same < 6.0 and other > 5 * same  # the same picture at half size (up to JPEG's own rounding)
+    png = media.image(640, 480, "PNG")
+    assert decode_image(png, draft_size=224).shape == (480, 640, 3)  # only JPEG has DCT scaling

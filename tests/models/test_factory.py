@@ -71,7 +71,7 @@ def test_pretrained_directory_takes_preprocessing_from_open_clip_config(source, 
     assert model.image_mean == (0.5, 0.5, 0.5) and model.image_std == (0.25, 0.25, 0.25)
 
 
-def test_pretrained_previous_run_weights_include_the_temporal_head(source, make_model, perturb, tmp_path):
+def test_pretrained_previous_run_weights_include_the_temporal_head(make_model, perturb, tmp_path):
     source = make_model(seed=11, temporal_head="transformer")
     perturb(source.temporal)
     save_run(source, Config(model=source.config), tmp_path / "run")
@@ -139,7 +139,7 @@ def test_unknown_architecture_lists_close_matches():
         create_model(ModelConfig(name="ViT-B-33"))
 
 
-def test_openai_spelling_of_architecture_names(make_model):
+def test_openai_spelling_of_architecture_names():
     from mmsphere.models import resolve_architecture
 
     assert resolve_architecture("ViT-B/32") == "ViT-B-32"
@@ -178,7 +178,7 @@ def test_shipped_configs_are_registered():
     assert tiny["text_cfg"]["context_length"] == 16
 
 
-def test_model_moves_to_the_requested_device(make_model):
+def test_model_moves_to_the_requested_device():
     model = create_model(ModelConfig(name="mmsphere-tiny", temporal_head="transformer"), device="meta")
     assert {parameter.device.type for parameter in model.parameters()} == {"meta"}
 

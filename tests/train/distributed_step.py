@@ -1,8 +1,9 @@
 """One optimisation step of the real training-loop functions, run under torchrun by the tests.
 
-``python -m torch.distributed.run --nproc_per_node N distributed_step.py OUT META LOCAL_LOSS``: every
-rank takes its slice of one fixed global batch, runs (optionally) the meta step and one real step,
-and rank 0 saves the loss and the updated parameters for comparison across world sizes.
+``python -m torch.distributed.run --nproc_per_node N distributed_step.py OUT_DIR``: for meta weighting
+off/on and global/local loss, every rank takes its slice of one fixed global batch, runs (optionally)
+the meta step and one real step, and rank 0 saves the loss and the updated parameters for comparison
+across world sizes (one launch for all four set-ups: process start-up dominates the cost).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from mmsphere.train.optim import build_optimizer, cosine_schedule
 GLOBAL_BATCH = 8
 
 
-def main(out: str, meta: bool, local_loss: bool) -> None:
+def one_step(accelerator, out: str, meta: bool, local_loss: bool) -> None:
     config = config_from_dict({
         "model": {"name": "mmsphere-tiny"},
         "data": {"train": [{"urls": "unused.tar", "modality": "image"}], "meta": {"urls": "unused.tar", "modality": "image"}},
@@ -30,7 +31,6 @@ def main(out: str, meta: bool, local_loss: bool) -> None:
         "meta": {"enabled": meta, "params": "heads", "hidden": 8, "lr": 0.05},
         "train": {"batch_size": GLOBAL_BATCH, "lr": 1e-2, "warmup_steps": 0, "max_steps": 10, "cpu": True},
     })
-    accelerator = build_accelerator(config)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     local = local_batch_size(GLOBAL_BATCH, world_size)
     set_seed(0)
@@ -65,5 +65,15 @@ def main(out: str, meta: bool, local_loss: bool) -> None:
     accelerator.wait_for_everyone()
 
 
+def main(out_dir: str) -> None:
+    accelerator = None
+    for meta in (False, True):
+        for local_loss in (False, True):
+            if accelerator is None:
+                accelerator = build_accelerator(config_from_dict({
+                    "data": {"train": [{"urls": "unused.tar"}]}, "train": {"cpu": True}}))
+            one_step(accelerator, f"{out_dir}/meta{int(meta)}_local{int(local_loss)}.pt", meta, local_loss)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1")
+    main(sys.argv[1])

@@ -39,16 +39,22 @@ def _torchrun(processes: int, *arguments: str, timeout: int = 240) -> subprocess
     return result
 
 
+@pytest.fixture(scope="module")
+def one_step_runs(tmp_path_factory) -> dict[int, Path]:
+    """Output folders of one optimisation step on 1 and on 2 processes, for all four set-ups."""
+    folders = {}
+    for processes in (1, 2):
+        folders[processes] = tmp_path_factory.mktemp(f"world{processes}")
+        _torchrun(processes, str(HERE / "distributed_step.py"), str(folders[processes]))
+    return folders
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("meta", [False, True], ids=["meta_off", "meta_on"])
 @pytest.mark.parametrize("local_loss", [False, True], ids=["global_loss", "local_loss"])
-def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, meta, local_loss):
-    outputs = {}
-    for processes in (1, 2):
-        out = tmp_path / f"step_{processes}.pt"
-        _torchrun(processes, str(HERE / "distributed_step.py"), str(out), str(int(meta)), str(int(local_loss)))
-        outputs[processes] = torch.load(out, weights_only=True)
-    one, two = outputs[1], outputs[2]
+def test_two_processes_equal_one_process_on_the_concatenated_batch(one_step_runs, meta, local_loss):
+    name = f"meta{int(meta)}_local{int(local_loss)}.pt"
+    one, two = (torch.load(one_step_runs[processes] / name, weights_only=True) for processes in (1, 2))
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-9)
     for name, value in one["parameters"].items():
         torch.testing.assert_close(two["parameters"][name], value, rtol=1e-8, atol=1e-10, msg=name)

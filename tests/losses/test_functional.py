@@ -1,0 +1,353 @@
+"""The eight functions of DESIGN §1 against independent references.
+
+References: ``open_clip.ClipLoss``; Wang & Isola's ``pdist`` formulation of uniformity; and
+loop-based float64 transcriptions of every formula below, written over Python floats with explicit
+loops over i and j, sharing no code with ``mmsphere.losses``. Gradients are checked against finite
+differences (``torch.autograd.gradcheck``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as tf
+
+from mmsphere.losses import functional as F
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def unit_rows(batch: int, dim: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return tf.normalize(torch.randn(batch, dim, generator=generator, dtype=torch.float64), dim=1).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# loop transcriptions (python floats, float64)
+
+
+def dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+def log_sum_exp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(value - top) for value in values))
+
+
+def loop_symmetric_ce(logits: list[list[float]]) -> list[float]:
+    size = len(logits)
+    per_sample = []
+    for i in range(size):
+        row = log_sum_exp([logits[i][j] for j in range(size)]) - logits[i][i]
+        column = log_sum_exp([logits[j][i] for j in range(size)]) - logits[i][i]
+        per_sample.append(0.5 * (row + column))
+    return per_sample
+
+
+def loop_clip(img, txt, scale) -> list[float]:
+    return loop_symmetric_ce([[scale * dot(a, b) for b in txt] for a in img])
+
+
+def loop_angular_margin(img, txt, scale, margin, eps=1e-6) -> list[float]:
+    logits = [[scale * dot(a, b) for b in txt] for a in img]
+    for i in range(len(img)):
+        cosine = min(max(dot(img[i], txt[i]), -1 + eps), 1 - eps)
+        logits[i][i] = scale * math.cos(math.acos(cosine) - margin)
+    return loop_symmetric_ce(logits)
+
+
+def loop_slerp(a, b, lam) -> list[list[float]]:
+    out = []
+    for i in range(len(a)):
+        weight = lam[i] if isinstance(lam, list) else lam
+        theta = math.acos(dot(a[i], b[i]))
+        first, second = math.sin(weight * theta) / math.sin(theta), math.sin((1 - weight) * theta) / math.sin(theta)
+        out.append([first * x + second * y for x, y in zip(a[i], b[i])])
+    return out
+
+
+def loop_m2mix(img, txt, lam, tau) -> list[float]:
+    mixed = loop_slerp(img, txt, lam)
+    size, per_sample = len(img), []
+    for i in range(size):
+        image_row = [dot(img[i], txt[j]) / tau if i == j else dot(img[i], mixed[j]) / tau for j in range(size)]
+        text_row = [dot(txt[i], img[j]) / tau if i == j else dot(txt[i], mixed[j]) / tau for j in range(size)]
+        per_sample.append(0.5 * ((log_sum_exp(image_row) - image_row[i]) + (log_sum_exp(text_row) - text_row[i])))
+    return per_sample
+
+
+def loop_alignment(x, y, alpha) -> list[float]:
+    return [math.sqrt(sum((a - b) ** 2 for a, b in zip(x[i], y[i]))) ** alpha for i in range(len(x))]
+
+
+def loop_calibrated_uniformity(x, sim, t) -> float:
+    size, total, count = len(x), 0.0, 0
+    for i in range(size):
+        for j in range(i + 1, size):
+            distance = sum((a - b) ** 2 for a, b in zip(x[i], x[j]))
+            total += math.exp(-t * (distance - 2 + 2 * sim[i][j]))
+            count += 1
+    return math.log(total / count)
+
+
+def loop_uniformity(x, t) -> float:
+    return loop_calibrated_uniformity(x, [[1.0] * len(x) for _ in x], t)
+
+
+def loop_cma(img, txt, scale) -> list[float]:
+    size = len(img)
+    logits = [[scale * dot(img[i], txt[j]) for j in range(size)] for i in range(size)]
+    return [-0.5 * (log_sum_exp(logits[k]) + log_sum_exp([logits[j][k] for j in range(size)])) for k in range(size)]
+
+
+# --------------------------------------------------------------------------------------------
+# float64 agreement of every function with its transcription
+
+
+B, D = 6, 5
+
+
+@pytest.fixture
+def pair() -> tuple[torch.Tensor, torch.Tensor]:
+    return unit_rows(B, D, seed=1), unit_rows(B, D, seed=2)
+
+
+def test_clip_loss_matches_open_clip(pair):
+    img, txt = (x.float().requires_grad_() for x in pair)
+    ours_img, ours_txt = (x.detach().clone().requires_grad_() for x in (img, txt))
+    for scale in (1.0, 14.3, 100.0):
+        expected = open_clip.ClipLoss()(img, txt, scale)
+        actual = F.clip_loss(ours_img, ours_txt, torch.tensor(scale))
+        torch.testing.assert_close(actual, expected)
+        expected.backward()
+        actual.backward()
+        torch.testing.assert_close(ours_img.grad, img.grad)
+        torch.testing.assert_close(ours_txt.grad, txt.grad)
+
+
+def test_every_function_matches_its_loop_transcription(pair):
+    img, txt = pair
+    a, b = img.tolist(), txt.tolist()
+    scale, margin, lam, tau = 7.5, 0.3, 0.35, 0.07
+    per_row_lam = [0.1, 0.9, 0.5, 0.0, 1.0, 0.25]
+    sim = torch.rand(B, B, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.8
+    cases = {
+        "clip_loss": (F.clip_loss(img, txt, scale, reduction="none"), loop_clip(a, b, scale)),
+        "angular_margin_loss": (F.angular_margin_loss(img, txt, scale, margin, reduction="none"),
+                                loop_angular_margin(a, b, scale, margin)),
+        "slerp": (F.slerp(img, txt, lam), loop_slerp(a, b, lam)),
+        "slerp per row": (F.slerp(img, txt, torch.tensor(per_row_lam, dtype=torch.float64)),
+                          loop_slerp(a, b, per_row_lam)),
+        "m2mix_loss": (F.m2mix_loss(img, txt, lam, tau, reduction="none"), loop_m2mix(a, b, lam, tau)),
+        "alignment": (F.alignment(img, txt, 1.5, reduction="none"), loop_alignment(a, b, 1.5)),
+        "uniformity": (F.uniformity(img, 2.0), loop_uniformity(a, 2.0)),
+        "calibrated_uniformity": (F.calibrated_uniformity(img, sim, 3.0),
+                                  loop_calibrated_uniformity(a, sim.tolist(), 3.0)),
+        "cma_regularizer": (F.cma_regularizer(img, txt, scale, reduction="none"), loop_cma(a, b, scale)),
+    }
+    for name, (actual, expected) in cases.items():
+        torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+
+def test_reductions_agree_with_per_sample(pair):
+    img, txt = pair
+    for function, arguments in ((F.clip_loss, (3.0,)), (F.angular_margin_loss, (3.0, 0.2)),
+                                (F.m2mix_loss, (0.4,)), (F.alignment, ()), (F.cma_regularizer, (3.0,))):
+        per_sample = function(img, txt, *arguments, reduction="none")
+        assert per_sample.shape == (B,)
+        torch.testing.assert_close(function(img, txt, *arguments, reduction="mean"), per_sample.mean())
+        torch.testing.assert_close(function(img, txt, *arguments, reduction="sum"), per_sample.sum())
+
+
+@pytest.mark.parametrize("name", ["clip_loss", "angular_margin_loss", "slerp", "m2mix_loss", "alignment",
+                                  "uniformity", "calibrated_uniformity", "cma_regularizer"])
+def test_gradients_match_finite_differences(pair, name):
+    img, txt = (x[:4, :3].clone().requires_grad_() for x in pair)
+    scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    sim = torch.rand(4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64, requires_grad=True)
+    functions = {
+        "clip_loss": (lambda x, y, s: F.clip_loss(x, y, s, reduction="none"), (img, txt, scale)),
+        "angular_margin_loss": (lambda x, y, s: F.angular_margin_loss(x, y, s, 0.4, reduction="none"),
+                                (img, txt, scale)),
+        "slerp": (lambda x, y: F.slerp(x, y, 0.3), (img, txt)),
+        "m2mix_loss": (lambda x, y: F.m2mix_loss(x, y, 0.3, 0.5, reduction="none"), (img, txt)),
+        "alignment": (lambda x, y: F.alignment(x, y, 1.5, reduction="none"), (img, txt)),
+        "uniformity": (lambda x: F.uniformity(x, 2.0), (img,)),
+        "calibrated_uniformity": (lambda x, s: F.calibrated_uniformity(x, s, 2.0), (img, sim)),
+        "cma_regularizer": (lambda x, y, s: F.cma_regularizer(x, y, s, reduction="none"), (img, txt, scale)),
+    }
+    function, inputs = functions[name]
+    assert torch.autograd.gradcheck(function, inputs)
+
+
+def test_uniformity_matches_wang_isola_pdist():
+    x = unit_rows(7, 4, seed=6)
+    expected = torch.pdist(x, p=2).pow(2).mul(-2.0).exp().mean().log()
+    torch.testing.assert_close(F.uniformity(x, 2.0), expected)
+
+
+def test_calibrated_uniformity_with_unit_similarity_is_uniformity():
+    x = unit_rows(7, 4, seed=7)
+    for t in (0.5, 2.0, 5.0):
+        torch.testing.assert_close(F.calibrated_uniformity(x, torch.ones(7, 7, dtype=x.dtype), t), F.uniformity(x, t))
+
+
+def test_calibration_weakens_repulsion():
+    x = unit_rows(7, 4, seed=8)
+    weak = F.calibrated_uniformity(x, torch.full((7, 7), 0.2, dtype=x.dtype))
+    strong = F.calibrated_uniformity(x, torch.full((7, 7), 0.8, dtype=x.dtype))
+    assert strong < weak
+
+
+# --------------------------------------------------------------------------------------------
+# angular margin
+
+
+def test_angular_margin_zero_is_clip_loss(pair):
+    img, txt = (x.clone().requires_grad_() for x in pair)
+    margin_img, margin_txt = (x.detach().clone().requires_grad_() for x in pair)
+    expected = F.clip_loss(img, txt, 9.0, reduction="none")
+    actual = F.angular_margin_loss(margin_img, margin_txt, 9.0, 0.0, reduction="none")
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+    expected.sum().backward()
+    actual.sum().backward()
+    torch.testing.assert_close(margin_img.grad, img.grad, rtol=1e-7, atol=1e-7)
+
+
+def test_subtractive_margin_makes_positives_easier(pair):
+    img, txt = pair
+    losses = [F.angular_margin_loss(img, txt, 10.0, margin) for margin in (0.0, 0.1, 0.3)]
+    assert losses[0] > losses[1] > losses[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF], ids=str)
+@pytest.mark.parametrize("relation", ["identical", "nearly identical", "antipodal"])
+def test_angular_margin_gradients_are_finite_at_the_poles(dtype, relation):
+    img = unit_rows(8, 16, seed=9, dtype=dtype)
+    if relation == "identical":
+        txt = img.clone()
+    elif relation == "nearly identical":
+        txt = tf.normalize(img.double() + 1e-7 * unit_rows(8, 16, seed=10), dim=1).to(dtype)
+    else:
+        txt = -img
+    img, txt = img.requires_grad_(), txt.requires_grad_()
+    # s = 10 keeps the softmax unsaturated, so the gradients are not all rounded to zero in fp16
+    scale = torch.tensor(10.0, requires_grad=True)
+    loss = F.angular_margin_loss(img, txt, scale, 0.5)
+    loss.backward()
+    assert loss.dtype == torch.promote_types(dtype, torch.float32)
+    for gradient in (img.grad, txt.grad, scale.grad):
+        assert torch.isfinite(gradient).all()
+    assert img.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# slerp
+
+
+def test_slerp_endpoints_are_exact():
+    a, b = unit_rows(6, 5, seed=11, dtype=torch.float32), unit_rows(6, 5, seed=12, dtype=torch.float32)
+    assert torch.equal(F.slerp(a, b, 1.0), a)
+    assert torch.equal(F.slerp(a, b, 0.0), b)
+    per_row = F.slerp(a, b, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0]))
+    assert torch.equal(per_row[0::2], a[0::2]) and torch.equal(per_row[1::2], b[1::2])
+    assert torch.equal(F.slerp(a, a, 1.0), a)  # identical rows take the linear branch, still exact
+
+
+def test_slerp_walks_the_geodesic():
+    a, b = unit_rows(6, 5, seed=13), unit_rows(6, 5, seed=14)
+    theta = torch.arccos((a * b).sum(dim=1))
+    for lam in (0.2, 0.5, 0.8):
+        point = F.slerp(a, b, lam)
+        torch.testing.assert_close(torch.arccos((point * b).sum(dim=1).clamp(-1, 1)), lam * theta)
+        torch.testing.assert_close(torch.arccos((point * a).sum(dim=1).clamp(-1, 1)), (1 - lam) * theta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("offset", [0.0, 1e-9, 1e-6, 1e-4, 1e-2])
+def test_slerp_is_unit_norm_and_stable_for_close_rows(dtype, offset):
+    a = unit_rows(6, 5, seed=15)
+    b = tf.normalize(a + offset * unit_rows(6, 5, seed=16), dim=1)
+    a, b = a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+    point = F.slerp(a, b, torch.linspace(0, 1, 6, dtype=dtype))
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(point.norm(dim=1), torch.ones(6, dtype=dtype), rtol=0, atol=tolerance)
+    # for close rows the geodesic point lies within the (tiny) arc between the endpoints
+    assert ((point - a).norm(dim=1) <= (a - b).norm(dim=1) + tolerance).all()
+    point.sum().backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+
+
+def test_slerp_of_antipodal_rows_is_finite():
+    a = unit_rows(4, 5, seed=17).requires_grad_()
+    point = F.slerp(a, -a.detach(), 0.3)
+    point.sum().backward()
+    assert torch.isfinite(point).all() and torch.isfinite(a.grad).all()
+
+
+# --------------------------------------------------------------------------------------------
+# dtypes, devices of the results, identical pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF], ids=str)
+def test_every_function_accepts_every_float_dtype(dtype):
+    img, txt = unit_rows(6, 8, seed=18, dtype=dtype), unit_rows(6, 8, seed=19, dtype=dtype)
+    compute = torch.promote_types(dtype, torch.float32)
+    sim = torch.full((6, 6), 0.3, dtype=dtype)
+    results = [F.clip_loss(img, txt, 10.0), F.angular_margin_loss(img, txt, 10.0, 0.2), F.m2mix_loss(img, txt, 0.5),
+               F.alignment(img, txt), F.uniformity(img), F.calibrated_uniformity(img, sim),
+               F.cma_regularizer(img, txt, 10.0)]
+    for result in results:
+        assert result.dtype == compute and result.shape == () and torch.isfinite(result)
+    mixed = F.slerp(img, txt, 0.5)
+    assert mixed.dtype == dtype and mixed.shape == img.shape
+    reference = F.clip_loss(img.double(), txt.double(), 10.0)
+    tolerance = 3e-2 if dtype in HALF else 1e-5
+    torch.testing.assert_close(results[0].double(), reference, rtol=tolerance, atol=tolerance)
+
+
+def test_identical_pairs_have_finite_gradients_everywhere():
+    x = unit_rows(5, 4, seed=20).requires_grad_()
+    total = (F.alignment(x, x.detach(), 1.0) + F.uniformity(torch.cat([x, x])) + F.m2mix_loss(x, x.detach(), 0.5)
+             + F.cma_regularizer(x, x.detach(), 30.0) + F.clip_loss(x, x.detach(), 30.0))
+    total.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda x, y: F.clip_loss(x, y[:5], 1.0), r"img and txt must have the same shape .*\[6, 4\] and \[5, 4\]"),
+        (lambda x, y: F.clip_loss(x, y[:, :3], 1.0), r"same shape .*\[6, 4\] and \[6, 3\]"),
+        (lambda x, y: F.clip_loss(x[:0], y[:0], 1.0), r"img must hold at least 1 rows .*\[0, 4\]"),
+        (lambda x, y: F.clip_loss(x[0], y[0], 1.0), r"img must be 2-D \[B, D\], got shape \[4\]"),
+        (lambda x, y: F.clip_loss(x[None], y[None], 1.0), r"img must be 2-D .*\[1, 6, 4\]"),
+        (lambda x, y: F.clip_loss(x, y, torch.ones(2)), r"logit_scale must be a float or a one-element tensor"),
+        (lambda x, y: F.clip_loss(x, y, 1.0, reduction="avg"), r"reduction='avg' must be one of"),
+        (lambda x, y: F.clip_loss(x.long(), y.long(), 1.0), r"img must be a float tensor"),
+        (lambda x, y: F.angular_margin_loss(x, y, 1.0, -0.1), r"margin=-0.1 must be in \[0, π\)"),
+        (lambda x, y: F.angular_margin_loss(x, y, 1.0, math.pi), r"margin=3.14\d* must be in \[0, π\)"),
+        (lambda x, y: F.slerp(x, y[:3], 0.5), r"a and b must have the same shape .*\[6, 4\] and \[3, 4\]"),
+        (lambda x, y: F.slerp(x, y, 1.5), r"lam=1.5 must be in \[0, 1\]"),
+        (lambda x, y: F.slerp(x, y, torch.ones(4)), r"lam must be a float or a tensor of shape \[B\] = \[6\]"),
+        (lambda x, y: F.m2mix_loss(x, y, 0.5, tau_mix=0.0), r"tau_mix=0.0 must be > 0"),
+        (lambda x, y: F.alignment(x, y[:2]), r"x and y must have the same shape"),
+        (lambda x, y: F.uniformity(x[:1]), r"x must hold at least 2 rows .*\[1, 4\]"),
+        (lambda x, y: F.uniformity(x, t=0.0), r"t=0.0 must be > 0"),
+        (lambda x, y: F.calibrated_uniformity(x, torch.ones(5, 5)), r"sim must have shape \[B, B\] = \[6, 6\] .*\[5, 5\]"),
+        (lambda x, y: F.cma_regularizer(x, y.T, 1.0), r"img and txt must have the same shape .*\[6, 4\] and \[4, 6\]"),
+    ],
+)
+def test_bad_input_raises_a_clear_value_error(call, message):
+    img, txt = unit_rows(6, 4, seed=21), unit_rows(6, 4, seed=22)
+    with pytest.raises(ValueError, match=message):
+        call(img, txt)

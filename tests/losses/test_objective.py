@@ -1,0 +1,257 @@
+"""The composed objective and the term registry.
+
+The shared-matrix fast path of :class:`Objective` is compared with the sum of the plain functions
+of ``mmsphere.losses.functional``, composed here by hand from DESIGN §1 with the documented random
+draws (``default_rng(seed)``: the m²-mix λ, then one calibration p_i per sample).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as tf
+
+from mmsphere.config import ConfigError, LossConfig
+from mmsphere.losses import TERMS, Objective, ObjectiveOutput
+from mmsphere.losses import functional as F
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def raw_pair(batch: int, dim: int, seed: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, dim, generator=generator, dtype=dtype).requires_grad_(),
+            torch.randn(batch, dim, generator=generator, dtype=dtype).requires_grad_())
+
+
+def plain_composition(config: LossConfig, img, txt, scale, seed, weights=None, normalize="mean"):
+    """DESIGN §1 Composition from the plain functions; returns (loss, terms, per_sample)."""
+    rng = np.random.default_rng(seed)
+    lam = rng.beta(config.m2mix_alpha, config.m2mix_alpha) if config.terms.get("m2mix", 0) > 0 else None
+    batch = img.shape[0]
+    terms = {}
+    if "angular_margin" in config.terms:
+        per_sample = F.angular_margin_loss(img, txt, scale, config.margin, reduction="none")
+        name = "angular_margin"
+    else:
+        per_sample = F.clip_loss(img, txt, scale, reduction="none")
+        name = "clip"
+    weights = torch.ones(batch, dtype=per_sample.dtype) if weights is None else weights
+    terms[name] = (weights * per_sample).sum() / (batch if normalize == "mean" else weights.sum())
+    if lam is not None:
+        terms["m2mix"] = F.m2mix_loss(img, txt, lam, config.tau_mix)
+    if config.terms.get("calibrated_uniformity", 0) > 0:
+        p = torch.as_tensor(rng.beta(config.calibration_alpha, config.calibration_alpha, size=batch))
+        with torch.set_grad_enabled(not config.detach_calibration):
+            fused = F.slerp(img, txt, p)
+            calibration = (fused @ fused.T).clamp(config.min_sim, config.max_sim)
+        terms["calibrated_uniformity"] = 0.5 * (F.calibrated_uniformity(img, calibration, config.uniformity_t)
+                                                + F.calibrated_uniformity(txt, calibration, config.uniformity_t))
+    if config.terms.get("cma", 0) > 0:
+        terms["cma"] = F.cma_regularizer(img, txt, scale)
+    loss = sum(config.terms[key] * value for key, value in terms.items())
+    return loss, terms, per_sample
+
+
+ALL_TERMS = {"angular_margin": 1.0, "m2mix": 0.5, "calibrated_uniformity": 0.3, "cma": 0.2}
+CONFIGS = {
+    "angular_margin": LossConfig(terms={"angular_margin": 1.0}, margin=0.3),
+    "clip+m2mix": LossConfig(terms={"clip": 0.7, "m2mix": 1.0}, m2mix_alpha=2.0, tau_mix=0.2),
+    "clip+calibrated_uniformity": LossConfig(terms={"clip": 1.0, "calibrated_uniformity": 1.0}, uniformity_t=3.0,
+                                             min_sim=0.1, max_sim=0.6),
+    "calibration_with_grad": LossConfig(terms={"clip": 1.0, "calibrated_uniformity": 1.0}, detach_calibration=False),
+    "angular_margin+cma": LossConfig(terms={"angular_margin": 1.0, "cma": 0.5}),
+    "all terms": LossConfig(terms=dict(ALL_TERMS)),
+    "all terms, zero-weight m2mix": LossConfig(terms={**ALL_TERMS, "m2mix": 0.0}),
+}
+
+
+@pytest.mark.parametrize("weighting", [None, "mean", "sum", "callable"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fast_path_equals_sum_of_plain_functions(name, weighting):
+    config = CONFIGS[name]
+    raw_image, raw_text = raw_pair(9, 5, seed=1)
+    scale = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    normalize = "sum" if weighting == "sum" else "mean"
+    sample_weights = {None: None, "mean": weights, "sum": weights, "callable": lambda losses: losses / losses.sum()}
+    # features through L2 normalisation, as every encoder produces them: gradients are compared w.r.t.
+    # the raw rows (the fast path drops the radial gradient component that normalisation removes)
+    image, text = tf.normalize(raw_image, dim=1), tf.normalize(raw_text, dim=1)
+    output = Objective(config)(image, text, scale, sample_weights=sample_weights[weighting],
+                               weight_normalize=normalize, seed=5)
+    expected_weights = None if weighting is None else weights
+    if weighting == "callable":
+        per_sample = F.angular_margin_loss(image, text, scale, config.margin, reduction="none") \
+            if "angular_margin" in config.terms else F.clip_loss(image, text, scale, reduction="none")
+        expected_weights = per_sample.detach() / per_sample.detach().sum()
+    loss, terms, per_sample = plain_composition(config, image, text, scale, 5, expected_weights, normalize)
+
+    active = [key for key, weight in config.terms.items() if weight > 0 or key in ("clip", "angular_margin")]
+    assert list(output.terms) == active + ["total"]
+    for key, value in terms.items():
+        torch.testing.assert_close(output.terms[key], value.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(output.terms["total"], loss.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(output.loss, loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(output.per_sample, per_sample, rtol=1e-10, atol=1e-12)
+    actual_gradients = torch.autograd.grad(output.loss, [raw_image, raw_text, scale], retain_graph=True)
+    expected_gradients = torch.autograd.grad(loss, [raw_image, raw_text, scale], retain_graph=True)
+    for actual, expected in zip(actual_gradients, expected_gradients):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11)
+    per_sample_gradient = torch.autograd.grad(output.per_sample.sum(), raw_image, retain_graph=True)[0]
+    torch.testing.assert_close(per_sample_gradient, torch.autograd.grad(per_sample.sum(), raw_image)[0])
+
+
+def test_second_order_gradients_pass_through_the_fast_path():
+    """The meta step differentiates a gradient of the objective; check it against finite differences."""
+    # a detached calibration is a stop-gradient that finite differences would see through
+    objective = Objective(LossConfig(terms=dict(ALL_TERMS), detach_calibration=False))
+    raw_image, raw_text = raw_pair(4, 3, seed=3)
+
+    def loss(image, text):
+        return objective(tf.normalize(image, dim=1), tf.normalize(text, dim=1), 3.0, seed=0).loss
+
+    assert torch.autograd.gradgradcheck(loss, (raw_image, raw_text), fast_mode=True)
+
+
+def test_sample_weights_of_one_change_nothing():
+    image, text = (tf.normalize(x, dim=1) for x in raw_pair(6, 4, seed=4))
+    objective = Objective(LossConfig(terms=dict(ALL_TERMS)))
+    plain = objective(image, text, 5.0, seed=2)
+    for normalize in ("mean", "sum"):
+        weighted = objective(image, text, 5.0, sample_weights=torch.ones(6, dtype=image.dtype),
+                             weight_normalize=normalize, seed=2)
+        torch.testing.assert_close(weighted.loss, plain.loss)
+
+
+def test_zero_weights_give_a_finite_zero_contrastive_term():
+    image, text = (tf.normalize(x, dim=1) for x in raw_pair(6, 4, seed=5))
+    output = Objective(LossConfig(terms={"clip": 1.0}))(image, text, 5.0, sample_weights=torch.zeros(6, dtype=image.dtype),
+                                                        weight_normalize="sum")
+    assert output.loss.item() == 0.0
+    output.loss.backward()
+
+
+def test_draws_follow_the_seed():
+    image, text = (tf.normalize(x, dim=1) for x in raw_pair(8, 4, seed=6))
+    objective = Objective(LossConfig(terms=dict(ALL_TERMS)))
+    first, again, other = (objective(image, text, 5.0, seed=seed).terms for seed in (1, 1, 2))
+    assert first["m2mix"] == again["m2mix"] and first["calibrated_uniformity"] == again["calibrated_uniformity"]
+    assert first["m2mix"] != other["m2mix"] and first["calibrated_uniformity"] != other["calibrated_uniformity"]
+
+
+def test_output_shape_and_detached_terms():
+    image, text = (tf.normalize(x, dim=1) for x in raw_pair(5, 4, seed=7))
+    output = Objective(LossConfig(terms=dict(ALL_TERMS)))(image, text, 5.0, seed=0)
+    assert isinstance(output, ObjectiveOutput)
+    assert output.loss.shape == () and output.loss.requires_grad
+    assert output.per_sample.shape == (5,) and output.per_sample.requires_grad
+    assert all(not value.requires_grad for value in output.terms.values())
+    assert output.terms["total"] == output.loss.detach()
+
+
+def test_autocast_region_does_not_lower_precision():
+    image, text = (tf.normalize(x.float(), dim=1) for x in raw_pair(8, 16, seed=8))
+    objective = Objective(LossConfig(terms=dict(ALL_TERMS)))
+    expected = objective(image, text, 50.0, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = objective(image, text, 50.0, seed=0)
+    assert actual.loss.dtype == torch.float32
+    torch.testing.assert_close(actual.loss, expected.loss)
+
+
+# --------------------------------------------------------------------------------------------
+# the registry: one contract test over every registered term
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)
+@pytest.mark.parametrize("name", list(TERMS))
+def test_every_registered_term_honours_the_contract(name, dtype):
+    term = TERMS[name]
+    assert term.name == name and term.default_weight > 0 and term.description
+    raw_image, raw_text = raw_pair(8, 16, seed=9, dtype=torch.float32)
+    image, text = (tf.normalize(x, dim=1).to(dtype) for x in (raw_image, raw_text))
+    scale = torch.tensor(20.0, requires_grad=True)
+    config = LossConfig(terms={name: 1.0} if term.contrastive else {"clip": 1.0, name: 1.0})
+    # the draws the objective makes with seed 0: only the active term draws
+    draw = np.random.default_rng(0).beta
+    extras = {"config": config, "mix_lam": draw(config.m2mix_alpha, config.m2mix_alpha) if name == "m2mix" else None,
+              "calibration_lam": torch.as_tensor(draw(config.calibration_alpha, config.calibration_alpha, size=8))}
+    compute = torch.promote_types(dtype, torch.float32)
+
+    value = term.function(image, text, scale, **extras)
+    assert value.shape == () and value.dtype == compute and torch.isfinite(value)
+    value.backward()
+    assert torch.isfinite(raw_image.grad).all() and torch.isfinite(raw_text.grad).all()
+    if term.per_sample:
+        per_sample = term.function(image, text, scale, reduction="none", **extras)
+        assert per_sample.shape == (8,) and torch.isfinite(per_sample).all()
+        torch.testing.assert_close(per_sample.mean(), value.detach())
+
+    output = Objective(config)(image, text, scale, seed=0)
+    assert name in output.terms and torch.isfinite(output.loss) and output.loss.dtype == compute
+    assert output.per_sample.shape == (8,)
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(output.terms[name], value.detach(), rtol=tolerance, atol=tolerance)
+
+
+def test_registry_names_match_the_config_vocabulary():
+    assert set(TERMS) == {"clip", "angular_margin", "m2mix", "calibrated_uniformity", "cma"}
+    assert {name for name, term in TERMS.items() if term.contrastive} == {"clip", "angular_margin"}
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"terms": {"angular_margn": 1.0}}, r"unknown term 'angular_margn'; did you mean angular_margin\?"),
+        ({"terms": {"m2mix": 1.0}}, r"loss.terms must hold exactly one of .*got none"),
+        ({"terms": {"clip": 1.0, "angular_margin": 1.0}}, r"exactly one of .*\['clip', 'angular_margin'\]"),
+        ({"terms": {"clip": 1.0, "cma": -1.0}}, r"loss.terms.cma=-1.0 must be a finite number >= 0"),
+        ({"margin": 4.0}, r"loss.margin=4.0 must be in \[0, π\)"),
+        ({"tau_mix": 0.0}, r"loss.tau_mix=0.0 must be > 0"),
+        ({"min_sim": 0.9, "max_sim": 0.1}, r"loss.min_sim=0.9, loss.max_sim=0.1 must satisfy"),
+        ({"local_loss": True, "gather_with_grad": False}, r"loss.local_loss=true needs loss.gather_with_grad=true"),
+    ],
+)
+def test_bad_config_raises_config_error(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        Objective(dataclasses.replace(LossConfig(), **changes))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda o, x, y: o(x, y[:5], 5.0), r"image_features and text_features must have the same shape .*\[6, 4\] and \[5, 4\]"),
+        (lambda o, x, y: o(x, y[:, :3], 5.0), r"same shape .*\[6, 4\] and \[6, 3\]"),
+        (lambda o, x, y: o(x[0], y[0], 5.0), r"image_features must be a 2-D float tensor \[n, D\], got \[4\]"),
+        (lambda o, x, y: o(x[:1], y[:1], 5.0), r"image_features must hold at least 2 samples .*\[1, 4\]"),
+        (lambda o, x, y: o(x[:0], y[:0], 5.0), r"at least 2 samples .*\[0, 4\]"),
+        (lambda o, x, y: o(x.long(), y, 5.0), r"image_features must be a 2-D float tensor"),
+        (lambda o, x, y: o(3 * x, y, 5.0), r"image_features must hold L2-normalised rows: max \|‖row‖ − 1\| = 2"),
+        (lambda o, x, y: o(x, y, torch.ones(3)), r"logit_scale must be a float or a one-element tensor, got shape \[3\]"),
+        (lambda o, x, y: o(x, y, 5.0, sample_weights=torch.ones(5)), r"sample_weights must be a tensor of shape \[n\] = \[6\]"),
+        (lambda o, x, y: o(x, y, 5.0, sample_weights=-torch.ones(6)), r"sample_weights must be >= 0, got a minimum of -1"),
+        (lambda o, x, y: o(x, y, 5.0, sample_weights=lambda losses: losses[:2]), r"sample_weights returned shape \[2\], expected \[n\] = \[6\]"),
+        (lambda o, x, y: o(x, y, 5.0, weight_normalize="max"), r"weight_normalize='max' must be 'mean' or 'sum'"),
+        (lambda o, x, y: o(x, y, 5.0, seed=1.5), r"seed=1.5 must be an integer or None"),
+    ],
+)
+def test_bad_input_raises_a_clear_value_error(call, message):
+    image, text = (tf.normalize(x.detach(), dim=1) for x in raw_pair(6, 4, seed=10, dtype=torch.float32))
+    with pytest.raises(ValueError, match=message):
+        call(Objective(LossConfig(terms=dict(ALL_TERMS))), image, text)
+
+
+def test_non_finite_features_give_a_non_finite_loss_not_an_error():
+    image, text = (tf.normalize(x.detach(), dim=1) for x in raw_pair(6, 4, seed=11))
+    image[2] = math.nan
+    output = Objective(LossConfig(terms=dict(ALL_TERMS)))(image, text, 5.0, seed=0)
+    assert not torch.isfinite(output.loss)
