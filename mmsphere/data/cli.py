@@ -49,7 +49,8 @@ def make_shards_main(argv: list[str]) -> int:
         return 2
     written = sum(summary.samples.values())
     for split, paths in summary.shards.items():
-        print(f"{split or 'all'}: {summary.samples[split]} samples in {len(paths)} shard(s): {summary.url_pattern(split)}")
+        pattern = summary.url_pattern(split)
+        print(f"{split or 'all'}: {summary.samples[split]} samples in {len(paths)} shard(s): {pattern}")
     by_reason = summary.skipped_by_reason()
     if by_reason:
         print(f"skipped {len(summary.skipped)} input(s):")
@@ -81,7 +82,8 @@ def inspect_shards_main(argv: list[str]) -> int:
     parser.add_argument("--fast", action="store_true", help="use the fast keyframe decoding of training")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.json else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.ERROR if args.json else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = inspect_shards(
             args.urls, frames=args.frames, image_size=args.size, modality=args.modality, fast=args.fast,

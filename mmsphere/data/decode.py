@@ -88,7 +88,9 @@ def decode_video(
     return _decode_with_pyav(data, frames, random_offset, rng)
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_size: int | None = None) -> np.ndarray:
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_size: int | None = None
+) -> np.ndarray:
     """Decode an image to ``[H, W, 3] uint8`` RGB, refusing more than ``max_pixels`` pixels before decoding.
 
     ``draft_size`` (training's fast mode): let the JPEG decoder scale by 1/2, 1/4 or 1/8 in the DCT

@@ -91,9 +91,10 @@ def resampled_shards(urls: Sequence[str], seed: int) -> Iterator[str]:
 class _TailRecorder(io.RawIOBase):
     """Pass-through reader that remembers the last bytes read, to check how the archive ended."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, prefix: bytes = b""):
         super().__init__()
         self.stream = stream
+        self.prefix = prefix
         self.window = bytearray()
         self.window_start = 0
         self.head = b""
@@ -102,7 +103,11 @@ class _TailRecorder(io.RawIOBase):
         return True
 
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
+        if self.prefix:
+            data, self.prefix = (self.prefix, b"") if size < 0 or size >= len(self.prefix) else (
+                self.prefix[:size], self.prefix[size:])
+        else:
+            data = self.stream.read(size)
         if len(self.head) < 8:
             self.head += data[: 8 - len(self.head)]
         self.window += data
@@ -150,7 +155,17 @@ def _read_one_shard(url: str, counter: SkipCounter, max_member_bytes: int) -> It
         return
     broken = False
     try:
-        recorder = _TailRecorder(stream)
+        try:
+            first = stream.read(_BLOCK)
+        except Exception as error:  # a pipe: whose command already failed raises on read
+            broken = True
+            counter.record("shard_open_error", url=url, detail=f"{type(error).__name__}: {error}")
+            return
+        if not first:
+            broken = True
+            _close_empty(stream, url, counter)
+            return
+        recorder = _TailRecorder(stream, first)
         seen: set[str] = set()
         current: RawSample | None = None
         try:
@@ -192,6 +207,16 @@ def _read_one_shard(url: str, counter: SkipCounter, max_member_bytes: int) -> It
         except Exception as error:  # a pipe: command that failed reports it here
             if not broken:
                 counter.record("shard_open_error", url=url, detail=f"{type(error).__name__}: {error}")
+
+
+def _close_empty(stream, url: str, counter: SkipCounter) -> None:
+    """An empty stream is a failed ``pipe:`` command if closing it says so, else an empty shard."""
+    try:
+        stream.close()
+    except Exception as error:
+        counter.record("shard_open_error", url=url, detail=f"{type(error).__name__}: {error}")
+        return
+    counter.record("truncated_tar", url=url, detail="the shard is empty")
 
 
 def _finish(sample: RawSample, seen: set[str], counter: SkipCounter) -> Iterator[RawSample]:

@@ -322,7 +322,9 @@ def _prepare_folder(folder: Path, overwrite: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def _add_entry(writer: _ShardWriter, entry: ListEntry, max_side: int | None, max_fps: float | None) -> SkippedInput | None:
+def _add_entry(
+    writer: _ShardWriter, entry: ListEntry, max_side: int | None, max_fps: float | None
+) -> SkippedInput | None:
     extension = entry.media.suffix.lower().lstrip(".")
     if extension not in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
         return SkippedInput("unsupported_extension", entry.where, str(entry.media))
@@ -370,7 +372,9 @@ def _check_image(path: Path) -> Path:
         if path.stat().st_size == 0:
             raise _Unusable("empty file")
         with Image.open(path, formats=IMAGE_FORMATS) as image:
-            image.size  # the header parsed: enough to know PIL can read it
+            # the header parsed is enough to know PIL can read it; pixels are decoded at training time
+            if min(image.size) < 1:
+                raise _Unusable(f"image of size {image.size}")
     except _Unusable:
         raise
     except Exception as error:
@@ -435,7 +439,9 @@ class _ShardWriter:
 
     def add(self, key: str, members: list[tuple[str, bytes | Path]]) -> None:
         lengths = [len(content) if isinstance(content, bytes) else content.stat().st_size for _, content in members]
-        sample_bytes = sum(tarfile.BLOCKSIZE + -(-length // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for length in lengths)
+        # one header block per member plus its data padded to whole blocks
+        blocks = sum(1 + -(-length // tarfile.BLOCKSIZE) for length in lengths)
+        sample_bytes = blocks * tarfile.BLOCKSIZE
         if self._tar is not None and (self._count >= self.maxcount or self._bytes + sample_bytes > self.maxsize):
             self._finish_shard()
         if self._tar is None:

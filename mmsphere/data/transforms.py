@@ -60,7 +60,9 @@ def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
     height, width = frames.shape[-2:]
     new_height, new_width = resized_shape(height, width, size)
     if (new_height, new_width) != (height, width):
-        frames = F.interpolate(frames, size=(new_height, new_width), mode="bicubic", antialias=True, align_corners=False)
+        frames = F.interpolate(
+            frames, size=(new_height, new_width), mode="bicubic", antialias=True, align_corners=False
+        )
     top = int(round((new_height - size) / 2.0))
     left = int(round((new_width - size) / 2.0))
     return frames[:, :, top : top + size, left : left + size]

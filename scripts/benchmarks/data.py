@@ -9,9 +9,9 @@ members. Every configuration runs once per
 repetition, in turn, so that load on the machine hits all of them alike; the reported figure is
 the median over repetitions.
 
-The clips are generated here with PyAV (H.264 with a GOP of 2-5 s, AAC audio, camera pan over a
-multi-scale texture, moving objects and sensor noise, 480p and 1080p, 11-30 s) and cached under
-``runs/bench_clips/``. Images are the real COCO photos of ``/work/shared/data/coco_mini`` when
+The clips are generated here with PyAV (H.264 with a GOP of 2-5 s, AAC audio, a camera pan over a
+real COCO photograph, or a multi-scale texture without the shared data, moving objects and sensor
+noise, 480p and 1080p, 11-30 s) and cached under ``runs/bench_clips/``. Images are the real COCO photos of ``/work/shared/data/coco_mini`` when
 present, otherwise generated JPEGs of the same size.
 """
 
@@ -223,7 +223,7 @@ def build_image_shards(cache: Path) -> list[str]:
 def texture(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """A multi-scale random colour texture (what camera footage of a detailed scene compresses like)."""
     image = np.zeros((height, width, 3), np.float32)
-    for octave in range(5):
+    for octave in range(7):
         cells = 2 ** (octave + 2)
         noise = rng.random((cells * height // width + 2, cells + 2, 3)).astype(np.float32)
         layer = np.asarray(Image.fromarray((noise * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC))
@@ -233,9 +233,15 @@ def texture(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_clip(path: Path, width: int, height: int, seconds: float, fps: int, gop_seconds: float) -> None:
-    """A camera pan over a textured scene with moving objects, sensor noise and a sine-tone audio track."""
+    """A camera pan over a photo (or texture) with moving objects, sensor noise and a sine-tone audio track."""
     rng = np.random.default_rng(width + int(seconds))
-    scene = texture(int(height * 1.5), int(width * 1.5), rng)
+    photos = sorted(COCO.glob("*2017/*.jpg"))
+    scene_size = (int(width * 1.5), int(height * 1.5))
+    if photos:  # a real photograph as the scene, when the shared COCO subset is there
+        photo = Image.open(photos[(width + int(seconds)) % len(photos)]).convert("RGB")
+        scene = np.asarray(photo.resize(scene_size, Image.BICUBIC))
+    else:
+        scene = texture(scene_size[1], scene_size[0], rng)
     frames = int(seconds * fps)
     gop = int(gop_seconds * fps)
     with av.open(str(path), "w") as container:
@@ -256,7 +262,7 @@ def make_clip(path: Path, width: int, height: int, seconds: float, fps: int, gop
                 radius = height // (12 + 2 * blob)
                 frame[max(0, row - radius) : row + radius, max(0, column - radius) : column + radius] = (
                     (230, 80, 40), (40, 200, 90), (60, 90, 230))[blob]
-            noise = rng.integers(-5, 6, frame.shape, dtype=np.int16)
+            noise = rng.integers(-8, 9, frame.shape, dtype=np.int16)
             frame = np.clip(frame.astype(np.int16) + noise, 0, 255).astype(np.uint8)
             for packet in video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

@@ -107,7 +107,8 @@ def png_bomb(side: int) -> bytes:
 def media() -> SimpleNamespace:
     """The factories of this file: ``video``, ``image``, ``tar``, ``png_bomb``, ``pattern``; CLIP ``mean``/``std``."""
     return SimpleNamespace(
-        video=encode_video, image=encode_image, tar=write_tar, png_bomb=png_bomb, pattern=frame_pattern, mean=MEAN, std=STD
+        video=encode_video, image=encode_image, tar=write_tar, png_bomb=png_bomb, pattern=frame_pattern,
+        mean=MEAN, std=STD,
     )
 
 

@@ -154,8 +154,8 @@ def test_duplicated_keys_keep_the_first_sample(tmp_path, media, clip_bytes, capl
 
 
 def test_decompression_bomb_image_is_skipped(tmp_path, media, caplog):
-    members = [("a.txt", b"ok"), ("a.png", media.image(20, 20)), ("bomb.txt", b"boom"), ("bomb.png", media.png_bomb(8000)),
-               ("b.txt", b"ok"), ("b.png", media.image(20, 20))]
+    members = [("a.txt", b"ok"), ("a.png", media.image(20, 20)), ("bomb.txt", b"boom"),
+               ("bomb.png", media.png_bomb(8000)), ("b.txt", b"ok"), ("b.png", media.image(20, 20))]
     with caplog.at_level(logging.WARNING):
         assert keys_of(read_all(str(media.tar(tmp_path / "s.tar", members)), media, "image")) == ["a", "b"]
     assert skipped_counts() == {"image_too_large": 1}
@@ -221,3 +221,18 @@ def test_training_stream_survives_a_hostile_shard(tmp_path, media, clip_bytes, t
     counts = skipped_counts()
     assert counts["empty_media"] >= 1 and counts["caption_not_utf8"] >= 1 and counts["unknown_member"] >= 1
     assert sum(sum(batch["skipped"].values()) for batch in batches) <= sum(counts.values())
+
+
+def test_pipe_urls_stream_shards_and_failed_commands_are_counted(tmp_path, media, clip_bytes):
+    shard = media.tar(tmp_path / "s.tar", good("a", clip_bytes) + good("b", clip_bytes))
+    urls = f"pipe:cat {shard}::pipe:cat {tmp_path / 'absent.tar'}::pipe:exit 3::{shard}"
+    batches = read_all(urls, media)
+    assert keys_of(batches) == ["a", "b", "a", "b"]
+    assert skipped_counts() == {"shard_open_error": 2}
+
+
+def test_empty_shard_file_is_counted(tmp_path, media, clip_bytes):
+    (tmp_path / "s-0.tar").write_bytes(b"")
+    media.tar(tmp_path / "s-1.tar", good("a", clip_bytes))
+    assert keys_of(read_all(str(tmp_path / "s-{0..1}.tar"), media)) == ["a"]
+    assert skipped_counts() == {"truncated_tar": 1}
