@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -24,7 +26,6 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from mmsphere.config import Config, ConfigError, MmsphereError, config_from_dict, config_to_dict, load_config
+from mmsphere.ood.inputs import DEFAULT_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +67,14 @@ WEIGHT_COLUMNS = [("weights/auroc_clean_vs_mismatched", "AUROC clean vs mismatch
                   ("weights/mean_weight_mismatched", "mean weight, mismatched", 3)]
 
 
-@dataclass
+@dataclasses.dataclass
 class OodSets:
     """ID and OoD image sets (folders or image shards) and the ID class names of the zero-shot classifier."""
 
     id_images: str
     ood_images: dict[str, str]
     classes: list[str]
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    templates: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     scores: tuple[str, ...] = ("mcm", "energy")
     positive: str = "id"  # FPR@95 convention (DESIGN §4)
 
@@ -119,6 +121,7 @@ def run_ablation(
     ``mismatched_keys`` (sample keys of deliberately mismatched pairs) enables the AUROC of the
     learned weights for variants with meta weighting. Returns what ``ablation.json`` holds.
     """
+    from mmsphere.eval.report import versions, write_json
     from mmsphere.train.preflight import check_data_sources
 
     started = time.time()
@@ -146,17 +149,13 @@ def run_ablation(
         runs.append(run_variant(variant, seed, config, ood=ood, mismatched_keys=mismatched_keys,
                                 eval_batch_size=eval_batch_size))
 
-    from mmsphere.eval.report import versions, write_json
-
     results = {
         "description": description or {},
         "base_config": config_to_dict(base),
         "variants": {variant: VARIANTS.get(variant, {}) for variant in ([ZERO_SHOT] if zero_shot else []) + variants},
         "seeds": seeds,
         "data": {"val": base.data.val.urls, "modality": base.data.val.modality},
-        "ood": None if ood is None else {"id": ood.id_images, "ood": ood.ood_images, "classes": ood.classes,
-                                         "templates": ood.templates, "scores": list(ood.scores),
-                                         "positive": ood.positive},
+        "ood": None if ood is None else dataclasses.asdict(ood),
         "mismatched_pairs": None if mismatched_keys is None else len(mismatched_keys),
         "runs": runs,
         "aggregate": aggregate(runs),
@@ -219,7 +218,8 @@ def check_same_config(run_dir: Path, config: Config) -> None:
         if not path.is_file():
             continue
         found = json.loads(path.read_text())["config"] if path.suffix == ".json" else config_to_dict(load_config(path))
-        differing = _first_difference(found, config_to_dict(config))
+        # a study folder may move: where the run lives is not part of what it is
+        differing = _first_difference({**found, "output_dir": None}, {**config_to_dict(config), "output_dir": None})
         if differing is not None:
             raise MmsphereError(f"{str(run_dir)!r} holds a run of another config ({differing}); "
                                 "choose another output folder or remove that run")
@@ -250,9 +250,13 @@ def run_variant(variant: str, seed: int, config: Config, *, ood: OodSets | None 
     from mmsphere.train import train
 
     run_dir = Path(config.output_dir)
+    evaluation = evaluation_settings(ood, mismatched_keys)
     if (run_dir / RUN_RESULT).is_file():
-        logger.info("reusing the results in %s", run_dir / RUN_RESULT)
-        return json.loads((run_dir / RUN_RESULT).read_text())["record"]
+        saved = json.loads((run_dir / RUN_RESULT).read_text())
+        if saved["evaluation"] == evaluation:
+            logger.info("reusing the results in %s", run_dir / RUN_RESULT)
+            return saved["record"]
+        logger.info("%s was evaluated with other OoD sets or mismatched keys: evaluating it again", run_dir)
 
     summary: dict[str, Any] = {}
     metrics: dict[str, float] = {}
@@ -286,8 +290,17 @@ def run_variant(variant: str, seed: int, config: Config, *, ood: OodSets | None 
     run_dir.mkdir(parents=True, exist_ok=True)
     if ood_scores:
         np.savez(run_dir / OOD_SCORES_FILE, **ood_scores)
-    write_json(run_dir / RUN_RESULT, {"config": config_to_dict(config), "record": record})
+    write_json(run_dir / RUN_RESULT, {"config": config_to_dict(config), "evaluation": evaluation, "record": record})
     return record
+
+
+def evaluation_settings(ood: OodSets | None, mismatched_keys: set[str] | None) -> dict[str, Any]:
+    """What a run's evaluation depended on besides its config (a saved result is reused only under the same)."""
+    keys_digest = None
+    if mismatched_keys:
+        keys_digest = hashlib.sha256("\n".join(sorted(mismatched_keys)).encode()).hexdigest()
+    settings = {"ood": None if ood is None else dataclasses.asdict(ood), "mismatched_keys_sha256": keys_digest}
+    return json.loads(json.dumps(settings))  # as it reads back from the saved file (tuples become lists)
 
 
 @torch.inference_mode()
@@ -307,7 +320,8 @@ def evaluate_model(model: torch.nn.Module, config: Config, *, ood: OodSets | Non
     return metrics, scores
 
 
-def evaluate_ood(model: torch.nn.Module, ood: OodSets, *, batch_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def evaluate_ood(model: torch.nn.Module, ood: OodSets, *,
+                 batch_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """OoD metrics per score and set (and their mean over sets), plus the scores as ``{"<score>/<set>": [N]}``."""
     from mmsphere.ood.cli import encode_image_set, prompt_features
     from mmsphere.ood.metrics import mean_metrics, ood_metrics
@@ -376,6 +390,7 @@ def ablation_markdown(results: dict[str, Any]) -> str:
         f"Model `{base['model']['name']}` (pretrained: `{base['model']['pretrained']}`), "
         f"{base['train']['max_steps']} steps of global batch {base['train']['batch_size']}, lr {base['train']['lr']}; "
         f"seeds {results['seeds']}. Evaluated on `{results['data']['val']}` ({results['data']['modality']}).",
+        *([f"Command: `{' '.join(results['description']['command'])}`"] if "command" in results["description"] else []),
         "Every cell is the mean ± sample standard deviation (n − 1) over the seeds; every run's numbers are in "
         "`ablation.json`. Retrieval ties count against the query (DESIGN §4).",
         f"Machine: {machine_info['cpu_count']} CPU cores, {machine_info['accelerator']}, torch "
@@ -388,7 +403,7 @@ def ablation_markdown(results: dict[str, Any]) -> str:
         overrides = results["variants"][variant]
         terms = overrides.get("loss.terms", base["loss"]["terms"])
         meta = overrides.get("meta.enabled", base["meta"]["enabled"])
-        label = "untrained (as initialised by the seed)" if variant == ZERO_SHOT else ""
+        label = "no fine-tuning: the model each seed's training starts from" if variant == ZERO_SHOT else ""
         lines.append(f"| {variant} | {label or ', '.join(f'{name} {weight:g}' for name, weight in terms.items())} | "
                      f"{'–' if variant == ZERO_SHOT else ('on' if meta else 'off')} |")
     lines += ["", "## Retrieval (validation set)", "", *_table(variants, aggregated, RETRIEVAL_COLUMNS)]
@@ -397,9 +412,10 @@ def ablation_markdown(results: dict[str, Any]) -> str:
 
         ood_columns = [(f"ood/{score}/mean/{key}", f"{score} {label}", 3) for score in results["ood"]["scores"]
                        for key, label in (("AUROC", "AUROC"), ("FPR95", "FPR@95"))]
-        lines += ["", f"## OoD detection (mean over {', '.join(results['ood']['ood'])}; ID classes "
+        lines += ["", f"## OoD detection (mean over {', '.join(results['ood']['ood_images'])}; ID classes "
                       f"{', '.join(results['ood']['classes'])})", "",
-                  *_table(variants, aggregated, ood_columns), "", f"Convention: {CONVENTIONS[results['ood']['positive']]}."]
+                  *_table(variants, aggregated, ood_columns), "",
+                  f"Convention: {CONVENTIONS[results['ood']['positive']]}."]
     if results["mismatched_pairs"]:
         lines += ["", f"## Learned weights: clean vs {results['mismatched_pairs']} mismatched pairs", "",
                   "A pair's weight is its mean over the second half of training; clean = positive class.", "",
@@ -503,9 +519,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="keys of mismatched pairs (demo meta.json, JSON list or lines): AUROC of learned weights")
     parser.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default train.batch_size)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the base config")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO)  # one line per run: which variant and seed, and where
 
     try:
         if args.seeds < 1:
@@ -515,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             base, args.variants.split(","), [base.seed + index for index in range(args.seeds)], args.out,
             zero_shot=args.zero_shot, ood=_ood_sets(args), eval_batch_size=args.eval_batch_size,
             mismatched_keys=read_mismatched_keys(args.mismatched_keys) if args.mismatched_keys else None,
-            description={"command": ["scripts/ablate.py", *(sys.argv[1:] if argv is None else argv)],
+            description={"command": ["scripts/ablate.py", *argv],
                          "config": str(args.config), "overrides": args.overrides},
         )
     except (MmsphereError, ValueError, FileNotFoundError) as error:
@@ -538,6 +555,6 @@ def _ood_sets(args: argparse.Namespace) -> OodSets | None:
     from mmsphere.ood.cli import parse_ood_sets
     from mmsphere.ood.inputs import read_names, read_templates
 
-    return OodSets(id_images=args.ood_id, ood_images=parse_ood_sets(args.ood), classes=read_names(args.classes, "classes"),
-                   templates=read_templates(args.templates), scores=tuple(args.ood_scores.split(",")),
-                   positive=args.ood_positive)
+    return OodSets(id_images=args.ood_id, ood_images=parse_ood_sets(args.ood),
+                   classes=read_names(args.classes, "classes"), templates=read_templates(args.templates),
+                   scores=tuple(args.ood_scores.split(",")), positive=args.ood_positive)

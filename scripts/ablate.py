@@ -1,4 +1,4 @@
-"""Thin wrapper: `python scripts/ablate.py --config BASE.yaml --variants ... --seeds N --out DIR` (mmsphere.ablation)."""
+"""Thin wrapper over mmsphere.ablation: `python scripts/ablate.py --config BASE.yaml --seeds N --out DIR`."""
 
 import sys
 

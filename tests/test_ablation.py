@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import statistics
 from pathlib import Path
 
@@ -148,11 +149,9 @@ def test_numbers_are_those_of_the_saved_runs(study, study_data):
             per_key.setdefault(row["key"], []).append(row["weight"])
     keys = sorted(per_key)
     clean = [key not in study_data["mismatched"] for key in keys]
-    if all(clean) or not any(clean):
-        assert "weights/auroc_clean_vs_mismatched" not in run["metrics"]
-    else:
-        expected = roc_auc_score(clean, [np.mean(per_key[key]) for key in keys])
-        assert run["metrics"]["weights/auroc_clean_vs_mismatched"] == pytest.approx(expected, abs=1e-12)
+    assert 0 < sum(clean) < len(clean), "the last step's batch holds clean and mismatched pairs"
+    expected = roc_auc_score(clean, [np.mean(per_key[key]) for key in keys])
+    assert run["metrics"]["weights/auroc_clean_vs_mismatched"] == pytest.approx(expected, abs=1e-12)
     assert not any(key.startswith("weights/") for other in results["runs"] if other["variant"] != "meta"
                    for key in other["metrics"])
 
@@ -177,12 +176,48 @@ def test_mean_and_std_over_seeds(study):
 def test_finished_runs_are_reused_and_other_configs_refused(study, study_data):
     out, results = study
     before = (out / "clip" / "seed_0" / "model.safetensors").stat().st_mtime_ns
-    again = run_ablation(config_from_dict(base_raw(study_data)), ["clip"], [0], out)
+    again = run_ablation(config_from_dict(base_raw(study_data)), ["clip"], [0], out, ood=study_data["ood"],
+                         mismatched_keys=study_data["mismatched"])
     assert again["runs"][0]["metrics"] == next(run["metrics"] for run in results["runs"]
                                                if (run["variant"], run["seed"]) == ("clip", 0))
     assert (out / "clip" / "seed_0" / "model.safetensors").stat().st_mtime_ns == before
     with pytest.raises(MmsphereError, match=r"clip/seed_0' holds a run of another config \(train.lr: 0.001 there"):
         run_ablation(config_from_dict(base_raw(study_data, train={"lr": 0.01})), ["clip"], [0], out)
+
+
+def test_a_moved_run_is_evaluated_again_for_other_sets_without_training(study, study_data, tmp_path):
+    out, results = study
+    shutil.copytree(out / "clip" / "seed_1", tmp_path / "moved" / "clip" / "seed_1")
+    weights = tmp_path / "moved" / "clip" / "seed_1" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = run_ablation(config_from_dict(base_raw(study_data)), ["clip"], [1], tmp_path / "moved")
+    original = next(run for run in results["runs"] if (run["variant"], run["seed"]) == ("clip", 1))["metrics"]
+    metrics = again["runs"][0]["metrics"]
+    assert weights.stat().st_mtime_ns == before and "time/train_call_s" not in metrics, "not trained again"
+    assert not any(key.startswith(("ood/", "weights/")) for key in metrics), "evaluated without OoD sets and keys"
+    for key in ("t2v/R@1", "v2t/MnR", "geometry/uniformity_union"):
+        assert metrics[key] == original[key], key
+
+
+def test_command_line_continues_a_finished_study(study, study_data, tmp_path, capsys):
+    out, results = study
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump(base_raw(study_data)))
+    keys = tmp_path / "mismatched.json"
+    keys.write_text(json.dumps({"mismatched_keys": sorted(study_data["mismatched"])}))
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a {} square\n")
+    ood = study_data["ood"]
+    assert main(["--config", str(config), "--variants", ",".join(VARIANTS), "--seeds", str(len(SEEDS)), "--zero-shot",
+                 "--out", str(out), "--ood-id", ood.id_images, "--ood", f"colours={ood.ood_images['colours']}",
+                 "--classes", study_data["classes"], "--templates", str(templates),
+                 "--mismatched-keys", str(keys)]) == 0
+    printed = capsys.readouterr().out
+    written = json.loads((out / "ablation.json").read_text())
+    assert [run["metrics"] for run in written["runs"]] == [run["metrics"] for run in results["runs"]], "all reused"
+    assert written["description"]["command"][:3] == ["scripts/ablate.py", "--config", str(config)]
+    summary = written["aggregate"]["clip"]["t2v/R@1"]
+    assert f"| clip | {summary['mean']:.1f} ± {summary['std']:.1f} |" in printed
 
 
 def test_aggregate_skips_missing_metrics_and_single_seeds():

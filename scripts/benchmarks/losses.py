@@ -75,13 +75,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", nargs="*", metavar="SUBSTRING",
                         help="only the cases whose name contains one of these (the baseline always runs)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    if args.batch < 2 or args.dim < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("--batch must be >= 2, --dim >= 1, --repeats >= 1, --warmup >= 0")
+    if args.batch < 2 or args.dim < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads or 1) < 1:
+        parser.error("--batch must be >= 2, --dim >= 1, --repeats >= 1, --warmup >= 0, --threads >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]

@@ -19,7 +19,7 @@ from mmsphere.data.shards import ListEntry, write_shards
 from mmsphere.eval import GEOMETRY_KEYS, TIE_RULE
 from mmsphere.eval.cli import main
 from mmsphere.models import load_run, save_run
-from retrieval_reference import loop_dual_softmax, loop_metrics, loop_ranks
+from tests.eval.retrieval_reference import loop_dual_softmax, loop_metrics, loop_ranks
 
 
 def independent_similarity(run_dir: Path, urls: str, frames: int) -> tuple[np.ndarray, list[int], list[str]]:
@@ -157,3 +157,17 @@ def test_a_list_with_a_single_usable_video_is_refused(run_dir, media, tmp_path, 
                        + json.dumps({"path": str(media / "missing.mp4"), "caption": "gone"}) + "\n")
     assert main(["--run", str(run_dir), "--list", str(listing), "--out", str(tmp_path / "r.json")]) == 2
     assert "at least 2 videos" in capsys.readouterr().err
+
+
+def test_library_entry_and_the_flat_metrics_training_logs(run_dir, video_shards):
+    from mmsphere.eval import evaluate_retrieval, evaluate_retrieval_loader
+
+    model = load_run(run_dir).train()
+    results = evaluate_retrieval(model, video_shards, frames=4, progress=False)
+    flat = evaluate_retrieval_loader(model, video_shards, frames=4)
+    assert flat == {
+        **{f"{direction}/{key}": value for direction in ("t2v", "v2t") for key, value in results["metrics"][direction].items()},
+        **{f"geometry/{key}": value for key, value in results["geometry"].items()},
+    }
+    assert all(isinstance(value, float) for value in flat.values())
+    assert model.training  # encoding ran in eval mode and gave the caller's mode back

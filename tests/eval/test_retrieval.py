@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmsphere.eval import dual_softmax, metrics_from_ranks, retrieval_metrics, retrieval_ranks, topk_search
-from retrieval_reference import loop_dual_softmax, loop_metrics, loop_ranks
+from tests.eval.retrieval_reference import loop_dual_softmax, loop_metrics, loop_ranks
 
 
 def assert_metrics_equal(actual: dict[str, float], expected: dict[str, float]) -> None:

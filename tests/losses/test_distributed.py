@@ -78,19 +78,23 @@ def two_processes(tmp_path_factory) -> tuple[dict, list[dict]]:
     torch.save({"data": data, "cases": CASES}, spec)
     port = free_port()
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    processes = [subprocess.Popen([sys.executable, str(WORKER), str(spec), str(directory), str(rank), "2", str(port)],
-                                  cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for rank in range(2)]
-    outputs = []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            raise
-    for rank, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"rank {rank} failed:\n{output}"
+    logs = [directory / f"rank{rank}.log" for rank in range(2)]
+    processes = []
+    # output goes to files: a full pipe would block one rank inside a collective and hang both
+    for rank, log in enumerate(logs):
+        with log.open("w") as handle:
+            processes.append(subprocess.Popen(
+                [sys.executable, str(WORKER), str(spec), str(directory), str(rank), "2", str(port)],
+                cwd=REPO, env=environment, stdout=handle, stderr=subprocess.STDOUT))
+    try:
+        for process in processes:
+            process.wait(timeout=180)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for rank, (process, log) in enumerate(zip(processes, logs)):
+        assert process.returncode == 0, f"rank {rank} failed:\n{log.read_text()}"
     return data, [torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 

