@@ -8,6 +8,8 @@ Precision: inputs of any float dtype are accepted. Half-precision inputs (fp16, 
 and the arithmetic runs in fp32, because logits at ``logit_scale = 100`` and cosines near ±1 need
 more than 8–11 mantissa bits; losses come back in that compute dtype (fp32 for fp16/bf16/fp32
 inputs, fp64 for fp64 inputs). :func:`slerp` returns features, so it returns the input dtype.
+Inside an autocast region the matmuls would still run in half precision; :class:`Objective
+<mmsphere.losses.objective.Objective>` switches autocast off around them.
 
 ``logit_scale`` is always the multiplier ``s`` (``exp`` of the learned log-scale), a float or a
 one-element tensor; gradients flow into it when it is a tensor that requires them.
@@ -53,7 +55,8 @@ def angular_margin_loss(
 
     img, txt: [B, D] unit-norm. The positive logits become ``s·cos(θ_ii − m)`` with
     ``θ_ii = arccos(clamp(⟨img_i, txt_i⟩, −1+ε, 1−ε))``; negatives stay ``s·⟨img_i, txt_j⟩``.
-    ``margin=0`` is :func:`clip_loss` (up to the clamp).
+    ε is 1e-6 for fp32/fp64 inputs and 1e-3 for fp16/bf16 inputs, so gradients stay finite for
+    identical pairs. ``margin=0`` is :func:`clip_loss` (up to the clamp).
     """
     _check_pair(img, txt)
     _check_margin(margin)
@@ -208,7 +211,8 @@ def _slerp_weights(cosine: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
 
 def _symmetric_cross_entropy(logits: Tensor) -> Tensor:
     labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none"))
+    return 0.5 * (F.cross_entropy(logits, labels, reduction="none")
+                  + F.cross_entropy(logits.T, labels, reduction="none"))
 
 
 def _squared_distances(x: Tensor) -> Tensor:

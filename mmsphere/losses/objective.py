@@ -67,16 +67,18 @@ class Term:
 def calibration_similarity(
     img: Tensor, txt: Tensor, lam: Tensor | np.ndarray, min_sim: float = 0.0, max_sim: float = 0.8, detach: bool = True
 ) -> Tensor:
-    """CM³ calibration matrix ``S = clamp(f·fᵀ, min_sim, max_sim)`` of fused features ``f_i = slerp(img_i, txt_i, p_i)``.
+    """CM³ calibration matrix ``S = clamp(f·fᵀ, min_sim, max_sim)`` of the fused features f.
 
-    img, txt: [B, D] unit-norm; lam: [B], the per-sample ``p_i``. Returns [B, B].
+    ``f_i = slerp(img_i, txt_i, p_i)``; img, txt: [B, D] unit-norm; lam: [B], the ``p_i``. Returns [B, B].
     """
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
         fused = F.slerp(_upcast(img), _upcast(txt), lam)
         return (fused @ fused.T).clamp(min_sim, max_sim)
 
 
-def _clip_term(img: Tensor, txt: Tensor, logit_scale: float | Tensor, *, reduction: str = "mean", **_: object) -> Tensor:
+def _clip_term(
+    img: Tensor, txt: Tensor, logit_scale: float | Tensor, *, reduction: str = "mean", **_: object
+) -> Tensor:
     return F.clip_loss(img, txt, logit_scale, reduction=reduction)
 
 
@@ -102,7 +104,9 @@ def _calibrated_uniformity_term(
                   + F.calibrated_uniformity(txt, calibration, config.uniformity_t))
 
 
-def _cma_term(img: Tensor, txt: Tensor, logit_scale: float | Tensor, *, reduction: str = "mean", **_: object) -> Tensor:
+def _cma_term(
+    img: Tensor, txt: Tensor, logit_scale: float | Tensor, *, reduction: str = "mean", **_: object
+) -> Tensor:
     return F.cma_regularizer(img, txt, logit_scale, reduction=reduction)
 
 
@@ -132,7 +136,7 @@ class MixingDraws:
 
 
 def draw_mixing(config: LossConfig, batch_size: int, seed: int | None) -> MixingDraws:
-    """Draw λ ~ Beta(m2mix_alpha, m2mix_alpha), then p ~ Beta(calibration_alpha, ·) of size batch_size, for the active terms."""
+    """λ ~ Beta(m2mix_alpha, m2mix_alpha), then p ~ Beta(calibration_alpha, ·)^batch_size, for active terms only."""
     rng = np.random.default_rng(seed)
     mix_lam = float(rng.beta(config.m2mix_alpha, config.m2mix_alpha)) if config.terms.get("m2mix", 0) > 0 else None
     calibration_lam = None
@@ -349,8 +353,8 @@ class Objective(nn.Module):
             weight_image, weight_text = _slerp_weights((rows.all_image * rows.all_text).sum(dim=1), lam)
             row_weight_image = weight_image[rows.offset:rows.offset + rows.image.shape[0], None]
             row_weight_text = weight_text[rows.offset:rows.offset + rows.image.shape[0], None]
-            # fused f_j = a_j·img_j + b_j·txt_j, so ⟨f_i, f_j⟩ = a_i⟨img_i, f_j⟩ + b_i⟨txt_i, f_j⟩ combines the
-            # blocks already computed instead of another matmul
+            # fused f_j = a_j·img_j + b_j·txt_j, so ⟨f_i, f_j⟩ = a_i⟨img_i, f_j⟩ + b_i⟨txt_i, f_j⟩
+            # combines the blocks already computed instead of another matmul
             image_to_fused = torch.addcmul(similarity * weight_text, gram_image, weight_image)
             text_to_fused = torch.addcmul(gram_text * weight_text, similarity_t, weight_image)
             fused_similarity = torch.addcmul(image_to_fused * row_weight_image, text_to_fused, row_weight_text)
@@ -360,8 +364,8 @@ class Objective(nn.Module):
         pair_count = rows.total * (rows.total - 1) / 2
         result = []
         for gram in (gram_image, gram_text):
-            # for unit rows −t(‖x_i − x_j‖² − 2 + 2·S_ij) = 2t(⟨x_i, x_j⟩ − S_ij); the value equals the plain
-            # function's, the gradient lacks only the radial part that the encoders' L2 normalisation removes
+            # for unit rows −t(‖x_i − x_j‖² − 2 + 2·S_ij) = 2t(⟨x_i, x_j⟩ − S_ij); the value equals the
+            # plain function's, the gradient lacks only the radial part that L2 normalisation removes
             exponents = torch.add(base, gram, alpha=two_t)
             shift = exponents.detach().amax()
             log_sum = exponents.sub_(shift).exp_().sum().log() + shift

@@ -269,7 +269,7 @@ def test_slerp_walks_the_geodesic():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("offset", [0.0, 1e-9, 1e-6, 1e-4, 1e-2])
+@pytest.mark.parametrize("offset", [0.0, 1e-9, 1e-6, 1e-3])
 def test_slerp_is_unit_norm_and_stable_for_close_rows(dtype, offset):
     a = unit_rows(6, 5, seed=15)
     b = tf.normalize(a + offset * unit_rows(6, 5, seed=16), dim=1)
@@ -343,7 +343,8 @@ def test_identical_pairs_have_finite_gradients_everywhere():
         (lambda x, y: F.alignment(x, y[:2]), r"x and y must have the same shape"),
         (lambda x, y: F.uniformity(x[:1]), r"x must hold at least 2 rows .*\[1, 4\]"),
         (lambda x, y: F.uniformity(x, t=0.0), r"t=0.0 must be > 0"),
-        (lambda x, y: F.calibrated_uniformity(x, torch.ones(5, 5)), r"sim must be a tensor of shape \[B, B\] = \[6, 6\] .*\[5, 5\]"),
+        (lambda x, y: F.calibrated_uniformity(x, torch.ones(5, 5)),
+         r"sim must be a tensor of shape \[B, B\] = \[6, 6\] .*\[5, 5\]"),
         (lambda x, y: F.cma_regularizer(x, y.T, 1.0), r"img and txt must have the same shape .*\[6, 4\] and \[4, 6\]"),
     ],
 )

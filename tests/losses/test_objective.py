@@ -70,8 +70,12 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("weighting", [None, "mean", "sum", "callable"])
-@pytest.mark.parametrize("name", list(CONFIGS))
+# every config unweighted, the sample-weight variants on the two contrastive terms' richest configs
+COMBINATIONS = [(name, None) for name in CONFIGS] + [
+    (name, weighting) for name in ("all terms", "clip+m2mix") for weighting in ("mean", "sum", "callable")]
+
+
+@pytest.mark.parametrize(("name", "weighting"), COMBINATIONS)
 def test_fast_path_equals_sum_of_plain_functions(name, weighting):
     config = CONFIGS[name]
     raw_image, raw_text = raw_pair(9, 5, seed=1)
@@ -130,8 +134,8 @@ def test_sample_weights_of_one_change_nothing():
 
 def test_zero_weights_give_a_finite_zero_contrastive_term():
     image, text = (tf.normalize(x, dim=1) for x in raw_pair(6, 4, seed=5))
-    output = Objective(LossConfig(terms={"clip": 1.0}))(image, text, 5.0, sample_weights=torch.zeros(6, dtype=image.dtype),
-                                                        weight_normalize="sum")
+    zeros = torch.zeros(6, dtype=image.dtype)
+    output = Objective(LossConfig(terms={"clip": 1.0}))(image, text, 5.0, sample_weights=zeros, weight_normalize="sum")
     assert output.loss.item() == 0.0
     output.loss.backward()
 
@@ -229,17 +233,22 @@ def test_bad_config_raises_config_error(changes, message):
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda o, x, y: o(x, y[:5], 5.0), r"image_features and text_features must have the same shape .*\[6, 4\] and \[5, 4\]"),
+        (lambda o, x, y: o(x, y[:5], 5.0),
+         r"image_features and text_features must have the same shape .*\[6, 4\] and \[5, 4\]"),
         (lambda o, x, y: o(x, y[:, :3], 5.0), r"same shape .*\[6, 4\] and \[6, 3\]"),
         (lambda o, x, y: o(x[0], y[0], 5.0), r"image_features must be a 2-D float tensor \[n, D\], got \[4\]"),
         (lambda o, x, y: o(x[:1], y[:1], 5.0), r"image_features must hold at least 2 samples .*\[1, 4\]"),
         (lambda o, x, y: o(x[:0], y[:0], 5.0), r"at least 2 samples .*\[0, 4\]"),
         (lambda o, x, y: o(x.long(), y, 5.0), r"image_features must be a 2-D float tensor"),
         (lambda o, x, y: o(3 * x, y, 5.0), r"image_features must hold L2-normalised rows: max \|‖row‖ − 1\| = 2"),
-        (lambda o, x, y: o(x, y, torch.ones(3)), r"logit_scale must be a float or a one-element tensor, got shape \[3\]"),
-        (lambda o, x, y: o(x, y, 5.0, sample_weights=torch.ones(5)), r"sample_weights must be a tensor of shape \[n\] = \[6\]"),
-        (lambda o, x, y: o(x, y, 5.0, sample_weights=-torch.ones(6)), r"sample_weights must be >= 0, got a minimum of -1"),
-        (lambda o, x, y: o(x, y, 5.0, sample_weights=lambda losses: losses[:2]), r"sample_weights returned shape \[2\], expected \[n\] = \[6\]"),
+        (lambda o, x, y: o(x, y, torch.ones(3)),
+         r"logit_scale must be a float or a one-element tensor, got shape \[3\]"),
+        (lambda o, x, y: o(x, y, 5.0, sample_weights=torch.ones(5)),
+         r"sample_weights must be a tensor of shape \[n\] = \[6\]"),
+        (lambda o, x, y: o(x, y, 5.0, sample_weights=-torch.ones(6)),
+         r"sample_weights must be >= 0, got a minimum of -1"),
+        (lambda o, x, y: o(x, y, 5.0, sample_weights=lambda losses: losses[:2]),
+         r"sample_weights returned shape \[2\], expected \[n\] = \[6\]"),
         (lambda o, x, y: o(x, y, 5.0, weight_normalize="max"), r"weight_normalize='max' must be 'mean' or 'sum'"),
         (lambda o, x, y: o(x, y, 5.0, seed=1.5), r"seed=1.5 must be an integer or None"),
     ],
