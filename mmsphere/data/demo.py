@@ -279,7 +279,18 @@ def _image_captions(digit: int, rng: np.random.Generator, count: int = 2) -> lis
     return [IMAGE_TEMPLATES[index].format(numeral=digit, word=DIGIT_WORDS[digit]) for index in templates]
 
 
-def _video_split(prefix, count, pool, renderer, rng, staging, bar, mismatch_fraction=0.0, mismatched=None):
+def _video_split(
+    prefix: str,
+    count: int,
+    pool: list[int],
+    renderer: _Renderer,
+    rng: np.random.Generator,
+    staging: Path,
+    bar: tqdm,
+    mismatch_fraction: float = 0.0,
+    mismatched: dict[str, str] | None = None,
+) -> list[dict]:
+    """Clips of random motions; a ``mismatch_fraction`` of them captioned with another motion."""
     wrong = set(rng.choice(count, size=round(mismatch_fraction * count), replace=False).tolist())
     rows = []
     for index in range(count):
@@ -297,7 +308,10 @@ def _video_split(prefix, count, pool, renderer, rng, staging, bar, mismatch_frac
     return rows
 
 
-def _reversed_pairs(prefix, count, pool, renderer, rng, staging, bar):
+def _reversed_pairs(
+    prefix: str, count: int, pool: list[int], renderer: _Renderer, rng: np.random.Generator, staging: Path, bar: tqdm
+) -> list[dict]:
+    """Pairs of clips of one digit image: a motion, then the same two directions in reverse order."""
     rows = []
     for pair in range(count // 2):
         glyph = int(pool[rng.integers(len(pool))])
@@ -313,8 +327,19 @@ def _reversed_pairs(prefix, count, pool, renderer, rng, staging, bar):
     return rows
 
 
-def _image_split(prefix, count, pool, renderer, rng, staging, bar, mismatch_fraction=0.0, mismatched=None,
-                 without_repeats=False):
+def _image_split(
+    prefix: str,
+    count: int,
+    pool: list[int],
+    renderer: _Renderer,
+    rng: np.random.Generator,
+    staging: Path,
+    bar: tqdm,
+    mismatch_fraction: float = 0.0,
+    mismatched: dict[str, str] | None = None,
+    without_repeats: bool = False,
+) -> list[dict]:
+    """Still digits captioned with their class; a ``mismatch_fraction`` of them with another digit."""
     if without_repeats and count > len(pool):
         raise ValueError(f"{prefix}: {count} images asked for, only {len(pool)} digit images held out")
     chosen = rng.choice(len(pool), size=count, replace=not without_repeats)

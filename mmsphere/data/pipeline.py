@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ from mmsphere.data.reader import check_shards, read_tar_samples, resampled_shard
 from mmsphere.data.samples import MODALITIES, DecodeOptions, Sample, decode_samples
 from mmsphere.data.stats import SkipCounter, SkipReport, add_skipped
 
-logger = logging.getLogger(__name__)
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 

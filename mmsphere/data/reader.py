@@ -10,7 +10,6 @@ links, oversized members) into a counted skip.
 from __future__ import annotations
 
 import io
-import logging
 import random
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,7 +22,6 @@ from webdataset.gopen import gopen
 from mmsphere.data.samples import KNOWN_EXTENSIONS, RawSample, split_member_name
 from mmsphere.data.stats import SkipCounter
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMBER_BYTES = 2 << 30
 _BLOCK = tarfile.BLOCKSIZE

@@ -281,13 +281,12 @@ class Objective(nn.Module):
     ) -> ObjectiveOutput:
         config = self.config
         offset = rows.offset
-        similarity = rows.image @ rows.all_text.T  # [r, N]: ⟨img_i, txt_j⟩
-        # ⟨txt_i, img_j⟩; in global mode a transposed copy: element-wise kernels and log_softmax on a
-        # transposed view run several times slower than on contiguous rows
-        similarity_t = similarity.T.contiguous() if rows.is_global else rows.text @ rows.all_image.T
-        positive_cosine = similarity.diagonal(offset)
-        plain_logits = scale * similarity
-        plain_logits_t = scale * similarity_t
+        # s scales the [r, D] rows rather than the [r, N] product; the other terms undo it per column
+        plain_logits = (scale * rows.image) @ rows.all_text.T  # [r, N]: s⟨img_i, txt_j⟩
+        # s⟨txt_i, img_j⟩; in global mode a transposed copy: element-wise kernels and log_softmax on
+        # a transposed view run several times slower than on contiguous rows
+        plain_logits_t = plain_logits.T.contiguous() if rows.is_global else (scale * rows.text) @ rows.all_image.T
+        positive_cosine = (rows.image * rows.text).sum(dim=1)
         if self.contrastive == "angular_margin":
             positive = scale * _margin_cosine(positive_cosine, config.margin, input_dtype)
             logits = torch.diagonal_scatter(plain_logits, positive, offset)
@@ -303,11 +302,11 @@ class Objective(nn.Module):
             gram_image = _gram(rows.image) if rows.is_global else rows.image @ rows.all_image.T
             gram_text = _gram(rows.text) if rows.is_global else rows.text @ rows.all_text.T
         if "m2mix" in self.term_weights:
-            values["m2mix"] = self._m2mix(rows, similarity, similarity_t, gram_image, gram_text, positive_cosine,
-                                          draws.mix_lam)
+            values["m2mix"] = self._m2mix(rows, scale, plain_logits, plain_logits_t, gram_image, gram_text,
+                                          positive_cosine, draws.mix_lam)
         if "calibrated_uniformity" in self.term_weights:
-            values["calibrated_uniformity"] = self._calibrated_uniformity(rows, similarity, similarity_t, gram_image,
-                                                                          gram_text, draws.calibration_lam)
+            values["calibrated_uniformity"] = self._calibrated_uniformity(
+                rows, scale, plain_logits, plain_logits_t, gram_image, gram_text, draws.calibration_lam)
         if "cma" in self.term_weights:
             # LSE_i = L_ii − log_softmax(L)_ii, exact also when the positive dominates the row
             plain_positive = plain_logits.diagonal(offset)
@@ -325,16 +324,16 @@ class Objective(nn.Module):
         return ObjectiveOutput(loss=loss, terms=terms, per_sample=per_sample[rows.local])
 
     def _m2mix(
-        self, rows: _Rows, similarity: Tensor, similarity_t: Tensor, gram_image: Tensor, gram_text: Tensor,
+        self, rows: _Rows, scale: Tensor, logits: Tensor, logits_t: Tensor, gram_image: Tensor, gram_text: Tensor,
         positive_cosine: Tensor, mix_lam: float,
     ) -> Tensor:
         tau = self.config.tau_mix
-        lam = torch.as_tensor(mix_lam, dtype=similarity.dtype, device=similarity.device)
+        lam = torch.as_tensor(mix_lam, dtype=logits.dtype, device=logits.device)
         weight_image, weight_text = _slerp_weights((rows.all_image * rows.all_text).sum(dim=1), lam)
         weight_image, weight_text = weight_image / tau, weight_text / tau
         # ⟨x_i, n_j⟩ = w_img,j·⟨x_i, img_j⟩ + w_txt,j·⟨x_i, txt_j⟩, with n_j the mixed embedding of pair j
-        mixed_image = torch.addcmul(similarity * weight_text, gram_image, weight_image)
-        mixed_text = torch.addcmul(gram_text * weight_text, similarity_t, weight_image)
+        mixed_image = torch.addcmul(logits * (weight_text / scale), gram_image, weight_image)
+        mixed_text = torch.addcmul(gram_text * weight_text, logits_t, weight_image / scale)
         positive = positive_cosine / tau
         mixed_image.diagonal(rows.offset).copy_(positive)
         mixed_text.diagonal(rows.offset).copy_(positive)
@@ -343,36 +342,47 @@ class Objective(nn.Module):
         return rows.rank_factor * per_sample.sum() / rows.total
 
     def _calibrated_uniformity(
-        self, rows: _Rows, similarity: Tensor, similarity_t: Tensor, gram_image: Tensor, gram_text: Tensor,
+        self, rows: _Rows, scale: Tensor, logits: Tensor, logits_t: Tensor, gram_image: Tensor, gram_text: Tensor,
         calibration_lam: np.ndarray,
     ) -> Tensor:
         config = self.config
         two_t = 2 * config.uniformity_t
+        # For unit rows the exponents 2t(⟨x_i, x_j⟩ − S_ij) lie in [2t(−1 − max_sim), 2t(1 − min_sim)], so
+        # the upper bound serves as log-sum-exp shift unless the range is wide enough to underflow exp.
+        shift = two_t * (1 - config.min_sim)
+        fixed_shift = two_t * (2 + config.max_sim - config.min_sim) < 80
         lam = torch.as_tensor(calibration_lam, dtype=gram_image.dtype, device=gram_image.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not config.detach_calibration):
             weight_image, weight_text = _slerp_weights((rows.all_image * rows.all_text).sum(dim=1), lam)
-            row_weight_image = weight_image[rows.offset:rows.offset + rows.image.shape[0], None]
-            row_weight_text = weight_text[rows.offset:rows.offset + rows.image.shape[0], None]
+            # −2t·S_ij directly: the factor rides on the row weights (−2t·clamp(f) = clamp(−2t·f) flipped)
+            row_weight_image = -two_t * weight_image[rows.offset:rows.offset + rows.image.shape[0], None]
+            row_weight_text = -two_t * weight_text[rows.offset:rows.offset + rows.image.shape[0], None]
             # fused f_j = a_j·img_j + b_j·txt_j, so ⟨f_i, f_j⟩ = a_i⟨img_i, f_j⟩ + b_i⟨txt_i, f_j⟩
             # combines the blocks already computed instead of another matmul
-            image_to_fused = torch.addcmul(similarity * weight_text, gram_image, weight_image)
-            text_to_fused = torch.addcmul(gram_text * weight_text, similarity_t, weight_image)
-            fused_similarity = torch.addcmul(image_to_fused * row_weight_image, text_to_fused, row_weight_text)
-            # only pairs i < j (global indices) count: entry (k, j) of the row block needs j > offset + k
-            lower = torch.ones_like(fused_similarity, dtype=torch.bool).tril_(rows.offset)
-            base = torch.where(lower, -math.inf, -two_t * fused_similarity.clamp(config.min_sim, config.max_sim))
-        pair_count = rows.total * (rows.total - 1) / 2
+            image_to_fused = torch.addcmul(logits * (weight_text / scale), gram_image, weight_image)
+            text_to_fused = torch.addcmul(gram_text * weight_text, logits_t, weight_image / scale)
+            base = torch.addcmul(image_to_fused * row_weight_image, text_to_fused, row_weight_text)
+            base = base.clamp(-two_t * config.max_sim, -two_t * config.min_sim)
+            if fixed_shift:
+                base = base.sub_(shift)
+            # Both ⟨x_i, x_j⟩ and S_ij are symmetric, so the mean over pairs i < j is the mean over all
+            # i ≠ j: only the diagonal is masked, no triangle (and every rank's row block holds as many
+            # pairs in local mode)
+            base.diagonal(rows.offset).fill_(-math.inf)
+        ordered_pairs = rows.total * (rows.total - 1)
         result = []
         for gram in (gram_image, gram_text):
-            # for unit rows −t(‖x_i − x_j‖² − 2 + 2·S_ij) = 2t(⟨x_i, x_j⟩ − S_ij); the value equals the
+            # −t(‖x_i − x_j‖² − 2 + 2·S_ij) = 2t(⟨x_i, x_j⟩ − S_ij) for unit rows: the value equals the
             # plain function's, the gradient lacks only the radial part that L2 normalisation removes
             exponents = torch.add(base, gram, alpha=two_t)
-            shift = exponents.detach().amax()
-            log_sum = exponents.sub_(shift).exp_().sum().log() + shift
+            if not fixed_shift:
+                shift = exponents.detach().amax()
+                exponents = exponents.sub_(shift)
+            log_sum = exponents.exp_().sum().log() + shift
             if not rows.is_global:
                 # log Σ over all pairs = LSE of every rank's partial log-sum; the gather carries the gradient
                 log_sum = torch.logsumexp(distributed.all_gather_with_grad(log_sum.reshape(1)), dim=0)
-            result.append(log_sum - math.log(pair_count))
+            result.append(log_sum - math.log(ordered_pairs))
         return 0.5 * (result[0] + result[1])
 
 
@@ -447,6 +457,8 @@ def _check_inputs(
                          f"must be on the same device")
     if isinstance(logit_scale, Tensor) and logit_scale.numel() != 1:
         raise ValueError(f"logit_scale must be a float or a one-element tensor, got shape {list(logit_scale.shape)}")
+    if not isinstance(logit_scale, Tensor) and not logit_scale > 0:
+        raise ValueError(f"logit_scale={logit_scale} must be > 0 (it is the multiplier exp(log-scale))")
     if weight_normalize not in ("mean", "sum"):
         raise ValueError(f"weight_normalize={weight_normalize!r} must be 'mean' or 'sum'")
     if seed is not None and not isinstance(seed, (int, np.integer)):
@@ -463,6 +475,7 @@ def _check_inputs(
     with torch.no_grad():
         checks = [((torch.linalg.vector_norm(features.float(), dim=1) - 1).abs().amax())
                   for features in (image_features, text_features)]
+        checks.append(torch.as_tensor(logit_scale, dtype=torch.float32, device=image_features.device).reshape(()))
         if isinstance(sample_weights, Tensor):
             checks.append((-sample_weights.float()).amax())
         found = torch.stack(checks).tolist()
@@ -472,5 +485,7 @@ def _check_inputs(
         if deviation > tolerance:
             raise ValueError(f"{name} must hold L2-normalised rows: max |‖row‖ − 1| = {deviation:.3g} "
                              f"(tolerance {tolerance:g}); pass the encoder's normalised features")
-    if isinstance(sample_weights, Tensor) and found[2] > 0:
-        raise ValueError(f"sample_weights must be >= 0, got a minimum of {-found[2]:.3g}")
+    if found[2] <= 0:
+        raise ValueError(f"logit_scale={found[2]:.3g} must be > 0 (it is the multiplier exp(log-scale))")
+    if isinstance(sample_weights, Tensor) and found[3] > 0:
+        raise ValueError(f"sample_weights must be >= 0, got a minimum of {-found[3]:.3g}")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from open_clip.transform import image_transform
-from PIL import Image
 
 from mmsphere.config import ConfigError, DataConfig, MmsphereError, SourceConfig
 from mmsphere.data import build_eval_loader, build_train_stream, skipped_counts

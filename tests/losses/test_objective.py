@@ -64,6 +64,8 @@ CONFIGS = {
     "clip+calibrated_uniformity": LossConfig(terms={"clip": 1.0, "calibrated_uniformity": 1.0}, uniformity_t=3.0,
                                              min_sim=0.1, max_sim=0.6),
     "calibration_with_grad": LossConfig(terms={"clip": 1.0, "calibrated_uniformity": 1.0}, detach_calibration=False),
+    # t = 15 spreads the exponents beyond fp32's exp range: the log-sum-exp shift comes from the data
+    "calibrated_uniformity, large t": LossConfig(terms={"clip": 1.0, "calibrated_uniformity": 1.0}, uniformity_t=15.0),
     "angular_margin+cma": LossConfig(terms={"angular_margin": 1.0, "cma": 0.5}),
     "all terms": LossConfig(terms=dict(ALL_TERMS)),
     "all terms, zero-weight m2mix": LossConfig(terms={**ALL_TERMS, "m2mix": 0.0}),
@@ -243,6 +245,8 @@ def test_bad_config_raises_config_error(changes, message):
         (lambda o, x, y: o(3 * x, y, 5.0), r"image_features must hold L2-normalised rows: max \|‖row‖ − 1\| = 2"),
         (lambda o, x, y: o(x, y, torch.ones(3)),
          r"logit_scale must be a float or a one-element tensor, got shape \[3\]"),
+        (lambda o, x, y: o(x, y, 0.0), r"logit_scale=0.0 must be > 0"),
+        (lambda o, x, y: o(x, y, torch.tensor(-2.0)), r"logit_scale=-2 must be > 0"),
         (lambda o, x, y: o(x, y, 5.0, sample_weights=torch.ones(5)),
          r"sample_weights must be a tensor of shape \[n\] = \[6\]"),
         (lambda o, x, y: o(x, y, 5.0, sample_weights=-torch.ones(6)),
