@@ -220,6 +220,7 @@ class Objective(nn.Module):
         step's virtual loss differentiates through them into the weight net). They are averaged
         over the global batch (``weight_normalize="mean"``) or normalised to sum 1 over it
         (``"sum"``). seed: of the random draws (None: fresh entropy, shared by all ranks).
+        Under torch.distributed every rank must make the same calls: the objective gathers.
         """
         _check_inputs(image_features, text_features, logit_scale, sample_weights, weight_normalize, seed)
         device = image_features.device
