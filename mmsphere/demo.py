@@ -55,6 +55,9 @@ def run_demo(out: Path, config_path: str, *, mismatch_fraction: float = 0.2, see
                                 progress=True)
     data_seconds = time.time() - started
     splits = data_meta["splits"]
+    # what `score_ood.py --classes/--templates` reads, so the README's OoD example runs on the demo
+    (out / "id_classes.txt").write_text("\n".join(data_meta["id_class_names"]) + "\n")
+    (out / "templates.txt").write_text(data_meta["class_prompt"] + "\n")
     config = load_config(config_path, [
         f"output_dir={run_dir}", f"seed={seed}",
         f"data.train=[{{urls: '{splits['train/video']['urls']}', modality: video, weight: 2.0, name: clips}}, "
