@@ -13,6 +13,9 @@ COMMANDS = {
     "make-shards": ("mmsphere.data.cli:make_shards_main", "build webdataset shards from a CSV/JSONL list"),
     "inspect-shards": ("mmsphere.data.cli:inspect_shards_main", "decode every sample of shards and report"),
     "demo": ("mmsphere.demo:main", "build the demo data, fine-tune, evaluate and write a report"),
+    "ablate": ("mmsphere.ablation:main", "train and evaluate objective variants over several seeds"),
+    "export-offline-towers": ("mmsphere.models.offline_towers:main",
+                              "write MiniLM + EfficientNet-Lite0 (from their PyPI packages) as a pretrained dir"),
 }
 
 

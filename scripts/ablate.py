@@ -1,8 +1,8 @@
-"""Thin wrapper over mmsphere.ablation: `python scripts/ablate.py --config BASE.yaml --seeds N --out DIR`."""
+"""Thin wrapper: `python scripts/ablate.py ...` is `mmsphere ablate ...`."""
 
 import sys
 
-from mmsphere.ablation import main
+from mmsphere.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_command("ablate", sys.argv[1:]))
