@@ -17,7 +17,8 @@ def test_every_command_resolves_to_a_function(name):
 
 def test_help_lists_commands(capsys):
     assert main([]) == 0
-    assert all(name in capsys.readouterr().out for name in COMMANDS)
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in COMMANDS)
 
 
 def test_unknown_command(capsys):
