@@ -2,8 +2,8 @@
 
 Same tiny model (``mmsphere-small`` by default), same synthetic data, same batch, one process.
 Variants run in interleaved rounds; the figure is samples/s relative to open_clip in the same run.
-Peak memory is measured per variant in a fresh subprocess (peak RSS growth over the set-up, on
-CPU; ``torch.cuda.max_memory_allocated`` on GPU).
+Peak memory is measured per variant in a fresh subprocess (peak RSS growth over the resident set
+after the imports, on CPU; ``torch.cuda.max_memory_allocated`` on GPU).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -95,9 +94,22 @@ def make_runner(variant: str, model_name: str, batch: int, device: str):
     return step
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
 def measure_memory(variant: str, args) -> float:
-    """Peak memory (MB) of ``steps`` steps of one variant, in this (fresh) process."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak memory (MB) of building one variant and running ``steps`` steps, in this (fresh) process.
+
+    CPU: growth of the peak resident set (VmHWM, reset through /proc/self/clear_refs) over the
+    resident set after the imports, so torch's own import footprint is not counted.
+    """
+    if args.device != "cuda":
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets VmHWM to the current resident set
+    before = _status_mb("VmRSS")
     step = make_runner(variant, args.model, args.batch, args.device)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -105,7 +117,7 @@ def measure_memory(variant: str, args) -> float:
         step(index)
     if args.device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    return _status_mb("VmHWM") - before
 
 
 def main(argv: list[str]) -> int:
