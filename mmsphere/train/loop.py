@@ -352,12 +352,18 @@ class RunLog:
         self.output_dir = output_dir
         self.is_main = is_main
         self.max_loss_seen = 0.0
+        self.tensorboard = _tensorboard_writer(output_dir / "tensorboard") if is_main else None
 
     def metrics(self, record: dict[str, Any]) -> None:
-        """Append one line of metrics."""
+        """Append one line of metrics (and mirror the numbers to TensorBoard when it is installed)."""
         if self.is_main:
             with open(self.output_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                for name, value in record.items():
+                    if name != "step" and isinstance(value, (int, float)):
+                        self.tensorboard.add_scalar(name, value, record["step"])
+                self.tensorboard.flush()
 
     def sample_weights(self, step: int, keys: list[str], per_sample: torch.Tensor, weights: torch.Tensor | None) -> None:
         """Append ``{step, key, loss, weight}`` for every sample of the global batch."""
@@ -371,6 +377,17 @@ class RunLog:
         if self.is_main:
             with open(self.output_dir / "sample_weights.jsonl", "a") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _tensorboard_writer(log_dir: Path):
+    """A SummaryWriter when tensorboard is installed (optional), else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(log_dir))
 
 
 def validate(network: torch.nn.Module, config: Config, accelerator: Accelerator) -> dict[str, float]:

@@ -124,3 +124,27 @@ def test_accumulation_keeps_all_negatives(image_text_shards, tmp_path, terms):
     assert gradients[1].keys() == gradients[2].keys()
     for name in gradients[1]:
         torch.testing.assert_close(gradients[2][name], gradients[1][name], rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_non_finite_losses_skip_steps_then_stop(image_text_shards, tmp_path, monkeypatch):
+    """A NaN loss skips its step; max_nonfinite_steps in a row stop the run, checkpoints intact."""
+    from mmsphere.losses import objective as objective_module
+    from mmsphere.train.loop import NonFiniteLossError
+
+    original = objective_module.Objective.forward
+    calls = {"count": 0}
+
+    def poisoned_after_two_steps(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls["count"] += 1
+        if calls["count"] > 2:  # steps 1-2 are fine (checkpoint at step 2), then every loss is NaN
+            result.loss = result.loss * float("nan")
+            result.terms["total"] = result.loss.detach()
+        return result
+
+    monkeypatch.setattr(objective_module.Objective, "forward", poisoned_after_two_steps)
+    raw = tiny_config(image_text_shards, tmp_path / "run", train={"max_steps": 10, "max_nonfinite_steps": 3})
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row at step 2.*step_00000002"):
+        train(config_from_dict(raw))
+    assert [path.name for path in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000002"]
+    assert not (tmp_path / "run" / "summary.json").exists()
