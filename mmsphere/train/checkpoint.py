@@ -1,6 +1,6 @@
 """Training state for resume: ``accelerator.save_state`` into a temporary directory, then a rename.
 
-A checkpoint directory is complete exactly when it is named ``step_XXXXXXXX`` and holds
+A checkpoint directory is complete exactly when it is named ``step_<8-digit step>`` and holds
 ``trainer_state.json``; the rename is the last thing that happens, so a run killed mid-write leaves
 only a ``.tmp-*`` directory that is never picked as ``latest``.
 """
