@@ -8,11 +8,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 
-from mmsphere.config import Config, ModelConfig
 from mmsphere.data.shards import ListEntry, write_shards
-from mmsphere.models import create_model, save_run
 
 CAPTIONS = {
     "video0": ["a red square", "something red"],
@@ -38,16 +35,6 @@ def write_video(path: Path, seed: int, frames: int = 6, height: int = 36, width:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-
-
-@pytest.fixture(scope="session")
-def run_dir(tmp_path_factory) -> Path:
-    """A run directory holding a seeded ``mmsphere-tiny`` dual encoder."""
-    torch.manual_seed(0)
-    model = create_model(ModelConfig(name="mmsphere-tiny"))
-    directory = tmp_path_factory.mktemp("run")
-    save_run(model, Config(model=model.config), directory)
-    return directory
 
 
 @pytest.fixture(scope="session")

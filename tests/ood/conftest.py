@@ -6,12 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from mmsphere.config import Config, ModelConfig
 from mmsphere.data.shards import ListEntry, write_shards
-from mmsphere.models import create_model, save_run
 
 ID_CLASSES = {"red": (220, 30, 30), "green": (30, 200, 40)}
 OOD_COLOURS = [(20, 20, 20), (240, 240, 240), (120, 60, 200), (200, 200, 0), (0, 150, 220)]
@@ -22,16 +19,6 @@ def write_image(path: Path, colour: tuple[int, int, int], seed: int) -> None:
     rng = np.random.default_rng(seed)
     pixels = np.clip(np.array(colour) + rng.integers(-30, 30, size=(40, 48, 3)), 0, 255).astype(np.uint8)
     Image.fromarray(pixels).save(path)
-
-
-@pytest.fixture(scope="session")
-def run_dir(tmp_path_factory) -> Path:
-    """A run directory holding a seeded ``mmsphere-tiny`` dual encoder."""
-    torch.manual_seed(0)
-    model = create_model(ModelConfig(name="mmsphere-tiny"))
-    directory = tmp_path_factory.mktemp("run")
-    save_run(model, Config(model=model.config), directory)
-    return directory
 
 
 @pytest.fixture(scope="session")
