@@ -317,6 +317,9 @@ def validate(config: Config) -> None:
     _check(loss.calibration_alpha > 0, f"loss.calibration_alpha={loss.calibration_alpha} must be > 0")
     _check(-1 <= loss.min_sim <= loss.max_sim <= 1,
            f"loss.min_sim={loss.min_sim}, loss.max_sim={loss.max_sim} must satisfy -1 <= min <= max <= 1")
+    _check(loss.gather_with_grad or not loss.local_loss,
+           "loss.local_loss=true needs loss.gather_with_grad=true: each rank's rows must send gradients "
+           "to the other ranks' features")
 
     _check(meta.interval >= 1, f"meta.interval={meta.interval} must be >= 1")
     _check(meta.hidden >= 1, f"meta.hidden={meta.hidden} must be >= 1")

@@ -68,6 +68,7 @@ def test_unknown_key_suggests_closest(key, suggestion):
     ("train.precision=fp8", "train.precision"),
     ("meta.params=everything", "meta.params"),
     ("train.accum_freq=3", "divisible by train.accum_freq"),
+    ("loss={local_loss: true, gather_with_grad: false}", "loss.local_loss=true needs loss.gather_with_grad=true"),
 ])
 def test_impossible_values_fail_fast(tmp_path, override, message):
     path = tmp_path / "c.yaml"
