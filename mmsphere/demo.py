@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mmsphere.config import Config, load_config
+from mmsphere.plotting import line_plot, pyplot
 
 logger = logging.getLogger(__name__)
 
@@ -141,34 +142,17 @@ def weight_separation(path: Path, mismatched: set[str]) -> dict[str, Any] | None
             "mean_weight_mismatched": float(noisy.mean()), "per_key": {"clean": clean, "mismatched": noisy}}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_loss_curve(metrics_path: Path, path: Path) -> str:
     """Total training loss per logged step."""
-    plt = _pyplot()
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     records = [record for record in records if "loss/total" in record]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.plot([record["step"] for record in records], [record["loss/total"] for record in records])
-    axis.set_xlabel("step")
-    axis.set_ylabel("training loss")
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return str(path)
+    return line_plot([record["step"] for record in records], [record["loss/total"] for record in records], path,
+                     xlabel="step", ylabel="training loss")
 
 
 def plot_weight_histogram(weights: dict[str, Any], path: Path) -> str:
     """Distribution of learned weights, mismatched vs clean pairs."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5, 3.5))
     bins = np.linspace(0, 1, 41)
     axis.hist(weights["per_key"]["clean"], bins=bins, alpha=0.6, density=True, label="clean pairs")

@@ -23,8 +23,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from mmsphere.config import Config, ConfigError, MmsphereError, save_config
-from mmsphere.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from mmsphere.config import Config, ConfigError, MmsphereError
+from mmsphere.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 from mmsphere.train.preflight import check_data_sources, prepare_output_dir
 from mmsphere.weighting import WeightNet, meta_step
@@ -321,24 +321,14 @@ class MetaWeighting:
 
     def plot_curve(self, path: Path, max_loss: float) -> None:
         """Save the learned weighting curve ℓ → V(ℓ) as a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from mmsphere.plotting import line_plot
 
         device = next(self.weight_net.parameters()).device
         losses = torch.linspace(0.0, max(max_loss, 1e-3) * 1.1, 200, device=device)
         with torch.no_grad():
             weights = self.weight_net(losses).cpu()
-        figure, axis = plt.subplots(figsize=(5, 3.5))
-        axis.plot(losses.cpu().numpy(), weights.numpy())
-        axis.set_xlabel("per-sample loss ℓ")
-        axis.set_ylabel("weight V(ℓ)")
-        axis.set_title("learned weighting curve")
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
+        line_plot(losses.cpu().numpy(), weights.numpy(), path, xlabel="per-sample loss ℓ", ylabel="weight V(ℓ)",
+                  title="learned weighting curve")
 
 
 # ------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from importlib import metadata
 from pathlib import Path
 
@@ -13,12 +12,12 @@ import torch
 from PIL import Image
 
 import mmsphere
-from mmsphere.config import Config
 from mmsphere.data import build_eval_loader
 from mmsphere.data.shards import ListEntry, write_shards
 from mmsphere.eval import GEOMETRY_KEYS, TIE_RULE
 from mmsphere.eval.cli import main
-from mmsphere.models import load_run, save_run
+from mmsphere.models import load_run
+from tests.run_dirs import incompatible_run, nan_run
 from tests.eval.retrieval_reference import loop_dual_softmax, loop_metrics, loop_ranks
 
 
@@ -108,27 +107,12 @@ def test_image_text_retrieval(run_dir, tmp_path):
     assert results["model"]["name"] == "mmsphere-tiny" and results["model"]["pretrained"] is None
 
 
-def _incompatible_run(run_dir: Path, tmp_path: Path) -> Path:
-    copy = Path(shutil.copytree(run_dir, tmp_path / "old_run"))
-    info = json.loads((copy / "mmsphere.json").read_text())
-    (copy / "mmsphere.json").write_text(json.dumps({**info, "format_version": 99}))
-    return copy
-
-
-def _nan_run(run_dir: Path, tmp_path: Path) -> Path:
-    model = load_run(run_dir)
-    with torch.no_grad():
-        model.clip.visual.proj.fill_(float("nan"))
-    save_run(model, Config(model=model.config), tmp_path / "nan_run")
-    return tmp_path / "nan_run"
-
-
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (lambda run, shards, tmp: ["--run", str(_incompatible_run(run, tmp)), "--data", shards], "format_version=99"),
+        (lambda run, shards, tmp: ["--run", str(incompatible_run(run, tmp)), "--data", shards], "format_version=99"),
         (lambda run, shards, tmp: ["--run", str(tmp / "nowhere"), "--data", shards], "does not exist"),
-        (lambda run, shards, tmp: ["--run", str(_nan_run(run, tmp)), "--data", shards],
+        (lambda run, shards, tmp: ["--run", str(nan_run(run, tmp)), "--data", shards],
          "non-finite features for sample"),
         (lambda run, shards, tmp: ["--run", str(run), "--data", str(tmp / "val-{000000..000001}.tar")],
          "does not exist"),

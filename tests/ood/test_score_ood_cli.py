@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,10 @@ from matplotlib.image import imread
 from PIL import Image
 from sklearn import metrics as sk
 
-from mmsphere.config import Config
 from mmsphere.data.transforms import to_model_frames
-from mmsphere.models import load_run, save_run
+from mmsphere.models import load_run
 from mmsphere.ood.cli import main
+from tests.run_dirs import incompatible_run, nan_run
 
 
 def independent_scores(run_dir: Path, image_paths: list[str], classes: list[str], templates: list[str],
@@ -130,21 +129,6 @@ def test_positive_ood_uses_the_openood_fpr95(run_dir, image_sets, tmp_path):
     assert "OpenOOD" in results["convention"]
 
 
-def _incompatible_run(run_dir: Path, tmp_path: Path) -> Path:
-    copy = Path(shutil.copytree(run_dir, tmp_path / "old_run"))
-    info = json.loads((copy / "mmsphere.json").read_text())
-    (copy / "mmsphere.json").write_text(json.dumps({**info, "format_version": 99}))
-    return copy
-
-
-def _nan_run(run_dir: Path, tmp_path: Path) -> Path:
-    model = load_run(run_dir)
-    with torch.no_grad():
-        model.clip.visual.proj.fill_(float("nan"))
-    save_run(model, Config(model=model.config), tmp_path / "nan_run")
-    return tmp_path / "nan_run"
-
-
 def _file(tmp_path: Path, name: str, text: str) -> str:
     (tmp_path / name).write_text(text)
     return str(tmp_path / name)
@@ -166,8 +150,8 @@ def _file(tmp_path: Path, name: str, text: str) -> str:
         (lambda args, tmp, run: {"--score": "neglabel", "--neg-labels": _file(tmp, "n.txt", "blue\nred\n")},
          "negative labels ['red'] are also ID classes"),
         (lambda args, tmp, run: {"--temperature": "-1"}, "--temperature=-1.0 must be > 0"),
-        (lambda args, tmp, run: {"--run": str(_incompatible_run(run, tmp))}, "format_version=99"),
-        (lambda args, tmp, run: {"--run": str(_nan_run(run, tmp))}, "non-finite features"),
+        (lambda args, tmp, run: {"--run": str(incompatible_run(run, tmp))}, "format_version=99"),
+        (lambda args, tmp, run: {"--run": str(nan_run(run, tmp))}, "non-finite features"),
     ],
 )
 def test_bad_input_fails_with_one_clear_message(change, message, run_dir, image_sets, tmp_path, capsys):
