@@ -42,6 +42,9 @@ class ModelConfig:
     max_frames: int = 32  # size of the frame position embedding of the transformer head
     freeze_image: bool = False
     freeze_text: bool = False
+    # all | heads: with "heads" the towers' trunks are frozen and only the projection heads, the
+    # temporal head and logit_scale train (LiT-style probing of pretrained towers; cheap on CPU)
+    trainable: str = "all"
     image_lr: float | None = None  # None = train.lr
     text_lr: float | None = None
     gradient_checkpointing: bool = False
@@ -285,6 +288,7 @@ def validate(config: Config) -> None:
     model, data, loss, meta, train = config.model, config.data, config.loss, config.meta, config.train
     _check(model.temporal_head in ("mean", "transformer"),
            f"model.temporal_head={model.temporal_head!r} must be 'mean' or 'transformer'")
+    _check(model.trainable in ("all", "heads"), f"model.trainable={model.trainable!r} must be 'all' or 'heads'")
     _check(model.temporal_layers >= 1, f"model.temporal_layers={model.temporal_layers} must be >= 1")
     _check(model.max_frames >= 1, f"model.max_frames={model.max_frames} must be >= 1")
     _check(data.frames >= 1, f"data.frames={data.frames} must be >= 1")

@@ -33,9 +33,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", default="configs/demo.yaml", help="training config (default %(default)s)")
     parser.add_argument("--mismatch", type=float, default=0.2, help="fraction of mismatched captions")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-only", action="store_true",
+                        help="only build the data into OUT/data (for studies that train on it themselves)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the training config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.data_only:
+        from mmsphere.data.demo import build_demo_data
+
+        data_meta = build_demo_data(Path(args.out) / "data", seed=args.seed, mismatch_fraction=args.mismatch,
+                                    overwrite=True, progress=True)
+        print(f"{len(data_meta['mismatched_keys'])} mismatched pairs; data: {Path(args.out) / 'data'}")
+        return 0
     report = run_demo(Path(args.out), args.config, mismatch_fraction=args.mismatch, seed=args.seed,
                       overrides=args.overrides)
     print(summary_text(report))

@@ -56,12 +56,30 @@ class DualEncoder(nn.Module):
         self.image_std = tuple(float(value) for value in image_std)
         self.context_length = context_length
         self.run_config: Config | None = None  # set by load_run
+        heads = self._head_prefixes()
         for name, parameter in self.named_parameters():
             tower = self.tower_of(name)
             if (tower == "image" and config.freeze_image) or (tower == "text" and config.freeze_text):
                 parameter.requires_grad_(False)
+            elif config.trainable == "heads" and tower in ("image", "text") and not any(
+                    _under(name, prefix) for prefix in heads):
+                parameter.requires_grad_(False)
         if config.gradient_checkpointing:
             self.clip.set_grad_checkpointing(True)
+        self.train()
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        """Set training mode; fully frozen modules stay in eval mode (fixed BatchNorm statistics, no dropout)."""
+        super().train(mode)
+        if mode:
+            # a frozen tower is a fixed feature extractor: in train mode its BatchNorm layers would
+            # normalise with batch statistics and drift their running ones, and its dropout would
+            # perturb the features the trainable heads see
+            for module in self.clip.modules():
+                parameters = list(module.parameters())
+                if parameters and not any(parameter.requires_grad for parameter in parameters):
+                    module.eval()
+        return self
 
     # ----------------------------------------------------------------------------------------
     # encoders

@@ -254,3 +254,50 @@ def test_meta_parameters_carry_an_exact_second_order_gradient(make_model, random
         finite_difference = (ahead - behind) / (2 * step)
     assert meta_gradient.abs().max() > 1e-6
     torch.testing.assert_close(meta_gradient @ direction, finite_difference.detach(), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("temporal_head", ["mean", "transformer"])
+def test_trainable_heads_trains_only_projections_temporal_head_and_logit_scale(make_model, random_frames,
+                                                                               temporal_head):
+    model = make_model(trainable="heads", temporal_head=temporal_head)
+    # open_clip's CLIP names of the two projections (ViT image tower, native text tower)
+    expected = {"clip.visual.proj", "clip.text_projection", "clip.logit_scale"}
+    expected |= {f"temporal.{name}" for name, _ in model.temporal.named_parameters()}
+    assert {name for name, parameter in model.named_parameters() if parameter.requires_grad} == expected
+    output = model(model.tokenizer(CAPTIONS), frames=random_frames(4, 2))
+    (output["image_features"] * output["text_features"]).sum().mul(output["logit_scale"]).backward()
+    assert {name for name, parameter in model.named_parameters() if parameter.grad is not None} == expected
+
+
+def test_frozen_trunk_stays_in_eval_mode(random_frames):
+    """BatchNorm of a frozen ResNet trunk keeps its running statistics under model.train(); the heads train."""
+    from mmsphere.config import ModelConfig
+    from mmsphere.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="mmsphere-tiny-rn", trainable="heads"))
+    model.train()
+    norms = [module for module in model.clip.visual.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    assert norms and not any(norm.training for norm in norms)
+    assert model.clip.visual.attnpool.training and model.training
+    before = [norm.running_mean.clone() for norm in norms]
+    images = random_frames(4, 1, size=32)[:, 0] * 3
+    eval_features = model.eval().encode_image(images)
+    train_features = model.train().encode_image(images)
+    for norm, mean in zip(norms, before):
+        torch.testing.assert_close(norm.running_mean, mean, rtol=0, atol=0)
+    # the attention-pool head has no dropout: train and eval features of a frozen trunk agree
+    torch.testing.assert_close(train_features, eval_features)
+    # a fully trainable model's BatchNorm does update (the check above can fail)
+    torch.manual_seed(0)
+    trainable = create_model(ModelConfig(name="mmsphere-tiny-rn")).train()
+    trainable.encode_image(images)
+    assert any(not torch.equal(norm.running_mean, mean) for norm, mean in zip(
+        [module for module in trainable.clip.visual.modules() if isinstance(module, torch.nn.BatchNorm2d)], before))
+
+
+def test_trainable_must_be_all_or_heads():
+    from mmsphere.config import load_config
+
+    with pytest.raises(ConfigError, match="model.trainable='towers' must be 'all' or 'heads'"):
+        load_config(None, ["model.trainable=towers"])
