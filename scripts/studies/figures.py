@@ -70,9 +70,10 @@ def noisy_pairs(runs: Path, out: Path) -> str:
         panel.set(xlabel="mismatched captions (%)", ylabel=f"{label} (%)", title=label, xticks=levels)
         panel.legend(fontsize="small")
     values = [seed_values(studies[level], "meta", "weights/auroc_clean_vs_mismatched") for level in NOISE_LEVELS[1:]]
-    axes[2].errorbar(levels[1:], [np.mean(v) for v in values], yerr=[np.std(v, ddof=1) for v in values], capsize=3)
+    line = axes[2].errorbar(levels[1:], [np.mean(v) for v in values], yerr=[np.std(v, ddof=1) for v in values],
+                            capsize=3, color="C1", label="meta on")
     for level, seeds in zip(levels[1:], values):
-        axes[2].plot([level] * len(seeds), seeds, "o", markersize=3)
+        axes[2].plot([level] * len(seeds), seeds, "o", color=line[0].get_color(), markersize=3)
     axes[2].axhline(0.5, color="grey", linestyle=":", label="chance")
     axes[2].set(xlabel="mismatched captions (%)", ylabel="AUROC", title="learned weight: clean vs mismatched",
                 xticks=levels[1:], ylim=(0, 1))
