@@ -96,18 +96,51 @@ def coco(runs: Path, out: Path) -> str:
     return "\n".join(lines)
 
 
+def run_file_values(results: dict[str, Any], variant: str, file: str, key: str) -> list[float]:
+    """Every seed's ``key`` from a JSON file a study script wrote into the run folders (missing files skipped)."""
+    values = []
+    for run in results["runs"]:
+        path = Path(run["run_dir"]) / file
+        if run["variant"] == variant and path.is_file():
+            values.append(float(json.loads(path.read_text())[key]))
+    return values
+
+
 def cifar_ood(runs: Path, out: Path) -> str:
-    results = load(runs / "cifar" / "ablation" / "ablation.json")
-    if results is None:
+    schedules = {"40 steps": load(runs / "cifar" / "ablation" / "ablation.json"),
+                 "120 steps": load(runs / "cifar" / "ablation_120" / "ablation.json")}
+    schedules = {name: results for name, results in schedules.items() if results is not None}
+    if not schedules:
         return "cifar ood: not finished"
-    lines = ["| variant | MCM AUROC | MCM FPR@95 | energy AUROC | energy FPR@95 | ID val t2i R@1 | train loop (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for variant in results["variants"]:
-        lines.append(f"| {variant} | {cell(results, variant, 'ood/mcm/mean/AUROC', 3)} | "
-                     f"{cell(results, variant, 'ood/mcm/mean/FPR95', 3)} | {cell(results, variant, 'ood/energy/mean/AUROC', 3)} | "
-                     f"{cell(results, variant, 'ood/energy/mean/FPR95', 3)} | {cell(results, variant, 't2v/R@1')} | "
-                     f"{train_minutes(results, variant)} |")
-    plot_ablation(results, out / "cifar_ood.png")
+    lines = ["| schedule | variant | MCM AUROC | MCM FPR@95 | energy AUROC | energy FPR@95 | ID accuracy (5 classes) "
+             "| train loop (s) |", "|---" * 8 + "|"]
+    for schedule, results in schedules.items():
+        for variant in results["variants"]:
+            lines.append(f"| {schedule if variant != 'zero-shot' else '–'} | {variant} | "
+                         f"{cell(results, variant, 'ood/mcm/mean/AUROC', 3)} | {cell(results, variant, 'ood/mcm/mean/FPR95', 3)} | "
+                         f"{cell(results, variant, 'ood/energy/mean/AUROC', 3)} | "
+                         f"{cell(results, variant, 'ood/energy/mean/FPR95', 3)} | "
+                         f"{mean_std(run_file_values(results, variant, 'id_accuracy.json', 'id_accuracy'), 1)} | "
+                         f"{train_minutes(results, variant)} |")
+    scores = (("ood/mcm/mean/AUROC", "MCM"), ("ood/energy/mean/AUROC", "energy"))
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    for axes, (schedule, results) in zip(np.atleast_1d(figure.subplots(1, len(schedules))), schedules.items()):
+        variants = list(results["variants"])
+        width = 0.38
+        for offset, (key, name) in enumerate(scores):
+            positions = np.arange(len(variants)) + (offset - 0.5) * width
+            seeds = [seed_values(results, variant, key) for variant in variants]
+            bars = axes.bar(positions, [np.mean(v) for v in seeds],
+                            width, yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in seeds], capsize=3,
+                            alpha=0.6, label=name)
+            for position, values in zip(positions, seeds):
+                axes.plot([position] * len(values), values, "o", color=bars.patches[0].get_facecolor(),
+                          markersize=3, alpha=1.0)
+        axes.axhline(0.5, color="grey", linestyle=":", label="chance")
+        axes.set_xticks(np.arange(len(variants)), variants)
+        axes.set(ylabel="AUROC (ID positive)", ylim=(0.4, 1.0), title=f"CIFAR-10 5/5 split, {schedule}")
+        axes.legend(fontsize="small")
+    figure.savefig(out / "cifar_ood.png", dpi=120)
     return "\n".join(lines)
 
 
