@@ -36,7 +36,7 @@ def cell(results: dict[str, Any], variant: str, key: str, decimals: int = 1) -> 
     return format_mean_std(results["aggregate"].get(variant, {}).get(key), decimals)
 
 
-def train_minutes(results: dict[str, Any], variant: str) -> str:
+def train_seconds(results: dict[str, Any], variant: str) -> str:
     return cell(results, variant, "time/train_s", 0)
 
 
@@ -55,7 +55,7 @@ def noisy_pairs(runs: Path, out: Path) -> str:
             lines.append(f"| {int(level)}% | {'on' if variant == 'meta' else 'off'} | {cell(results, variant, 't2v/R@1')} "
                          f"| {cell(results, variant, 'v2t/R@1')} | {cell(results, variant, 't2v/R@5')} | "
                          f"{cell(results, variant, 'weights/auroc_clean_vs_mismatched', 3) if variant == 'meta' else '–'} "
-                         f"| {weights} | {train_minutes(results, variant)} |")
+                         f"| {weights} | {train_seconds(results, variant)} |")
     figure = Figure(figsize=(11, 3.6), layout="constrained")
     axes = figure.subplots(1, 3)
     levels = [int(level) for level in NOISE_LEVELS]
@@ -91,7 +91,7 @@ def coco(runs: Path, out: Path) -> str:
     for variant in results["variants"]:
         lines.append(f"| {variant} | " + " | ".join(cell(results, variant, key) for key in (
             "t2v/R@1", "t2v/R@5", "t2v/R@10", "v2t/R@1", "v2t/R@5", "v2t/R@10")) +
-            f" | {cell(results, variant, 'geometry/modality_gap', 3)} | {train_minutes(results, variant)} |")
+            f" | {cell(results, variant, 'geometry/modality_gap', 3)} | {train_seconds(results, variant)} |")
     plot_ablation(results, out / "coco.png")
     return "\n".join(lines)
 
@@ -121,7 +121,7 @@ def cifar_ood(runs: Path, out: Path) -> str:
                          f"{cell(results, variant, 'ood/energy/mean/AUROC', 3)} | "
                          f"{cell(results, variant, 'ood/energy/mean/FPR95', 3)} | "
                          f"{mean_std(run_file_values(results, variant, 'id_accuracy.json', 'id_accuracy'), 1)} | "
-                         f"{train_minutes(results, variant)} |")
+                         f"{train_seconds(results, variant)} |")
     scores = (("ood/mcm/mean/AUROC", "MCM"), ("ood/energy/mean/AUROC", "energy"))
     figure = Figure(figsize=(10, 3.6), layout="constrained")
     for axes, (schedule, results) in zip(np.atleast_1d(figure.subplots(1, len(schedules))), schedules.items()):
@@ -175,7 +175,7 @@ def temporal(runs: Path, out: Path) -> str:
             "t2v/R@1", "t2v/R@5", "v2t/R@1", "v2t/R@5")) + " | " + " | ".join(
             mean_std(order[head].get(key, []), decimals) for key, decimals in (
                 ("v2t", 1), ("t2v", 1), ("partner_text_cosine", 4), ("partner_video_cosine", 4))) +
-            f" | {train_minutes(results, 'margin')} |")
+            f" | {train_seconds(results, 'margin')} |")
     panels = [(R1, "R@1 (%)", "retrieval R@1"), ((("v2t", "video→text"), ("t2v", "text→video")),
                                                   "order accuracy (%)", "order within reversed pairs")]
     figure = Figure(figsize=(10, 3.6), layout="constrained")
