@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from mmsphere.config import Config, ConfigError, MmsphereError
 from mmsphere.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmsphere.train.optim import build_optimizer, cosine_schedule
-from mmsphere.train.preflight import check_data_sources, prepare_output_dir
+from mmsphere.train.preflight import check_data_sources, check_output_dir, write_run_config
 from mmsphere.weighting import WeightNet, meta_step
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,11 @@ def train(config: Config) -> dict[str, Any]:
     local_batch = local_batch_size(config.train.batch_size, world_size)
     check_data_sources(config)
     output_dir = Path(config.output_dir)
-    resume_from = prepare_output_dir(config, is_main=accelerator.is_main_process)
+    resume_from = check_output_dir(config)
+    # every rank must look before rank 0 writes config.yaml, or a slower rank takes it for an old run
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_run_config(config)
     accelerator.wait_for_everyone()
 
     set_seed(config.seed)  # identical initialisation on every rank

@@ -54,8 +54,8 @@ def _has_members(path: str) -> bool:
         return False
 
 
-def prepare_output_dir(config: Config, *, is_main: bool) -> Path | None:
-    """Refuse to mix two runs in one directory; write the resolved config; return the checkpoint to resume."""
+def check_output_dir(config: Config) -> Path | None:
+    """Refuse to mix two runs in one directory; return the checkpoint to resume from, if any."""
     output_dir = Path(config.output_dir)
     resume_from = resolve_resume(output_dir, config.train.resume)
     if config.train.resume is None and output_dir.is_dir():
@@ -63,7 +63,11 @@ def prepare_output_dir(config: Config, *, is_main: bool) -> Path | None:
         if found or checkpoint_dir(output_dir).is_dir():
             raise ConfigError(f"output_dir={str(output_dir)!r} already holds a run ({', '.join(found) or 'checkpoints'}); "
                               f"set train.resume=latest to continue it or choose another output_dir")
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.yaml")
     return resume_from
+
+
+def write_run_config(config: Config) -> None:
+    """Create the output directory and write the resolved config into it (main process only)."""
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, output_dir / "config.yaml")

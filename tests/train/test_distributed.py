@@ -81,3 +81,14 @@ def test_accelerate_launch_two_cpu_processes(image_text_shards, tmp_path):
     weights = (tmp_path / "run" / "sample_weights.jsonl").read_text().splitlines()
     assert len(weights) == 3 * 8  # both ranks' samples reach the log
     assert len({json.loads(line)["key"] for line in weights}) > 8
+
+
+@pytest.mark.slow
+def test_late_rank_does_not_mistake_the_new_run_for_an_old_one(image_text_shards, tmp_path):
+    """Rank 0 writes config.yaml only after every rank has checked the output directory."""
+    raw = tiny_config(image_text_shards, tmp_path / "run", train={"max_steps": 1, "cpu": False})
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    _torchrun(2, str(HERE / "distributed_slow_rank.py"), str(config_path))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 1
