@@ -1,6 +1,7 @@
 """Ablations: variants of one base config trained on the same model, data, steps and seeds, then compared.
 
-A variant is a few overrides of the base config (:data:`VARIANTS`: data, not code). For every
+A variant is a few overrides of the base config (:data:`VARIANTS`: data, not code); a technique
+that adds one term also takes another weight as ``TECHNIQUE@WEIGHT`` (``cma@0.1``). For every
 variant and seed, :func:`run_ablation` fine-tunes into ``OUT/VARIANT/seed_S``, evaluates the saved
 run on ``data.val`` (retrieval in both directions and the embedding geometry), OoD detection when
 :class:`OodSets` are given, and how well the learned sample weights single out mismatched pairs
@@ -49,6 +50,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "all": {"loss.terms": {**CONTRASTIVE, "m2mix": 0.1, "calibrated_uniformity": 0.1, "cma": 0.001},
             "meta.enabled": True},
 }
+# the one loss term each of these variants adds: NAME@WEIGHT sets its weight instead (a sweep)
+TECHNIQUE_TERMS = {"m2mix": "m2mix", "calunif": "calibrated_uniformity", "cma": "cma"}
 ZERO_SHOT = "zero-shot"  # the model before fine-tuning, as each seed initialises it
 OOD_SCORES = ("mcm", "msp", "maxlogit", "energy")  # NegLabel needs negative labels: not offered here
 RUN_RESULT = "ablation_run.json"
@@ -152,7 +155,8 @@ def run_ablation(
     results = {
         "description": description or {},
         "base_config": config_to_dict(base),
-        "variants": {variant: VARIANTS.get(variant, {}) for variant in ([ZERO_SHOT] if zero_shot else []) + variants},
+        "variants": {**({ZERO_SHOT: {}} if zero_shot else {}),
+                     **{variant: variant_overrides(variant) for variant in variants}},
         "seeds": seeds,
         "data": {"val": base.data.val.urls, "modality": base.data.val.modality},
         "ood": None if ood is None else dataclasses.asdict(ood),
@@ -171,11 +175,14 @@ def run_ablation(
 
 
 def checked_variants(variants: Sequence[str]) -> list[str]:
-    """The variant names in order; unknown or repeated names are an error."""
+    """The variant names in order; unknown, malformed or repeated names are an error."""
     variants = [variant.strip() for variant in variants]
-    unknown = [variant for variant in variants if variant not in VARIANTS]
+    unknown = [variant for variant in variants if variant.partition("@")[0] not in VARIANTS]
     if unknown or not variants:
-        raise ConfigError(f"unknown variant(s) {unknown or '(none given)'}; known: {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown variant(s) {unknown or '(none given)'}; known: {', '.join(VARIANTS)}, "
+                          f"and {', '.join(TECHNIQUE_TERMS)} with @WEIGHT")
+    for variant in variants:
+        variant_overrides(variant)
     repeated = sorted({variant for variant in variants if variants.count(variant) > 1})
     if repeated:
         raise ConfigError(f"variant(s) {repeated} are listed more than once")
@@ -192,12 +199,32 @@ def checked_seeds(seeds: Sequence[int]) -> list[int]:
     return seeds
 
 
+def variant_overrides(variant: str) -> dict[str, Any]:
+    """The config overrides of a :data:`VARIANTS` name, or of ``TECHNIQUE@WEIGHT`` with that term's weight."""
+    name, at, weight_text = variant.partition("@")
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    overrides = copy.deepcopy(VARIANTS[name])
+    if at:
+        if name not in TECHNIQUE_TERMS:
+            raise ConfigError(f"variant {variant!r}: only {', '.join(TECHNIQUE_TERMS)} take @WEIGHT "
+                              "(the weight of the one term they add)")
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            raise ConfigError(f"variant {variant!r}: weight {weight_text!r} is not a number") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"variant {variant!r}: weight {weight_text!r} must be a finite number > 0")
+        overrides["loss.terms"][TECHNIQUE_TERMS[name]] = weight
+    return overrides
+
+
 def variant_config(base: Config, variant: str, seed: int, output_dir: str | os.PathLike) -> Config:
     """``base`` with the variant's overrides, ``seed`` and ``output_dir``; resumes the run it finds there."""
     raw = config_to_dict(base)
-    for key, value in VARIANTS[variant].items():
+    for key, value in variant_overrides(variant).items():
         section, _, name = key.partition(".")
-        raw[section][name] = copy.deepcopy(value)
+        raw[section][name] = value
     raw.update(output_dir=str(output_dir), seed=seed)
     raw["train"]["resume"] = "latest"  # an interrupted study continues from the last checkpoint
     try:
@@ -505,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python scripts/ablate.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="base training config (YAML)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated variants (default: all of {', '.join(VARIANTS)})")
+                        help=f"comma-separated variants (default: all of {', '.join(VARIANTS)}); "
+                             f"{', '.join(TECHNIQUE_TERMS)} also as NAME@WEIGHT, e.g. cma@0.1")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant: base seed, +1, ... (default 3)")
     parser.add_argument("--out", required=True, help="output folder: OUT/VARIANT/seed_S runs, ablation.json/.md/.png")
     parser.add_argument("--zero-shot", action="store_true", help="add a row for the untrained model of each seed")

@@ -243,9 +243,28 @@ def test_variants_are_valid_configs_of_their_techniques(study_data, tmp_path):
         assert (config.seed, config.output_dir) == (7, str(tmp_path / variant))
 
 
+@pytest.mark.parametrize(("variant", "term", "weight"), [
+    ("cma@0.1", "cma", 0.1), ("m2mix@0.5", "m2mix", 0.5), ("calunif@2", "calibrated_uniformity", 2.0),
+    ("cma@1e-2", "cma", 0.01),
+])
+def test_a_technique_variant_takes_another_weight(study_data, tmp_path, variant, term, weight):
+    config = variant_config(config_from_dict(base_raw(study_data)), variant, seed=0, output_dir=tmp_path)
+    assert config.loss.terms == {"angular_margin": 1.0, term: weight}
+    assert not config.meta.enabled
+    # the named variant itself keeps its default weight
+    assert variant_config(config_from_dict(base_raw(study_data)), variant.partition("@")[0], seed=0,
+                          output_dir=tmp_path).loss.terms[term] != weight
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (dict(variants=["clip", "margni"]), r"unknown variant\(s\) \['margni'\]; known: clip, margin"),
     (dict(variants=["clip", "clip"]), r"variant\(s\) \['clip'\] are listed more than once"),
+    (dict(variants=["cma@x"]), r"variant 'cma@x': weight 'x' is not a number"),
+    (dict(variants=["cma@-1"]), r"variant 'cma@-1': weight '-1' must be a finite number > 0"),
+    (dict(variants=["cma@nan"]), r"variant 'cma@nan': weight 'nan' must be a finite number > 0"),
+    (dict(variants=["meta@0.1"]), r"variant 'meta@0.1': only m2mix, calunif, cma take @WEIGHT"),
+    (dict(variants=["cam@0.1"]), r"unknown variant\(s\) \['cam@0.1'\]"),
+    (dict(variants=["cma@0.1", "cma@0.1"]), r"variant\(s\) \['cma@0.1'\] are listed more than once"),
     (dict(seeds=[]), r"seeds=\[\] must be one or more integers"),
     (dict(seeds=[1, 1]), r"seeds=\[1, 1\] holds repeats"),
     (dict(raw={"data": {"meta": None}}), r"variant 'meta': meta.enabled=true needs data.meta"),
