@@ -47,7 +47,9 @@ def main() -> None:
                 os.symlink(path.resolve(), Path(folder) / path.name)
         zero_shot = accuracy(create_model(load_config("configs/studies/cifar_ood.yaml").model), Path(folder), classes)
         print(f"zero-shot: {zero_shot:.1f}%")
-        for run in sorted(study.glob("ablation*/*/seed_*")):  # every study of the split
+        for run in sorted(study.glob("*/*/seed_*")):  # every study of the split
+            if run.parent.is_symlink():
+                continue  # a variant another study linked in: scored where it lives
             if (run / "model.safetensors").is_file():
                 value = accuracy(load_run(run), Path(folder), classes)
             elif run.parent.name == "zero-shot":

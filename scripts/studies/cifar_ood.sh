@@ -20,4 +20,10 @@ done
 python scripts/ablate.py --config configs/studies/cifar_ood.yaml --variants margin,cma --seeds 3 \
   --out $out/ablation_120 --ood-id $out/id_test_100 --ood cifar_ood=$out/ood_test_100 --classes $out/id_classes.txt \
   --eval-batch-size 100 train.max_steps=120 train.warmup_steps=10 train.checkpoint_every=60
+# the CMA weight swept over 0.001 (the default) .. 1 at 40 steps; margin, cma and zero-shot are the runs above
+mkdir -p $out/cma_sweep
+for variant in zero-shot margin cma; do ln -sfn ../ablation/$variant $out/cma_sweep/$variant; done
+python scripts/ablate.py --config configs/studies/cifar_ood.yaml --variants margin,cma,cma@0.01,cma@0.1,cma@1 \
+  --zero-shot --seeds 3 --out $out/cma_sweep --ood-id $out/id_test --ood cifar_ood=$out/ood_test \
+  --classes $out/id_classes.txt --eval-batch-size 100
 python scripts/studies/cifar_accuracy.py --study $out --per-class 50

@@ -1,6 +1,6 @@
 """Tables and plots of REPORT.md from the studies' ``ablation.json`` files (nothing is retrained).
 
-Writes ``scripts/studies/figures/{noisy_pairs,coco,cifar_ood,temporal}.png`` and prints every table
+Writes ``scripts/studies/figures/{noisy_pairs,coco,cifar_ood,cma_sweep,temporal}.png`` and prints every table
 as markdown; a study whose results are missing is skipped with a note.
 
     python scripts/studies/figures.py --runs runs/study --out scripts/studies/figures
@@ -144,6 +144,64 @@ def cifar_ood(runs: Path, out: Path) -> str:
     return "\n".join(lines)
 
 
+def final_logged(results: dict[str, Any], variant: str, key: str) -> list[float]:
+    """Every seed's last logged training value of ``key`` (``metrics.jsonl``), in seed order; [] if never logged."""
+    values = []
+    for run in results["runs"]:
+        path = Path(run["run_dir"]) / "metrics.jsonl"
+        if run["variant"] == variant and path.is_file():
+            logged = [row[key] for row in map(json.loads, path.read_text().splitlines()) if key in row]
+            if logged:  # a run without that term never logs it
+                values.append(float(logged[-1]))
+    return values
+
+
+def cma_weight(variant: str) -> float:
+    """λ of a ``margin`` / ``cma`` / ``cma@λ`` variant (0 without CMA, 0.001 the DESIGN default)."""
+    return 0.0 if variant == "margin" else float(variant.partition("@")[2] or 0.001)
+
+
+def cma_sweep(runs: Path, out: Path) -> str:
+    results = load(runs / "cifar" / "cma_sweep" / "ablation.json")
+    if results is None:
+        return "cma sweep: not finished"
+    variants = sorted((variant for variant in results["variants"] if variant != "zero-shot"), key=cma_weight)
+    lines = ["| λ (CMA weight) | MCM AUROC | MCM FPR@95 | energy AUROC | energy FPR@95 | ID accuracy (5 classes) "
+             "| λ·CMA at step 40 | angular-margin loss at step 40 | train loop (s) |", "|---" * 9 + "|"]
+    for variant in variants:
+        weighted = [cma_weight(variant) * value for value in final_logged(results, variant, "loss/cma")]
+        lines.append(f"| {cma_weight(variant):g} | "
+                     + " | ".join(cell(results, variant, key, 3) for key in (
+                         "ood/mcm/mean/AUROC", "ood/mcm/mean/FPR95", "ood/energy/mean/AUROC", "ood/energy/mean/FPR95"))
+                     + f" | {mean_std(run_file_values(results, variant, 'id_accuracy.json', 'id_accuracy'), 1)}"
+                     + f" | {mean_std(weighted, 3) if weighted else '0'}"
+                     + f" | {mean_std(final_logged(results, variant, 'loss/angular_margin'), 3)}"
+                     + f" | {train_seconds(results, variant)} |")
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    positions = np.arange(len(variants))
+    labels = [f"{cma_weight(variant):g}" for variant in variants]
+    auroc_axes, accuracy_axes = figure.subplots(1, 2)
+    for key, name, marker in (("ood/mcm/mean/AUROC", "MCM", "o"), ("ood/energy/mean/AUROC", "energy", "s")):
+        seeds = [seed_values(results, variant, key) for variant in variants]
+        line, = auroc_axes.plot(positions, [np.mean(values) for values in seeds], marker=marker, label=name)
+        for position, values in zip(positions, seeds):
+            auroc_axes.plot([position] * len(values), values, marker, color=line.get_color(), markersize=3, alpha=0.5)
+    auroc_axes.axhline(0.5, color="grey", linestyle=":", label="chance")
+    auroc_axes.set(xlabel="λ (CMA weight)", ylabel="AUROC (ID positive)", ylim=(0.3, 1.0),
+                   title="CIFAR-10 5/5 split, 40 steps: AUROC vs λ")
+    accuracy = [run_file_values(results, variant, "id_accuracy.json", "id_accuracy") for variant in variants]
+    line, = accuracy_axes.plot(positions, [np.mean(values) if values else np.nan for values in accuracy], marker="o")
+    for position, values in zip(positions, accuracy):
+        accuracy_axes.plot([position] * len(values), values, "o", color=line.get_color(), markersize=3, alpha=0.5)
+    accuracy_axes.axhline(20, color="grey", linestyle=":", label="chance")
+    accuracy_axes.set(xlabel="λ (CMA weight)", ylabel="ID accuracy (%)", ylim=(0, 100), title="5-class ID accuracy vs λ")
+    for axes in (auroc_axes, accuracy_axes):
+        axes.set_xticks(positions, labels)
+        axes.legend(fontsize="small")
+    figure.savefig(out / "cma_sweep.png", dpi=120)
+    return "\n".join(lines)
+
+
 def order_results(results: dict[str, Any], variant: str) -> dict[str, list[float]]:
     """Per metric of ``temporal_order.py``, every seed's value (runs without the file are left out)."""
     values: dict[str, list[float]] = {}
@@ -207,7 +265,7 @@ def main() -> None:
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for title, study in (("noisy pairs", noisy_pairs), ("COCO", coco), ("CIFAR-10 OoD", cifar_ood),
-                         ("temporal head", temporal)):
+                         ("CMA weight sweep", cma_sweep), ("temporal head", temporal)):
         print(f"## {title}\n\n{study(runs, out)}\n")
 
 
