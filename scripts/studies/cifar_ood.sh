@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # OoD study (REPORT.md §3): split CIFAR-10 by class, build the shards, fine-tune the heads with and
-# without CMA and score MCM and energy on held-out ID vs OoD test images.
+# without CMA (and with its weight swept), and score MCM and energy on held-out ID vs OoD test images.
 #   bash scripts/studies/cifar_ood.sh
 set -euo pipefail
 out=runs/study/cifar
