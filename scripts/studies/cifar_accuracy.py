@@ -50,6 +50,10 @@ def main() -> None:
         for run in sorted(study.glob("*/*/seed_*")):  # every study of the split
             if run.parent.is_symlink():
                 continue  # a variant another study linked in: scored where it lives
+            done = run / "id_accuracy.json"
+            if done.is_file() and json.loads(done.read_text())["images"] == len(classes) * args.per_class:
+                print(f"{run}: {json.loads(done.read_text())['id_accuracy']:.1f}% (scored before)")
+                continue
             if (run / "model.safetensors").is_file():
                 value = accuracy(load_run(run), Path(folder), classes)
             elif run.parent.name == "zero-shot":
