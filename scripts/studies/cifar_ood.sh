@@ -26,4 +26,10 @@ for variant in zero-shot margin cma; do ln -sfn ../ablation/$variant $out/cma_sw
 python scripts/ablate.py --config configs/studies/cifar_ood.yaml --variants margin,cma,cma@0.01,cma@0.1,cma@1 \
   --zero-shot --seeds 3 --out $out/cma_sweep --ood-id $out/id_test --ood cifar_ood=$out/ood_test \
   --classes $out/id_classes.txt --eval-batch-size 100
+# the best λ of that sweep (0.1) checked at 120 steps; margin and cma are the 120-step runs above
+mkdir -p $out/cma_120
+for variant in margin cma; do ln -sfn ../ablation_120/$variant $out/cma_120/$variant; done
+python scripts/ablate.py --config configs/studies/cifar_ood.yaml --variants margin,cma,cma@0.1 --seeds 3 \
+  --out $out/cma_120 --ood-id $out/id_test_100 --ood cifar_ood=$out/ood_test_100 --classes $out/id_classes.txt \
+  --eval-batch-size 100 train.max_steps=120 train.warmup_steps=10 train.checkpoint_every=60
 python scripts/studies/cifar_accuracy.py --study $out --per-class 50
