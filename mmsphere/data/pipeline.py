@@ -3,7 +3,8 @@
 Per source, a webdataset ``DataPipeline``: shard list (reshuffled by seed and epoch, split by node
 then by worker) or resampled shards -> tolerant tar reader -> seeded shuffle buffer -> decode.
 A training stream draws, for each batch, one source by weight and fills the batch from it alone, so
-every batch is homogeneous (one source, one modality). Each pass over a :class:`TrainStream` is a
+every batch is homogeneous (one source, one modality); the draw depends on the batch's index in
+the epoch, not on the rank, so the global batch is homogeneous too (DESIGN §3). Each pass over a :class:`TrainStream` is a
 virtual epoch of exactly ``len(stream)`` batches on every rank, so data-parallel ranks never wait
 on one another at the end of an epoch.
 
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmsphere.config import ConfigError, DataConfig, MmsphereError, SourceConfig
 from mmsphere.data.reader import check_shards, read_tar_samples, resampled_shards, shuffled, split_shards, stream_seed
 from mmsphere.data.samples import MODALITIES, DecodeOptions, Sample, decode_samples
-from mmsphere.data.stats import SkipCounter, SkipReport, add_skipped
+from mmsphere.data.stats import SkipCounter, SkipReport, SkipTally, add_skipped
 
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -64,12 +65,14 @@ def build_train_stream(
     seed: int = 0,
     epoch: int = 0,
     split: str = "train",
+    skipped: SkipTally | None = None,
 ) -> TrainStream:
     """One rank's stream of homogeneous training batches, interleaving ``sources`` by weight.
 
     Batches: ``{"key", "source", "modality", "frames" [B,T,3,H,W], "frame_mask" [B,T], "text" [B,L],
     "caption", "skipped"}`` (images: ``T = 1``). ``split`` names the stream (``"train"``,
     ``"meta"``) and enters its seeds, so two streams over the same shards draw differently.
+    ``skipped``: where this run's skip counts go (besides the process-wide totals).
     """
     if not sources:
         raise ConfigError(f"{split} stream: no data source given (data.train is empty?)")
@@ -122,6 +125,7 @@ def build_train_stream(
         seed=seed,
         epoch=epoch,
         split=split,
+        skipped=skipped,
     )
 
 
@@ -143,8 +147,10 @@ class TrainStream:
         seed: int,
         epoch: int,
         split: str,
+        skipped: SkipTally | None = None,
     ):
         self.sources = sources
+        self.skipped = skipped if skipped is not None else SkipTally()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.num_batches = num_batches
@@ -164,9 +170,22 @@ class TrainStream:
         """Make the next pass epoch ``epoch`` (e.g. when resuming)."""
         self.epoch = epoch
 
+    def source_of(self, batch_index: int, epoch: int) -> int:
+        """Index of the source batch ``batch_index`` of ``epoch`` is drawn from, the same on every rank.
+
+        The draw is seeded by seed, split, epoch and batch index, never by rank or worker: the
+        global batch is one modality, so every rank runs the same encoder path and the same
+        collectives in each step (a video batch on one rank and an image batch on another left
+        the ranks waiting in different collectives for ever).
+        """
+        if len(self.sources) == 1:
+            return 0
+        chooser = random.Random(stream_seed(self.seed, self.split, epoch, batch_index, "interleave"))
+        return chooser.choices(range(len(self.sources)), [source.weight for source in self.sources])[0]
+
     def __iter__(self) -> Iterator[dict]:
         dataset = _TrainDataset(self, self.epoch)
-        yield from _deliver(dataset, self.workers)
+        yield from _deliver(dataset, self.workers, self.skipped)
         self.epoch += 1
 
 
@@ -188,11 +207,10 @@ class _TrainDataset(IterableDataset):
             per_source = [
                 self._samples(index, worker, num_workers, counter) for index in range(len(stream.sources))
             ]
-            chooser = random.Random(stream_seed(*ids, "interleave"))
             caption_rng = np.random.default_rng(stream_seed(*ids, "captions"))
-            weights = [source.weight for source in stream.sources]
-            for _ in range(quota):
-                index = chooser.choices(range(len(weights)), weights)[0]
+            for position in range(quota):
+                # the loader hands out worker w's k-th batch as batch w + k·W of the epoch
+                index = stream.source_of(worker + position * num_workers, self.epoch)
                 samples = list(itertools.islice(per_source[index], stream.batch_size))
                 source = stream.sources[index]
                 yield collate_train(
@@ -390,7 +408,7 @@ def collate_eval(samples: list[Sample], *, modality: str, skipped: dict[str, int
     }
 
 
-def _deliver(dataset: IterableDataset, workers: int) -> Iterator[dict]:
+def _deliver(dataset: IterableDataset, workers: int, tally: SkipTally | None = None) -> Iterator[dict]:
     """Run ``dataset`` in this process or in ``workers`` loader processes; fold skip counts into the totals."""
     if workers == 0:
         items: Iterable = iterate_single_threaded(iter(dataset))
@@ -398,11 +416,12 @@ def _deliver(dataset: IterableDataset, workers: int) -> Iterator[dict]:
         # batch_size=None: the dataset yields finished batches (and a final SkipReport per worker)
         items = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2)
     for item in items:
-        if isinstance(item, SkipReport):
-            add_skipped(item.counts)
-            continue
-        add_skipped(item["skipped"])
-        yield item
+        counts = item.counts if isinstance(item, SkipReport) else item["skipped"]
+        add_skipped(counts)
+        if tally is not None:
+            tally.add(counts)
+        if not isinstance(item, SkipReport):
+            yield item
 
 
 @contextlib.contextmanager

@@ -64,6 +64,26 @@ def add_skipped(counts: Mapping[str, int]) -> None:
                 _totals[reason] += int(count)
 
 
+class SkipTally:
+    """Skip counts of one run (a training run's streams, one evaluation), beside the process-wide totals."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, counts: Mapping[str, int]) -> None:
+        """Add counts delivered by a producer."""
+        with self._lock:
+            for reason, count in counts.items():
+                if count:
+                    self._counts[reason] += int(count)
+
+    def counts(self) -> dict[str, int]:
+        """Skips counted so far, by reason."""
+        with self._lock:
+            return dict(sorted(self._counts.items()))
+
+
 class SkipReport:
     """The counts a loader worker recorded after its last batch, sent as its final item."""
 

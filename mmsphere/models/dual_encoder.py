@@ -92,12 +92,12 @@ class DualEncoder(nn.Module):
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, L]`` (``L`` = context length) -> unit-norm text features ``[B, D]``."""
         self._check_text(text)
-        return F.normalize(self.clip.encode_text(text), dim=-1)
+        return _normalize(self.clip.encode_text(text))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` -> unit-norm image features ``[B, D]``; bypasses the temporal head."""
         self._check_images(images, "images", expected_dim=4)
-        return F.normalize(self.clip.encode_image(images), dim=-1)
+        return _normalize(self.clip.encode_image(images))
 
     def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Frames ``[B, T, 3, H, W]`` with ``frame_mask [B, T]`` (None = all valid) -> unit-norm ``[B, D]``."""
@@ -105,8 +105,8 @@ class DualEncoder(nn.Module):
         batch, length = frames.shape[:2]
         frame_mask = self._checked_frame_mask(frame_mask, frames)
         frame_features = self.clip.encode_image(frames.flatten(0, 1))
-        frame_features = F.normalize(frame_features, dim=-1).view(batch, length, -1)
-        return F.normalize(self.temporal(frame_features, frame_mask), dim=-1)
+        frame_features = _normalize(frame_features).view(batch, length, -1)
+        return _normalize(self.temporal(frame_features, frame_mask))
 
     def forward(
         self,
@@ -248,6 +248,17 @@ class DualEncoder(nn.Module):
         if empty:
             raise ValueError(f"frame_mask rows {empty} have no valid frame; every video needs at least one")
         return frame_mask.to(frames.device)
+
+
+def _normalize(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalise rows in at least fp32, also inside an autocast region.
+
+    Normalised in bf16 (CPU autocast), rows are off unit norm by up to ~4e-3, which the objective
+    rightly rejects once accelerate has converted the outputs to fp32.
+    """
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return F.normalize(features.to(dtype), dim=-1)
 
 
 def _under(name: str, prefix: str) -> bool:

@@ -46,7 +46,11 @@ def train(config: Config) -> dict[str, Any]:
 
     accelerator = build_accelerator(config)
     world_size, rank = accelerator.num_processes, accelerator.process_index
-    local_batch = local_batch_size(config.train.batch_size, world_size)
+    local_batch = local_batch_size(config.train.batch_size, world_size, config.train.accum_freq)
+    meta_local = None
+    if config.meta.enabled:
+        meta_local = local_batch_size(config.meta.batch_size or config.train.batch_size, world_size,
+                                      key="meta.batch_size" if config.meta.batch_size else "train.batch_size")
     check_data_sources(config)
     output_dir = Path(config.output_dir)
     resume_from = check_output_dir(config)
@@ -81,16 +85,19 @@ def train(config: Config) -> dict[str, Any]:
     stream_kwargs = dict(image_size=network.image_size, image_mean=network.image_mean,
                          image_std=network.image_std, tokenizer=network.tokenizer,
                          rank=rank, world_size=world_size, seed=config.seed)
+    # skips are counted per run: a process that trains several times (the ablation tool) or also
+    # validates must not report another run's skips
+    skipped = stats.SkipTally()
     train_batches = _epochs(build_train_stream, config.data.train, config, local_batch, data_epoch,
-                            dict(stream_kwargs, split="train"))
+                            dict(stream_kwargs, split="train", skipped=skipped))
     meta_batches = None
     if weighting is not None:
-        meta_local = local_batch_size(config.meta.batch_size or config.train.batch_size, world_size)
         meta_batches = _epochs(build_train_stream, [config.data.meta], config, meta_local, data_epoch,
-                               dict(stream_kwargs, split="meta"))
+                               dict(stream_kwargs, split="meta", skipped=skipped))
 
     log = RunLog(output_dir, accelerator.is_main_process)
-    nonfinite_in_row, nonfinite_total = 0, 0
+    nonfinite_in_row, nonfinite_total, meta_skipped = 0, 0, 0
+    running_statistics = _running_statistics(network)
     samples_seen, started = 0, time.time()
     progress = tqdm(total=config.train.max_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="train", unit="step", dynamic_ncols=True)
@@ -103,15 +110,23 @@ def train(config: Config) -> dict[str, Any]:
         if weighting is not None and step % config.meta.interval == 0:
             _, meta_batch = next(meta_batches)
             meta_result = weighting.meta_step(inputs, model_inputs(meta_batch, accelerator.device),
-                                              virtual_lr=config.meta.virtual_lr or scheduler.get_last_lr()[0])
+                                              virtual_lr=config.meta.virtual_lr or weighting.group_rates(optimizer))
+            if meta_result.skipped:
+                meta_skipped += 1
+                logger.warning("non-finite value in the meta iteration at step %d: WeightNet not updated", step)
 
         weigh = weighting.weigh if weighting is not None else None
+        saved_statistics = {name: buffer.clone() for name, buffer in running_statistics.items()}
         result = train_step(model, objective, inputs, accelerator, config, weigh=weigh, seed=step_seed)
 
         if not _finite_everywhere(result.loss):
             nonfinite_in_row += 1
             nonfinite_total += 1
             optimizer.zero_grad(set_to_none=True)
+            # the skipped forward already folded its (non-finite) batch statistics into BatchNorm
+            with torch.no_grad():
+                for name, buffer in running_statistics.items():
+                    buffer.copy_(saved_statistics[name])
             logger.warning("non-finite loss at step %d: step skipped (%d in a row)", step, nonfinite_in_row)
             if nonfinite_in_row >= config.train.max_nonfinite_steps:
                 raise NonFiniteLossError(
@@ -131,7 +146,9 @@ def train(config: Config) -> dict[str, Any]:
         progress.update(1)
 
         if weighting is not None:
-            log.sample_weights(step, batch["key"], result.per_sample.detach(), weighting.last_weights)
+            log.max_loss_seen = max(log.max_loss_seen, result.per_sample.detach().float().max().item())
+            if step % config.meta.weights_log_every == 0 or step == config.train.max_steps:
+                log.sample_weights(step, batch["key"], result.per_sample.detach(), weighting.last_weights)
         if step % config.train.log_every == 0 or step == config.train.max_steps:
             rate = samples_seen / max(time.time() - started, 1e-9)
             record = {"step": step, "epoch": data_epoch, "lr": scheduler.get_last_lr()[0],
@@ -152,7 +169,8 @@ def train(config: Config) -> dict[str, Any]:
 
     summary = {"steps": step, "world_size": world_size, "resumed_from_step": resumed_from_step,
                "data_epoch": data_epoch, "nonfinite_steps_skipped": nonfinite_total,
-               "skipped_samples": _skipped_everywhere(stats.skipped_counts()),
+               "meta_iterations_skipped": meta_skipped,
+               "skipped_samples": _skipped_everywhere(skipped.counts()),
                "wall_time_s": time.time() - started}
     if config.data.val is not None:
         summary["validation"] = validate(network, config, accelerator)
@@ -186,12 +204,32 @@ def build_accelerator(config: Config) -> Accelerator:
     )
 
 
-def local_batch_size(global_batch: int, world_size: int) -> int:
-    """Per-process share of the global batch; it must split evenly."""
-    if global_batch < world_size or global_batch % world_size:
-        raise ConfigError(f"train.batch_size={global_batch} must be a multiple of the number of processes "
-                          f"({world_size}) and at least that large")
-    return global_batch // world_size
+def local_batch_size(global_batch: int, world_size: int, accum_freq: int = 1, key: str = "train.batch_size") -> int:
+    """Per-process share of the global batch; each process's micro-batches must hold at least 2 samples.
+
+    The objective needs two samples per process (a positive and a negative), and accumulation splits
+    each process's share into ``accum_freq`` equal micro-batches.
+    """
+    if global_batch % world_size:
+        raise ConfigError(f"{key}={global_batch} must be a multiple of the number of processes ({world_size})")
+    local = global_batch // world_size
+    if local % accum_freq:
+        raise ConfigError(f"{key}={global_batch} over {world_size} process(es) gives {local} samples per process, "
+                          f"which train.accum_freq={accum_freq} cannot split into equal micro-batches; use a "
+                          f"multiple of {world_size * accum_freq}")
+    if local // accum_freq < 2:
+        raise ConfigError(f"{key}={global_batch} over {world_size} process(es) and train.accum_freq={accum_freq} "
+                          f"leaves {local // accum_freq} sample(s) per micro-batch; each needs at least 2: use at "
+                          f"least {2 * world_size * accum_freq}")
+    return local
+
+
+def _running_statistics(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The BatchNorm buffers a forward in train mode updates (running mean/var, batches tracked)."""
+    return {f"{module_name}.{name}" if module_name else name: buffer
+            for module_name, module in network.named_modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            for name, buffer in module.named_buffers(recurse=False) if buffer is not None}
 
 
 def _epochs(build_stream, sources, config: Config, batch_size: int, start_epoch: int,
@@ -305,8 +343,14 @@ class MetaWeighting:
         self.parameter_names = network.meta_parameter_names(config.meta.params, config.meta.last_blocks)
         self.last_weights: torch.Tensor | None = None
 
-    def meta_step(self, train_inputs, meta_inputs, *, virtual_lr: float):
-        """One second-order meta iteration (in fp32: the double backward is sensitive to rounding)."""
+    def group_rates(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Each virtual parameter's current learning rate, from its own optimiser group."""
+        rate_of = {id(parameter): group["lr"] for group in optimizer.param_groups for parameter in group["params"]}
+        parameters = dict(self.network.named_parameters())
+        return {name: rate_of[id(parameters[name])] for name in self.parameter_names}
+
+    def meta_step(self, train_inputs, meta_inputs, *, virtual_lr: float | dict[str, float]):
+        """One second-order meta iteration, in fp32 outside autocast (the double backward is sensitive to rounding)."""
 
         def contrastive(image_features, text_features, logit_scale, weigh):
             out = self.contrastive_objective(image_features, text_features, logit_scale, sample_weights=weigh,

@@ -66,7 +66,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(one_step_runs
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(image_text_shards, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` really trains on 2 gloo processes without GPUs."""
-    raw = tiny_config(image_text_shards, tmp_path / "run", meta={"enabled": True, "interval": 1, "hidden": 8},
+    raw = tiny_config(image_text_shards, tmp_path / "run", meta={"enabled": True, "interval": 1, "hidden": 8, "weights_log_every": 1},
                       train={"max_steps": 3, "batch_size": 8, "checkpoint_every": 3, "log_every": 1, "cpu": False})
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(raw))

@@ -19,7 +19,8 @@ from .conftest import tiny_config
 
 
 def test_train_with_meta_weighting_writes_a_complete_run(image_text_shards, tmp_path):
-    raw = tiny_config(image_text_shards, tmp_path / "run", meta={"enabled": True, "interval": 2, "hidden": 8},
+    raw = tiny_config(image_text_shards, tmp_path / "run",
+                      meta={"enabled": True, "interval": 2, "hidden": 8, "weights_log_every": 3},
                       loss={"terms": {"angular_margin": 1.0, "m2mix": 0.1, "calibrated_uniformity": 0.1, "cma": 0.001}})
     summary = train(config_from_dict(raw))
     run = tmp_path / "run"
@@ -29,7 +30,9 @@ def test_train_with_meta_weighting_writes_a_complete_run(image_text_shards, tmp_
     assert all(math.isfinite(record["loss/total"]) for record in metrics)
     assert "meta/meta_loss" in metrics[0] and "meta/meta_loss" not in metrics[1]  # interval 2, steps 0 and 2
     weights = [json.loads(line) for line in (run / "sample_weights.jsonl").read_text().splitlines()]
-    assert len(weights) == 4 * 8 and {"step", "key", "loss", "weight"} <= set(weights[0])
+    # every sample of every 3rd step, and of the last one: bounded however long the run
+    assert sorted({row["step"] for row in weights}) == [3, 4]
+    assert len(weights) == 2 * 8 and {"step", "key", "loss", "weight"} <= set(weights[0])
     assert all(0 < row["weight"] < 1 for row in weights)
     assert (run / "weighting_curve.png").stat().st_size > 0
     assert [path.name for path in sorted((run / "checkpoints").iterdir())] == ["step_00000002", "step_00000004"]
