@@ -150,6 +150,23 @@ def test_ranks_read_disjoint_shards_that_cover_the_data(tmp_path, media, clips, 
         assert len({key.split("-")[1] for key in seen[0]}) == 2
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_rank_draws_the_same_source_at_each_step(tmp_path, media, tokenizer, workers):
+    """The global batch is one modality (DESIGN §3): ranks in different collectives hang for ever."""
+    first, _ = write_image_shards(tmp_path / "a", media, "first", 4, 2)
+    second, _ = write_image_shards(tmp_path / "b", media, "second", 4, 2)
+    sources = [SourceConfig(urls=first, modality="image", weight=1.0, name="first"),
+               SourceConfig(urls=second, modality="image", weight=1.0, name="second")]
+    per_rank = []
+    for rank in (0, 1):
+        stream = stream_for(sources, media, tokenizer, batch_size=2, epoch_samples=24, shuffle_buffer=0,
+                            rank=rank, world_size=2, workers=workers)
+        per_rank.append([batch["source"] for batch in stream])
+    assert len(per_rank[0]) == 12
+    assert per_rank[0] == per_rank[1]
+    assert set(per_rank[0]) == {"first", "second"}  # both sources do take part
+
+
 def test_seeds_and_epochs_fix_the_order(tmp_path, media, tokenizer):
     urls, _ = write_image_shards(tmp_path, media, "img", 3, 4)
     source = SourceConfig(urls=urls, modality="image", name="img")

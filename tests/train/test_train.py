@@ -79,6 +79,32 @@ def test_batch_smaller_than_processes():
     assert local_batch_size(8, 2) == 4
 
 
+@pytest.mark.parametrize("global_batch, processes, accum_freq, problem", [
+    (12, 2, 4, "cannot split into equal micro-batches; use a multiple of 8"),  # 6 rows, 4 micro-batches
+    (2, 2, 1, "leaves 1 sample\\(s\\) per micro-batch; each needs at least 2: use at least 4"),
+    (8, 2, 4, "leaves 1 sample\\(s\\) per micro-batch"),
+])
+def test_batch_split_is_checked_per_process_and_micro_batch(global_batch, processes, accum_freq, problem):
+    with pytest.raises(ConfigError, match=f"train.batch_size={global_batch} .*{problem}"):
+        local_batch_size(global_batch, processes, accum_freq)
+
+
+def test_an_unsplittable_batch_stops_the_run_before_any_work(image_text_shards, tmp_path):
+    raw = tiny_config(image_text_shards, tmp_path / "run", train={"batch_size": 6, "accum_freq": 4})
+    with pytest.raises(ConfigError, match="train.accum_freq=4"):
+        train(config_from_dict(raw))
+    assert not (tmp_path / "run").exists()
+
+
+def test_skip_counts_belong_to_their_run(image_text_shards, tmp_path):
+    """Skips another run (or an evaluation) left in this process do not show up in a run's summary."""
+    from mmsphere.data.stats import add_skipped
+
+    add_skipped({"empty_caption": 5})
+    summary = train(config_from_dict(tiny_config(image_text_shards, tmp_path / "run")))
+    assert summary["skipped_samples"] == {}
+
+
 def test_weight_decay_groups_and_tower_learning_rates(image_text_shards, tmp_path):
     config = config_from_dict(tiny_config(image_text_shards, tmp_path, model={"name": "mmsphere-tiny", "text_lr": 1e-5}))
     model = create_model(config.model)
