@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ class MetaConfig:
     last_blocks: int = 1
     normalize: str = "mean"  # mean | sum
     batch_size: int | None = None  # None = train.batch_size
+    # sample_weights.jsonl gets every sample of every weights_log_every-th step (bounded, and a sample's
+    # weight is followed through training, which the demo's weight AUROC needs)
+    weights_log_every: int = 10
 
 
 @dataclass
@@ -150,6 +154,35 @@ class Config:
 # building from dicts, YAML and overrides
 
 
+# Words a bool field accepts, from YAML files and overrides alike (case-insensitive).
+BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+# Words that mean None in an override of a nullable field (case-insensitive; an empty value too).
+NULL_WORDS = ("null", "none", "~", "")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false, so ``precision: no`` is the string 'no'."""
+
+
+# YAML 1.1, PyYAML's default, also reads unquoted yes/no/on/off as booleans. Then `precision: no`
+# (accelerate's spelling) would arrive as False, and False could have been written no, off or
+# false, so a string field could not tell what was meant. Reading those words as strings keeps
+# what the user wrote; a bool field still takes them (BOOLEAN_WORDS), and a string field that
+# receives true/false is an error that asks for quotes rather than a guess.
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML the way config files are read (YAML 1.2 booleans; see :class:`_YamlLoader`)."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a validated :class:`Config` from a YAML file and ``dotted.key=value`` overrides."""
     raw: dict[str, Any] = {}
@@ -158,7 +191,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
         if not isinstance(raw, dict):
@@ -169,11 +202,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set ``dotted.key=value`` in a raw config dict; the value is parsed as YAML."""
+    """Set ``dotted.key=value`` in a raw config dict, the value read as the declared type of its field.
+
+    A string field takes the text as written (``train.precision=no`` is ``"no"``; quote it as YAML,
+    ``key="'a b'"``, to strip the quotes); a nullable field takes null, none, ~ or nothing as None;
+    a bool field true/false, yes/no, on/off; a number field a number. Lists, mappings, whole
+    sections and keys without a declared type are parsed as YAML.
+    """
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like dotted.key=value")
     key, _, text = override.partition("=")
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
@@ -182,7 +222,63 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    node[parts[-1]] = _parse_override(_declared_type(parts), text.strip(), key)
+
+
+def _declared_type(parts: list[str]) -> Any:
+    """The type hint of the field that the dotted key names, or None for a key no field declares."""
+    hint: Any = Config
+    for part in parts:
+        hint, _ = _without_none(hint)
+        if dataclasses.is_dataclass(hint):
+            hints = typing.get_type_hints(hint)
+            if part not in hints:
+                return None  # unknown: _build reports it with the closest valid key
+            hint = hints[part]
+        elif typing.get_origin(hint) is dict:
+            hint = typing.get_args(hint)[1]
+        else:
+            return None
+    return hint
+
+
+def _parse_override(hint: Any, text: str, key: str) -> Any:
+    """The plain value of an override's text for a field of type ``hint``; :func:`_coerce` checks it."""
+    inner, nullable = _without_none(hint)
+    if nullable and text.lower() in NULL_WORDS:
+        return None
+    if inner is str:
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return _parse_yaml(text, key)  # a quoted YAML scalar: the quotes are not part of the value
+        return text
+    if inner is bool:
+        return text  # _coerce maps BOOLEAN_WORDS and names the key for anything else
+    if inner is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} must be an integer") from None
+    if inner is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} must be a number") from None
+    return _parse_yaml(text, key) if text else None
+
+
+def _parse_yaml(text: str, key: str) -> Any:
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {key}={text!r} is not valid YAML: {error}") from None
+
+
+def _without_none(hint: Any) -> tuple[Any, bool]:
+    """``(X, True)`` for ``X | None``, ``(hint, False)`` otherwise."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+        inner = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return inner[0], True
+    return hint, False
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -250,8 +346,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} must be a mapping")
         return {str(name): _coerce(args[1], item, f"{key}.{name}") for name, item in value.items()}
     if hint is bool:
+        if isinstance(value, str) and value.lower() in BOOLEAN_WORDS:
+            return BOOLEAN_WORDS[value.lower()]
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be true or false")
+            raise ConfigError(f"{key}={value!r} must be true or false (or yes/no, on/off)")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -268,7 +366,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} must be a number")
         return float(value)
     if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):
+            # only YAML's unquoted true/false get here (see _YamlLoader); which string was meant is a guess
+            raise ConfigError(f"{key}={value!r} must be a string; YAML reads unquoted true/false as "
+                              f"booleans, so write the string you mean in quotes")
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}={value!r} must be a string")
         return str(value)
     return value
@@ -333,6 +435,7 @@ def validate(config: Config) -> None:
     _check(meta.normalize in ("mean", "sum"), f"meta.normalize={meta.normalize!r} must be 'mean' or 'sum'")
     _check(meta.virtual_lr is None or meta.virtual_lr > 0, f"meta.virtual_lr={meta.virtual_lr} must be > 0")
     _check(meta.batch_size is None or meta.batch_size >= 2, f"meta.batch_size={meta.batch_size} must be >= 2")
+    _check(meta.weights_log_every >= 1, f"meta.weights_log_every={meta.weights_log_every} must be >= 1")
     if meta.enabled:
         _check(data.meta is not None, "meta.enabled=true needs data.meta (the clean meta set's shards)")
 

@@ -45,6 +45,95 @@ def test_overrides_are_parsed_by_type(tmp_path):
     assert config.loss.terms == {"clip": 1.0}
 
 
+@pytest.mark.parametrize("override, key, expected", [
+    # string fields take the text as written, including YAML 1.1's boolean and null words
+    ("train.precision=no", "train.precision", "no"),
+    ("train.precision=fp16", "train.precision", "fp16"),
+    ("model.name=on", "model.name", "on"),
+    ("model.name=yes", "model.name", "yes"),
+    ("output_dir=null", "output_dir", "null"),
+    ("output_dir=runs/a b: c # d", "output_dir", "runs/a b: c # d"),
+    ("model.name='quoted'", "model.name", "quoted"),
+    ("train.resume=true", "train.resume", "true"),
+    ("train.resume=off", "train.resume", "off"),
+    # a nullable string takes null / none / ~ / nothing as None, and quotes for the word itself
+    ("model.pretrained=null", "model.pretrained", None),
+    ("model.pretrained=None", "model.pretrained", None),
+    ("model.pretrained=~", "model.pretrained", None),
+    ("model.pretrained=", "model.pretrained", None),
+    ("model.pretrained='none'", "model.pretrained", "none"),
+    ("model.pretrained=laion2b_s34b_b79k", "model.pretrained", "laion2b_s34b_b79k"),
+    # other nullable fields
+    ("train.grad_clip=null", "train.grad_clip", None),
+    ("data.image_size=NULL", "data.image_size", None),
+    ("data.image_size=64", "data.image_size", 64),
+    ("data.val=null", "data.val", None),
+    # bools take true/false, yes/no, on/off in any case
+    ("meta.enabled=yes", "meta.enabled", True),
+    ("meta.enabled=On", "meta.enabled", True),
+    ("meta.enabled=TRUE", "meta.enabled", True),
+    ("meta.enabled=no", "meta.enabled", False),
+    ("meta.enabled=off", "meta.enabled", False),
+    ("meta.enabled=False", "meta.enabled", False),
+    # numbers, and YAML for lists, mappings and sections
+    ("seed=-3", "seed", -3),
+    ("train.lr=1e-4", "train.lr", 1e-4),
+    ("loss.margin=1", "loss.margin", 1.0),
+    ("train.betas=[0.8, 0.9]", "train.betas", (0.8, 0.9)),
+    ("loss.terms.m2mix=0.5", "loss.terms", {"angular_margin": 1.0, "m2mix": 0.5}),
+])
+def test_overrides_take_the_declared_type_of_their_field(override, key, expected):
+    config = load_config(None, ["data.train=[{urls: a.tar}]", "data.meta={urls: m.tar}", "data.val={urls: v.tar}",
+                                "loss.terms={angular_margin: 1.0}", override])
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_yaml_files_keep_no_and_on_as_strings_for_string_fields(tmp_path):
+    """YAML 1.2 booleans: ``precision: no`` is accelerate's 'no', while bool fields still take yes/no."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {name: off, freeze_image: yes, freeze_text: off}\n"
+                    "data: {train: [{urls: a.tar}], resampled: no}\n"
+                    "meta: {enabled: false}\ntrain: {precision: no}\n")
+    config = load_config(path)
+    assert config.train.precision == "no" and config.model.name == "off"
+    assert config.model.freeze_image is True and config.model.freeze_text is False
+    assert config.data.resampled is False and config.meta.enabled is False
+    save_config(config, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == config
+
+
+@pytest.mark.parametrize("text, message", [
+    # true/false unquoted are booleans, and a string field will not guess which word was meant
+    ("train: {precision: false}", r"train.precision=False must be a string; .* in quotes"),
+    ("model: {name: true}", r"model.name=True must be a string"),
+    ("meta: {enabled: maybe}", r"meta.enabled='maybe' must be true or false"),
+])
+def test_yaml_booleans_in_string_fields_ask_for_quotes(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=3.5", r"train.max_steps='3.5' must be an integer"),
+    ("train.max_steps=yes", r"train.max_steps='yes' must be an integer"),
+    ("train.max_steps=null", r"train.max_steps='null' must be an integer"),
+    ("loss.margin=off", r"loss.margin='off' must be a number"),
+    ("train.grad_clip=none please", r"train.grad_clip='none please' must be a number"),
+    ("meta.enabled=1", r"meta.enabled='1' must be true or false"),
+    ("meta.enabled=", r"meta.enabled='' must be true or false"),
+    ("train.precision=off", r"train.precision='off' must be 'no', 'bf16' or 'fp16'"),
+    ("train.betas=[0.9, 0.98", r"override train.betas='\[0.9, 0.98' is not valid YAML"),
+])
+def test_override_type_errors_name_the_key_and_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.train=[{urls: a.tar}]", override])
+
+
 @pytest.mark.parametrize("key, suggestion", [("train.max_step", "train.max_steps"), ("loss.margn", "loss.margin"),
                                              ("meta.intervall", "meta.interval"), ("outputdir", "output_dir")])
 def test_unknown_key_suggests_closest(key, suggestion):

@@ -240,18 +240,43 @@ class _Renderer:
 
 
 def encode_clip(frames: np.ndarray, path: Path, fps: int = FPS) -> None:
-    """Write ``[F, H, W, 3] uint8`` frames as an H.264 MP4 (keyframe every 4 frames)."""
-    with av.open(str(path), "w", format="mp4") as container:
+    """Write ``[F, H, W, 3] uint8`` frames as an H.264 MP4 (keyframe every 4 frames), the same bytes every run."""
+    # Every stage is pinned so that a seed always gives the same bytes: the colour conversion is
+    # integer arithmetic here rather than swscale (whose rounding depends on the CPU's SIMD path
+    # unless asked to be bit-exact); x264 runs on one thread with no lookahead or sliced threads;
+    # codec and muxer run bit-exact, so no library version strings or creation times are written.
+    with av.open(str(path), "w", format="mp4", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast", "g": "4", "keyint_min": "4", "sc_threshold": "0"}
-        # one thread: the clips are tiny and x264's threaded output would differ run to run
+        stream.options = {
+            "crf": "18", "preset": "veryfast", "g": "4", "keyint_min": "4", "sc_threshold": "0",
+            "flags": "+bitexact", "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0",
+        }
         stream.codec_context.thread_count = 1
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """``[H, W, 3] uint8`` RGB (H, W even) as PyAV's planar ``[3H/2, W]`` yuv420p array (BT.601, limited range).
+
+    Integer arithmetic (the usual 8-bit approximation of the BT.601 matrix), so the result is the
+    same on every machine; each chroma sample comes from the mean colour of its 2x2 block.
+    """
+    height, width = frame.shape[:2]
+    rgb = frame.astype(np.int32)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    luma = ((66 * red + 129 * green + 25 * blue + 128) >> 8) + 16
+    # sums over each 2x2 block: four times the block's mean colour, hence the shift by 8 + 2 bits
+    block = rgb.reshape(height // 2, 2, width // 2, 2, 3).sum(axis=(1, 3))
+    red4, green4, blue4 = block[..., 0], block[..., 1], block[..., 2]
+    blue_difference = ((-38 * red4 - 74 * green4 + 112 * blue4 + 512) >> 10) + 128
+    red_difference = ((112 * red4 - 94 * green4 - 18 * blue4 + 512) >> 10) + 128
+    planes = np.concatenate([luma.ravel(), blue_difference.ravel(), red_difference.ravel()])
+    return planes.astype(np.uint8).reshape(height * 3 // 2, width)
 
 
 def _random_motion(digit: int, rng: np.random.Generator) -> Motion:

@@ -73,15 +73,53 @@ def slerp(a: Tensor, b: Tensor, lam: float | Tensor) -> Tensor:
     """Geodesic interpolation of unit rows: ``sin(λθ)/sinθ·a + sin((1−λ)θ)/sinθ·b``, ``θ = ∠(a, b)``.
 
     a, b: [B, D] unit-norm; lam: a float or a tensor of shape [B] (one λ per row). ``lam=1`` gives
-    ``a`` and ``lam=0`` gives ``b`` exactly. Nearly identical rows fall back to normalised linear
-    interpolation, where the geodesic and the chord coincide; antipodal rows (no unique geodesic)
-    give a finite, arbitrary point. Returns [B, D] in the input dtype.
+    ``a`` and ``lam=0`` gives ``b`` exactly; every other output row has unit norm. The point is
+    computed as ``cos(λθ)·b + sin(λθ)·u``, u the unit tangent at b towards a, which equals the formula
+    above but stays accurate where ``sinθ`` is tiny. Nearly identical rows use the series of
+    ``sin(λθ)/sinθ``, so gradients stay finite at ``a = b``. Antipodal rows (and rows so nearly
+    antipodal that the tangent towards a is lost in rounding) have no unique geodesic; there the
+    great circle through b and the coordinate axis ``e_k``, ``k = argmin_k |b_k|`` (first such k), is
+    taken: ``u = normalise(e_k − b_k·b)``. For exact antipodes (``a = −b``) the rule is symmetric in a
+    and b, so ``slerp(a, b, λ) = slerp(b, a, 1 − λ)`` still holds. Returns [B, D] in the input dtype.
     """
     _check_pair(a, b, names=("a", "b"))
     output_dtype = a.dtype
     a, b = _upcast(a), _upcast(b)
-    weight_a, weight_b = _slerp_weights((a * b).sum(dim=1), _as_lam(lam, a))
-    return (weight_a[:, None] * a + weight_b[:, None] * b).to(output_dtype)
+    lam = _as_lam(lam, a)
+    endpoint = lam[:, None] if lam.dim() == 1 else lam
+    if a.shape[1] == 1:
+        # S⁰ = {−1, 1} has no path between its two points (every pair is identical or antipodal):
+        # the endpoint nearer in λ, a at λ = ½
+        return torch.where(endpoint >= 0.5, a, b).to(output_dtype)
+    # the angle and the tangent come from the directions only, so rows that are off the sphere by
+    # rounding (half-precision features) still give an exact antipode for a = −b
+    unit_a, unit_b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    cosine = (unit_a * unit_b).sum(dim=1)
+    tangent = unit_a - cosine[:, None] * unit_b
+    # a second Gram–Schmidt pass: when the tangent is tiny, one pass leaves a component along b of
+    # the order of rounding, which would be amplified when the tangent is normalised
+    tangent = tangent - (tangent * unit_b).sum(dim=1, keepdim=True) * unit_b
+    sine = torch.linalg.vector_norm(tangent, dim=1)
+    theta = torch.atan2(sine, cosine)  # accurate over [0, π], unlike arccos near ±1
+    near, far = (1e-2, 1e-4) if cosine.dtype == torch.float32 else (1e-4, 1e-8)
+    is_close = theta < near
+    # Below `far` (about the square root of the unit roundoff) fewer than half the digits of the
+    # tangent rise above rounding, so its direction says little about a; every great circle through
+    # b passes within that angle of a, so a fixed choice costs no more than the rounding already did.
+    is_antipodal = (sine < far) & (cosine < 0)
+    # Each branch is evaluated (torch.where), so each gets inputs on which it is finite and has
+    # finite gradients; otherwise a NaN in the unused branch would leak into the backward pass.
+    safe_sine = torch.where(is_close | is_antipodal, torch.ones_like(sine), sine)
+    # sin(λθ)/sinθ = λ[1 + (1 − λ²)θ²/6 + O(θ⁴)]; the next term is below the unit roundoff at `near`
+    series = lam * (1 + (1 - lam**2) * theta**2 / 6)
+    along_tangent = torch.where(is_close, series, torch.sin(lam * theta) / safe_sine)
+    along_tangent = torch.where(is_antipodal, torch.zeros_like(along_tangent), along_tangent)
+    along_fallback = torch.where(is_antipodal, torch.sin(lam * theta), torch.zeros_like(theta))
+    point = (torch.cos(lam * theta)[:, None] * unit_b + along_tangent[:, None] * tangent
+             + along_fallback[:, None] * _fixed_tangent(unit_b))
+    point = F.normalize(point, dim=1)
+    point = torch.where(endpoint == 1, a, torch.where(endpoint == 0, b, point))
+    return point.to(output_dtype)
 
 
 def m2mix_loss(
@@ -192,7 +230,12 @@ def _margin_cosine(cosine: Tensor, margin: float, input_dtype: torch.dtype) -> T
 
 
 def _slerp_weights(cosine: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
-    """Coefficients ``(w_a, w_b)`` with ``slerp(a, b, λ) = w_a·a + w_b·b``, per row; cosine: [B]."""
+    """Coefficients ``(w_a, w_b)`` with ``slerp(a, b, λ) = w_a·a + w_b·b``, per row; cosine: [B].
+
+    The composed objective mixes already computed similarity blocks with these. A combination of a
+    and b cannot leave their plane, so unlike :func:`slerp` it is not unit-norm at (nearly)
+    antipodal rows, where the cosine is clamped and the point lies inside the sphere.
+    """
     # Below this gap to 1 the angle is too small for arccos to resolve in the compute dtype; the
     # chord then equals the arc to O(θ³), far below rounding.
     near = 1e-12 if cosine.dtype == torch.float64 else 1e-6
@@ -207,6 +250,14 @@ def _slerp_weights(cosine: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
     chord_cosine = torch.where(is_close, cosine, torch.ones_like(cosine))
     chord_norm = torch.sqrt(lam**2 + (1 - lam) ** 2 + 2 * lam * (1 - lam) * chord_cosine)
     return torch.where(is_close, lam / chord_norm, arc_a), torch.where(is_close, (1 - lam) / chord_norm, arc_b)
+
+
+def _fixed_tangent(unit_b: Tensor) -> Tensor:
+    """Unit tangent at each row of b towards ``e_k``, ``k = argmin_k |b_k|``: slerp's antipodal choice."""
+    axis = unit_b.abs().argmin(dim=1, keepdim=True)  # ties: the first index
+    direction = torch.zeros_like(unit_b).scatter_(1, axis, 1.0) - unit_b.gather(1, axis) * unit_b
+    # |b_k|² <= 1/D, so the norm is at least sqrt(1 − 1/D) > 0 (slerp handles D = 1 before this)
+    return F.normalize(direction, dim=1)
 
 
 def _symmetric_cross_entropy(logits: Tensor) -> Tensor:

@@ -44,6 +44,9 @@ def train(config: Config) -> dict[str, Any]:
     from mmsphere.losses import Objective
     from mmsphere.models import create_model, save_run
 
+    # a caller that set up torch.distributed itself (a test harness, a sweep over runs) keeps its
+    # process group; one that accelerate creates here is torn down at the end
+    owns_process_group = not (dist.is_available() and dist.is_initialized())
     accelerator = build_accelerator(config)
     world_size, rank = accelerator.num_processes, accelerator.process_index
     local_batch = local_batch_size(config.train.batch_size, world_size, config.train.accum_freq)
@@ -182,7 +185,11 @@ def train(config: Config) -> dict[str, Any]:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("run summary: %s", summary)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if owns_process_group:
+        accelerator.end_training()
+    else:
+        for tracker in accelerator.trackers:
+            tracker.finish()
     return summary
 
 

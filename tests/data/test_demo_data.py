@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mmsphere.data import build_eval_loader
-from mmsphere.data.demo import DIGIT_WORDS, build_demo_data, main
+from mmsphere.data.demo import DIGIT_WORDS, build_demo_data, encode_clip, main, rgb_to_yuv420p
 
 SMALL = dict(num_train=20, num_train_images=10, num_meta=4, num_val=6, num_ood=20, mismatch_fraction=0.25)
 DIRECTION_WORDS = ("left", "right", "up", "down")
@@ -127,3 +127,38 @@ def test_bad_arguments_and_existing_output(tmp_path, demo, capsys):
         build_demo_data(demo[0], **SMALL)
     assert main(["--out", str(demo[0])]) == 2
     assert "already holds demo data" in capsys.readouterr().err
+
+
+def test_clip_encoding_gives_the_same_bytes_every_time(tmp_path):
+    """Five encodings of one clip are identical, and the file holds no library version or clock."""
+    rng = np.random.default_rng(5)
+    frames = np.zeros((8, 16, 16, 3), dtype=np.uint8)
+    for index in range(8):  # a bright square moving right, like a demo digit
+        frames[index, 3:11, index:index + 8] = rng.integers(60, 256, size=(8, 8, 1))
+    encoded = []
+    for attempt in range(5):
+        # a fresh copy each time, so no two encodings share a source buffer
+        encode_clip(frames.copy(), tmp_path / f"{attempt}.mp4")
+        encoded.append((tmp_path / f"{attempt}.mp4").read_bytes())
+    assert all(data == encoded[0] for data in encoded[1:])
+    # bit-exact muxer and codec: no "Lavf…"/"Lavc…" version tags (nor a creation time) in the container
+    assert b"Lavf" not in encoded[0] and b"Lavc" not in encoded[0]
+    # x264 records its own settings in the stream: one thread, no lookahead or sliced threads
+    assert b"threads=1 lookahead_threads=1 sliced_threads=0" in encoded[0]
+
+
+def test_colour_conversion_is_bt601_limited_range():
+    """The encoder's input planes against the BT.601 matrix in floating point (2x2 block means for chroma)."""
+    frame = np.random.default_rng(6).integers(0, 256, size=(6, 10, 3), dtype=np.uint8)
+    planes = rgb_to_yuv420p(frame)
+    assert planes.shape == (9, 10) and planes.dtype == np.uint8
+    flat = planes.ravel().astype(float)
+    luma, chroma_b, chroma_r = flat[:60].reshape(6, 10), flat[60:75].reshape(3, 5), flat[75:].reshape(3, 5)
+    red, green, blue = (frame[..., channel].astype(float) for channel in range(3))
+    assert np.abs(luma - (16 + (65.481 * red + 128.553 * green + 24.966 * blue) / 255)).max() <= 1
+    block = frame.astype(float).reshape(3, 2, 5, 2, 3).mean(axis=(1, 3))
+    red, green, blue = block[..., 0], block[..., 1], block[..., 2]
+    assert np.abs(chroma_b - (128 + (-37.797 * red - 74.203 * green + 112.0 * blue) / 255)).max() <= 1
+    assert np.abs(chroma_r - (128 + (112.0 * red - 93.786 * green - 18.214 * blue) / 255)).max() <= 1
+    for value, luma in ((0, 16), (128, 126), (255, 235)):  # grays: the demo's digits on black
+        assert rgb_to_yuv420p(np.full((2, 2, 3), value, dtype=np.uint8)).ravel().tolist() == [luma] * 4 + [128, 128]

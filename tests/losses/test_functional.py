@@ -290,6 +290,98 @@ def test_slerp_of_antipodal_rows_is_finite():
     assert torch.isfinite(point).all() and torch.isfinite(a.grad).all()
 
 
+def rows_at_cosine(cosine: float, batch: int = 6, dim: int = 8, seed: int = 21) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit rows a, b (float64) with ⟨a_i, b_i⟩ = cosine: b = cosine·a + sqrt(1 − cosine²)·v, v ⟂ a."""
+    a = unit_rows(batch, dim, seed=seed)
+    v = unit_rows(batch, dim, seed=seed + 1)
+    v = tf.normalize(v - (v * a).sum(dim=1, keepdim=True) * a, dim=1)
+    return a, cosine * a + math.sqrt(max(0.0, 1 - cosine * cosine)) * v
+
+
+def angle(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """∠(x_i, y_i) as 2·atan2(‖x − y‖, ‖x + y‖), accurate over all of [0, π] (arccos is not near ±1)."""
+    return 2 * torch.atan2((x - y).norm(dim=1), (x + y).norm(dim=1))
+
+
+# a half-precision output rounds each coordinate, and so the norm, by at most the unit roundoff
+# (2^-11 for fp16, 2^-8 for bf16) relative; twice that is allowed
+NORM_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+COSINES = [-1.0, -0.9999999, -0.999, 0.0, 0.999, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF], ids=str)
+@pytest.mark.parametrize("cosine", COSINES)
+def test_slerp_is_unit_norm_for_every_angle(dtype, cosine):
+    a, b = (x.to(dtype).requires_grad_() for x in rows_at_cosine(cosine))
+    point = F.slerp(a, b, torch.tensor([0.1, 0.3, 0.5, 0.5, 0.7, 0.9], dtype=dtype))
+    norms = point.double().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=NORM_TOLERANCE[dtype])
+    point.float().sum().backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+
+
+@pytest.mark.parametrize("cosine", [-0.999, -0.9, -0.3, 0.0, 0.4, 0.95, 0.999])
+def test_slerp_matches_the_textbook_formula_away_from_the_poles(cosine):
+    a, b = rows_at_cosine(cosine)
+    lam = [0.0, 0.15, 0.5, 0.5, 0.85, 1.0]
+    expected = torch.tensor(loop_slerp(a.tolist(), b.tolist(), lam), dtype=torch.float64)
+    # the formula's weights grow like 1/sinθ, so does its own rounding: about 22·ε at cos = −0.999
+    torch.testing.assert_close(F.slerp(a, b, torch.tensor(lam, dtype=torch.float64)), expected, rtol=0, atol=1e-13)
+    actual32 = F.slerp(a.float(), b.float(), torch.tensor(lam))
+    torch.testing.assert_close(actual32.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cosine", [-1.0, -0.9999999, -0.999, 0.3])
+def test_slerp_endpoints_and_geodesic_hold_near_antipodes(cosine):
+    a, b = rows_at_cosine(cosine)
+    theta = angle(a, b)
+    assert torch.equal(F.slerp(a, b, 1.0), a) and torch.equal(F.slerp(a, b, 0.0), b)
+    for lam in (0.1, 0.5, 0.9):
+        point = F.slerp(a, b, lam)
+        # on a great circle through b and a: λθ from b and (1 − λ)θ from a, adding up to θ
+        torch.testing.assert_close(angle(point, b), lam * theta, rtol=0, atol=1e-9)
+        torch.testing.assert_close(angle(point, a), (1 - lam) * theta, rtol=0, atol=1e-9)
+    for lam in (0.1, 0.5, 0.9):  # fp32 stays on the same path, to its precision
+        torch.testing.assert_close(F.slerp(a.float(), b.float(), lam).double(), F.slerp(a, b, lam), rtol=0, atol=2e-3
+                                   if cosine < -0.99999 else 1e-5)
+
+
+@pytest.mark.parametrize("cosine", [-0.999, 0.999, 1 - 5e-11], ids=["near antipodal", "close", "series branch"])
+def test_slerp_gradients_match_finite_differences_near_the_poles(cosine):
+    a, b = (x[:3].clone() for x in rows_at_cosine(cosine, dim=4))
+    assert torch.autograd.gradcheck(lambda x, y: F.slerp(x, y, 0.3), (a.requires_grad_(), b.requires_grad_()))
+
+
+def loop_antipodal_slerp(b: list[float], lam: float) -> list[float]:
+    """The documented choice for a = −b: the great circle through b and e_k, k = first argmin |b_k|."""
+    k = min(range(len(b)), key=lambda index: (abs(b[index]), index))
+    direction = [(1.0 if index == k else 0.0) - b[k] * value for index, value in enumerate(b)]
+    length = math.sqrt(sum(value * value for value in direction))
+    return [math.cos(lam * math.pi) * y + math.sin(lam * math.pi) * w / length for y, w in zip(b, direction)]
+
+
+def test_slerp_of_antipodal_rows_follows_the_documented_rule():
+    b = unit_rows(5, 6, seed=23)
+    # ties in |b_k| go to the first index: here coordinates 1 and 2 are both 0, so e_1 is taken
+    b = torch.cat([b, torch.tensor([[0.6, 0.0, 0.0, 0.8, 0.0, 0.0]], dtype=torch.float64)])
+    a = -b
+    for lam in (0.25, 0.5, 0.8):
+        expected = torch.tensor([loop_antipodal_slerp(row, lam) for row in b.tolist()], dtype=torch.float64)
+        point = F.slerp(a, b, lam)
+        torch.testing.assert_close(point, expected, rtol=0, atol=1e-12)
+        # deterministic: the same for each row alone, on every call, in fp32, and from either end
+        torch.testing.assert_close(torch.cat([F.slerp(a[i:i + 1], b[i:i + 1], lam) for i in range(6)]), point)
+        assert torch.equal(F.slerp(a, b, lam), point)
+        torch.testing.assert_close(F.slerp(a.float(), b.float(), lam).double(), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(F.slerp(b, a, 1 - lam), point, rtol=0, atol=1e-12)
+    torch.testing.assert_close(F.slerp(a, b, 0.5)[-1], torch.tensor([0.0, 1, 0, 0, 0, 0], dtype=torch.float64))
+
+
+def test_slerp_on_the_zero_sphere_returns_the_nearer_endpoint():
+    a, b = torch.tensor([[1.0], [-1.0]]), torch.tensor([[-1.0], [-1.0]])
+    assert torch.equal(F.slerp(a, b, 0.3), b) and torch.equal(F.slerp(a, b, 0.5), a)
+
+
 # --------------------------------------------------------------------------------------------
 # dtypes, devices of the results, identical pairs
 

@@ -1,0 +1,163 @@
+"""The scenario matrix (tests/scenarios/matrix.py): real short training runs where features meet.
+
+Each scenario must finish under a hard timeout (a hang fails with the scenario's name), end with
+finite metrics and a finite model, report the skipped step when a NaN batch was injected, see both
+modalities when its sources mix, and, where deterministic, give after 2 processes the loss and
+parameters that 1 process gives on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from tests.scenarios.matrix import FACTORS, MAX_STEPS, SCENARIOS, Scenario, pairwise
+from tests.train.conftest import write_image_text_shards
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+LAUNCH_TIMEOUT_S = 420  # per world size; each scenario also has its own watchdog in the worker
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def _clip(colour: tuple[int, int, int], direction: int, rng: np.random.Generator) -> bytes:
+    """A real 5-frame 32x32 H.264 clip: a coloured square moving left or right."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for index in range(5):
+            pixels = rng.integers(0, 40, (32, 32, 3)).astype(np.uint8)
+            left = 4 + 4 * (index if direction > 0 else 4 - index)
+            pixels[10:22, left:left + 8] = colour
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def write_video_text_shards(directory: Path, prefix: str, shards: int, per_shard: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    for shard in range(shards):
+        with wds.TarWriter(str(directory / f"{prefix}-{shard:06d}.tar")) as writer:
+            for index in range(per_shard):
+                colour, direction = names[rng.integers(len(names))], int(rng.choice([-1, 1]))
+                caption = f"a {colour} square moving {'right' if direction > 0 else 'left'}"
+                writer.write({"__key__": f"{prefix}{shard:03d}_{index:04d}", "mp4": _clip(COLOURS[colour], direction, rng),
+                              "json": json.dumps({"captions": [caption, f"{colour} block going "
+                                                              f"{'right' if direction > 0 else 'left'}"]}).encode()})
+    return str(directory / f"{prefix}-{{000000..{shards - 1:06d}}}.tar")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(processes: int, shards_file: Path, out: Path) -> dict:
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    environment.pop("CUDA_VISIBLE_DEVICES", None)
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+               str(HERE / "worker.py"), str(shards_file), str(out)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=environment)
+        returncode, stderr = result.returncode, result.stderr
+    except subprocess.TimeoutExpired as error:
+        returncode, stderr = "timeout", (error.stderr or b"").decode(errors="replace") if isinstance(
+            error.stderr, bytes) else (error.stderr or "")
+    started = (out / "started").read_text() if (out / "started").is_file() else "<none>"
+    return {"returncode": returncode, "stderr": stderr, "unfinished": started}
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory) -> dict:
+    """Shards, then one launch per world size; returns where each world size's results are."""
+    root = tmp_path_factory.mktemp("matrix")
+    shards = {"image": write_image_text_shards(root / "image", "image", shards=4, per_shard=16, seed=0),
+              "video": write_video_text_shards(root / "video", "video", shards=4, per_shard=12, seed=1),
+              "meta_image": write_image_text_shards(root / "meta_image", "metaimage", shards=2, per_shard=12, seed=2),
+              "meta_video": write_video_text_shards(root / "meta_video", "metavideo", shards=2, per_shard=12, seed=3)}
+    shards_file = root / "shards.json"
+    shards_file.write_text(json.dumps(shards))
+    launches = {}
+    for processes in (1, 2):
+        out = root / f"world{processes}"
+        out.mkdir()
+        launches[processes] = {"out": out, **_launch(processes, shards_file, out)}
+    return launches
+
+
+def _result(matrix: dict, scenario: Scenario) -> dict:
+    launch = matrix[scenario.processes]
+    path = launch["out"] / f"{scenario.name}.json"
+    if not path.is_file():
+        where = ("it hung or crashed" if launch["unfinished"] == scenario.name
+                 else f"the launch stopped earlier, in {launch['unfinished']!r}")
+        pytest.fail(f"scenario {scenario.name} has no result: {where} (exit {launch['returncode']}); "
+                    f"stderr tail:\n{launch['stderr'][-3000:]}")
+    return json.loads(path.read_text())
+
+
+def test_the_list_covers_every_pair_of_factor_values():
+    rows = [vars(scenario) for scenario in SCENARIOS]
+    for first, second in ((a, b) for i, a in enumerate(FACTORS) for b in list(FACTORS)[i + 1:]):
+        for x in FACTORS[first]:
+            for y in FACTORS[second]:
+                assert any(row[first] == x and row[second] == y for row in rows), (first, x, second, y)
+    assert pairwise() == [vars(scenario) for scenario in SCENARIOS]  # deterministic
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[scenario.name for scenario in SCENARIOS])
+def test_scenario_trains_to_the_end(matrix, scenario):
+    result = _result(matrix, scenario)
+    summary = result["summary"]
+    assert summary["steps"] == MAX_STEPS and summary["world_size"] == scenario.processes
+    assert result["metrics_finite"] and result["model_finite"]
+    expected_skips = 1 if scenario.nan_batch else 0
+    assert summary["nonfinite_steps_skipped"] == expected_skips
+    if scenario.meta != "off":
+        assert summary["meta_iterations_skipped"] == expected_skips
+        assert result["sample_weights"] > 0 and result["sample_weights_finite"]
+    seen = set(result["modalities"])
+    assert seen == ({"image", "video"} if scenario.data == "mixed" else {scenario.data})
+    assert summary["skipped_samples"] == {}
+
+
+DETERMINISTIC = [scenario for scenario in SCENARIOS if scenario.deterministic]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", DETERMINISTIC, ids=[scenario.name for scenario in DETERMINISTIC])
+def test_two_processes_equal_one_process(matrix, scenario):
+    saved = {}
+    for processes in (1, 2):
+        path = matrix[processes]["out"] / f"{scenario.name}.world{processes}.pt"
+        if not path.is_file():
+            _result(matrix, scenario)  # fails with the launch's story
+            pytest.fail(f"no equivalence step of {scenario.name} on {processes} process(es)")
+        saved[processes] = torch.load(path, weights_only=True)
+    one, two = saved[1], saved[2]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-9)
+    for name, value in one["parameters"].items():
+        torch.testing.assert_close(two["parameters"][name], value, rtol=1e-8, atol=1e-10, msg=name)
+    if one["weight_net"] is not None:
+        for name, value in one["weight_net"].items():
+            torch.testing.assert_close(two["weight_net"][name], value, rtol=1e-8, atol=1e-10, msg=name)
