@@ -112,6 +112,9 @@ class MetaConfig:
     # sample_weights.jsonl gets every sample of every weights_log_every-th step (bounded, and a sample's
     # weight is followed through training, which the demo's weight AUROC needs)
     weights_log_every: int = 10
+    # how the exact meta-gradient is computed: jvp (first-order passes + one forward-mode pass) or
+    # second_order (differentiating through the virtual step; the reference, more memory)
+    gradient: str = "jvp"
 
 
 @dataclass
@@ -135,6 +138,9 @@ class TrainConfig:
     val_every: int = 0  # 0 = only at the end
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
     cpu: bool = False  # force CPU processes even where CUDA exists
+    # accelerate trackers (log_with names: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive,
+    # swanlab, trackio, all); metrics.jsonl is written either way
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -436,6 +442,8 @@ def validate(config: Config) -> None:
     _check(meta.virtual_lr is None or meta.virtual_lr > 0, f"meta.virtual_lr={meta.virtual_lr} must be > 0")
     _check(meta.batch_size is None or meta.batch_size >= 2, f"meta.batch_size={meta.batch_size} must be >= 2")
     _check(meta.weights_log_every >= 1, f"meta.weights_log_every={meta.weights_log_every} must be >= 1")
+    _check(meta.gradient in ("jvp", "second_order"),
+           f"meta.gradient={meta.gradient!r} must be 'jvp' or 'second_order'")
     if meta.enabled:
         _check(data.meta is not None, "meta.enabled=true needs data.meta (the clean meta set's shards)")
 

@@ -6,7 +6,14 @@ differentiated by that tensor. DDP then averages parameter gradients over ranks,
 every rank computes in full (global mode) or that averages to the full loss over ranks (local mode)
 yields exactly the single-process gradients. ``accelerator.gather`` / ``dist.all_gather`` carry no
 gradient, hence the autograd functions here. Their backward passes are themselves differentiable,
-so second-order gradients (the meta-weighting virtual step) flow through them too.
+so second-order gradients (the meta-weighting virtual step) flow through them too, and each has a
+forward-mode rule (tangents are gathered or reduced like the values), which the exact meta-gradient
+of ``meta.gradient: jvp`` needs.
+
+Invariant: every rank calls every collective here in the same order in every step. Whether a rank
+calls one may never depend on rank-local data (the modality of its batch, which parameters got a
+gradient, whether its batch had a bad sample); a rank that skips a collective leaves the others
+waiting in it for ever.
 
 All collectives use the default process group; outside ``torch.distributed`` they are identities.
 Ranks may hold different numbers of rows (gloo cannot gather uneven tensors, so rows are padded).
@@ -72,14 +79,14 @@ def all_gather_with_grad(tensor: Tensor, sizes: list[int] | None = None) -> Tens
 
 
 def all_gather_local_grad(tensor: Tensor, sizes: list[int] | None = None) -> Tensor:
-    """Concatenate every rank's rows; only this rank's rows keep their graph (no backward traffic)."""
-    rank, world_size = world_info()
-    if world_size == 1:
+    """Concatenate every rank's rows; only this rank's rows keep their graph (no backward traffic).
+
+    Forward mode gathers the tangents of every rank's rows (each rank's rows do depend on the
+    parameters, whose tangent is the same on every rank).
+    """
+    if world_info().world_size == 1:
         return tensor
-    sizes = _sizes_or_equal(tensor, sizes)
-    parts = list(_gather(tensor.detach(), sizes))
-    parts[rank] = tensor
-    return torch.cat(parts, dim=0)
+    return _AllGatherLocalGrad.apply(tensor, _sizes_or_equal(tensor, sizes))
 
 
 def all_gather_no_grad(tensor: Tensor, sizes: list[int] | None = None) -> Tensor:
@@ -153,6 +160,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
         rank = dist.get_rank()
+        ctx.sizes = sizes
         ctx.start = sum(sizes[:rank])
         ctx.stop = ctx.start + sizes[rank]
         return torch.cat(_gather(tensor, sizes), dim=0)
@@ -160,6 +168,28 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return all_reduce_with_grad(grad.contiguous())[ctx.start:ctx.stop], None
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, _sizes: None) -> Tensor:  # type: ignore[override]
+        return torch.cat(_gather(tangent, ctx.sizes), dim=0)
+
+
+class _AllGatherLocalGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
+        rank = dist.get_rank()
+        ctx.sizes = sizes
+        ctx.start = sum(sizes[:rank])
+        ctx.stop = ctx.start + sizes[rank]
+        return torch.cat(_gather(tensor, sizes), dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad[ctx.start:ctx.stop], None
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, _sizes: None) -> Tensor:  # type: ignore[override]
+        return torch.cat(_gather(tangent, ctx.sizes), dim=0)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -173,6 +203,12 @@ class _AllReduceSum(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         return _AllReduceSum.apply(grad.contiguous())
 
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:  # type: ignore[override]
+        result = tangent.contiguous().clone()
+        dist.all_reduce(result, op=dist.ReduceOp.SUM)
+        return result
+
 
 class _ScaleGradient(torch.autograd.Function):
     @staticmethod
@@ -183,3 +219,7 @@ class _ScaleGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return grad * ctx.factor, None
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, _factor: None) -> Tensor:  # type: ignore[override]
+        return tangent.view_as(tangent)

@@ -27,6 +27,7 @@ from mmsphere.config import Config, ConfigError, MmsphereError
 from mmsphere.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 from mmsphere.train.preflight import check_data_sources, check_output_dir, write_run_config
+from mmsphere.train.run_log import RunLog, check_trackers
 from mmsphere.weighting import WeightNet, meta_step
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def train(config: Config) -> dict[str, Any]:
         meta_batches = _epochs(build_train_stream, [config.data.meta], config, meta_local, data_epoch,
                                dict(stream_kwargs, split="meta", skipped=skipped))
 
-    log = RunLog(output_dir, accelerator.is_main_process)
+    log = RunLog(output_dir, accelerator, config)  # starts the train.report_to trackers
     nonfinite_in_row, nonfinite_total, meta_skipped = 0, 0, 0
     running_statistics = _running_statistics(network)
     samples_seen, started = 0, time.time()
@@ -202,10 +203,14 @@ def build_accelerator(config: Config) -> Accelerator:
     cpu = config.train.cpu or not torch.cuda.is_available()
     if cpu and config.train.precision == "fp16":
         raise ConfigError("train.precision='fp16' needs a GPU; use 'bf16' or 'no' on CPU")
+    # accelerate silently drops a tracker it cannot import; say so before any work instead
+    check_trackers(config.train.report_to)
     # without cpu=True on a CUDA-less machine, accelerate treats each process as alone
     return Accelerator(
         cpu=cpu,
         mixed_precision=config.train.precision,
+        log_with=config.train.report_to or None,
+        project_dir=config.output_dir,
         # video and image batches use different parameters (the temporal head)
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
@@ -357,7 +362,7 @@ class MetaWeighting:
         return {name: rate_of[id(parameters[name])] for name in self.parameter_names}
 
     def meta_step(self, train_inputs, meta_inputs, *, virtual_lr: float | dict[str, float]):
-        """One second-order meta iteration, in fp32 outside autocast (the double backward is sensitive to rounding)."""
+        """One meta iteration (``meta.gradient``), in fp32 outside autocast: the meta-gradient is sensitive to rounding."""
 
         def contrastive(image_features, text_features, logit_scale, weigh):
             out = self.contrastive_objective(image_features, text_features, logit_scale, sample_weights=weigh,
@@ -365,7 +370,8 @@ class MetaWeighting:
             return out.loss, out.per_sample
 
         return meta_step(self.network, contrastive, self.weight_net, self.optimizer, train_inputs, meta_inputs,
-                         parameter_names=self.parameter_names, virtual_lr=virtual_lr)
+                         parameter_names=self.parameter_names, virtual_lr=virtual_lr,
+                         gradient=self.config.meta.gradient)
 
     def weigh(self, per_sample: torch.Tensor) -> torch.Tensor:
         """Weights of the real step: ``V(ℓ.detach(); Θ)`` with no gradient into Θ."""
@@ -387,52 +393,7 @@ class MetaWeighting:
 
 
 # ------------------------------------------------------------------------------------------
-# logging and validation
-
-
-class RunLog:
-    """``metrics.jsonl`` and ``sample_weights.jsonl`` of a run, written by the main process."""
-
-    def __init__(self, output_dir: Path, is_main: bool) -> None:
-        self.output_dir = output_dir
-        self.is_main = is_main
-        self.max_loss_seen = 0.0
-        self.tensorboard = _tensorboard_writer(output_dir / "tensorboard") if is_main else None
-
-    def metrics(self, record: dict[str, Any]) -> None:
-        """Append one line of metrics (and mirror the numbers to TensorBoard when it is installed)."""
-        if self.is_main:
-            with open(self.output_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            if self.tensorboard is not None:
-                for name, value in record.items():
-                    if name != "step" and isinstance(value, (int, float)):
-                        self.tensorboard.add_scalar(name, value, record["step"])
-                self.tensorboard.flush()
-
-    def sample_weights(self, step: int, keys: list[str], per_sample: torch.Tensor, weights: torch.Tensor | None) -> None:
-        """Append ``{step, key, loss, weight}`` for every sample of the global batch."""
-        if weights is None:
-            return
-        rows = [{"step": step, "key": key, "loss": float(loss), "weight": float(weight)}
-                for key, loss, weight in zip(keys, per_sample.float().cpu().tolist(), weights.float().cpu().tolist())]
-        if dist.is_available() and dist.is_initialized():
-            rows = gather_object(rows)
-        self.max_loss_seen = max([self.max_loss_seen] + [row["loss"] for row in rows])
-        if self.is_main:
-            with open(self.output_dir / "sample_weights.jsonl", "a") as handle:
-                handle.writelines(json.dumps(row) + "\n" for row in rows)
-
-
-def _tensorboard_writer(log_dir: Path):
-    """A SummaryWriter when tensorboard is installed (optional), else None."""
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(log_dir))
+# validation (the run's logs and trackers: mmsphere/train/run_log.py)
 
 
 def validate(network: torch.nn.Module, config: Config, accelerator: Accelerator) -> dict[str, float]:

@@ -1,11 +1,14 @@
 """One meta iteration of Meta-Weight-Net (NeurIPS 2019, as used by MAMA, ECCV 2024).
 
-1. virtual step ``ŵ(Θ) = w − α·∇_w (1/n) Σ V(ℓ_i.detach(); Θ)·ℓ_i(w)`` with the graph kept;
+1. virtual step ``ŵ(Θ) = w − α·∇_w (1/n) Σ V(ℓ_i.detach(); Θ)·ℓ_i(w)``;
 2. meta update ``Θ ← Θ − β·∇_Θ L_meta(ŵ(Θ))`` with ``L_meta`` the unweighted contrastive loss on
    a clean meta batch.
 
-A first-order shortcut would give a zero meta-gradient (Θ enters only through the weights), so the
-virtual step is always second order.
+A first-order shortcut would give a zero meta-gradient (Θ enters only through the weights). The
+exact meta-gradient is computed in one of two ways: ``second_order`` differentiates through the
+virtual step (the graph of its gradient kept: memory of a double backward through the model), and
+``jvp`` (the default) from an ordinary backward at w, one at ŵ and one forward-mode pass at w
+(see :func:`_jvp_meta_gradient`). Both give the same update (tested in float64).
 
 What the real model keeps (DESIGN §1): both forwards run on a copy of the model's buffers, so
 BatchNorm running statistics and ``num_batches_tracked`` are untouched (Meta-Weight-Net's own code
@@ -29,11 +32,14 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmsphere.losses.distributed import all_reduce_values, all_reduce_with_grad, world_info
 from mmsphere.weighting.weight_net import WeightNet
+
+META_GRADIENTS = ("jvp", "second_order")
 
 # (image_features, text_features, logit_scale, sample_weights) -> (loss, per_sample)
 ContrastiveFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -59,6 +65,7 @@ def meta_step(
     *,
     parameter_names: list[str],
     virtual_lr: float | Mapping[str, float],
+    gradient: str = "jvp",
 ) -> MetaStepResult:
     """Update ``weight_net`` by one second-order meta step; the model's parameters and buffers are untouched.
 
@@ -67,8 +74,11 @@ def meta_step(
     logit_scale, sample_weights)`` returns ``(loss, per_sample)`` where ``sample_weights`` maps the
     detached per-sample losses to weights (or is None for the unweighted meta loss).
     ``virtual_lr``: one rate for every parameter, or one per parameter name (each parameter's own
-    optimiser group's current rate).
+    optimiser group's current rate). ``gradient``: ``"jvp"`` (exact, first-order passes and one
+    forward-mode pass) or ``"second_order"`` (differentiating through the virtual step, the reference).
     """
+    if gradient not in META_GRADIENTS:
+        raise ValueError(f"meta_step: gradient={gradient!r} must be one of {', '.join(META_GRADIENTS)}")
     if not parameter_names:
         raise ValueError("meta_step needs at least one parameter to take the virtual step")
     parameters = dict(model.named_parameters())
@@ -87,50 +97,28 @@ def meta_step(
     # fused attention kernels have no double backward; the math kernel does
     with _plain_forward(model), torch.autocast(device_type=device.type, enabled=False), \
             sdpa_kernel(SDPBackend.MATH), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return _meta_step(model, contrastive, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual, rates)
+        return _meta_step(model, contrastive, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual, rates,
+                          gradient)
 
 
-def _meta_step(model, contrastive, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual, rates):
+def _meta_step(model, contrastive, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual, rates, gradient):
     # the forwards update these copies, never the real BatchNorm statistics
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-
-    # 1. virtual step, graph kept so that ŵ is a function of Θ
-    outputs = functional_call(model, (virtual, buffers), args=(), kwargs=train_inputs)
-    weights_seen: list[torch.Tensor] = []
-
-    def weigh(per_sample: torch.Tensor) -> torch.Tensor:
-        weights = weight_net(per_sample.detach())
-        weights_seen.append(weights.detach())
-        return weights
-
-    virtual_loss, _ = contrastive(outputs["image_features"], outputs["text_features"],
-                                  outputs["logit_scale"], weigh)
-    gradients = torch.autograd.grad(virtual_loss, list(virtual.values()), create_graph=True,
-                                    allow_unused=True)
-    # a parameter without a gradient on this rank (the temporal head on an image batch) still joins
-    # the all-reduce: another rank may hold one, and a skipped collective hangs the others
-    gradients = [torch.zeros_like(parameter) if gradient is None else gradient
-                 for parameter, gradient in zip(virtual.values(), gradients)]
-    averaged = _average_across_ranks(gradients)
-    stepped = {name: parameter - rates[name] * gradient
-               for (name, parameter), gradient in zip(virtual.items(), averaged)}
-
-    # 2. meta update on the clean meta batch, unweighted
-    meta_outputs = functional_call(model, (stepped, buffers), args=(), kwargs=meta_inputs)
-    meta_loss, _ = contrastive(meta_outputs["image_features"], meta_outputs["text_features"],
-                               meta_outputs["logit_scale"], None)
     weight_parameters = list(weight_net.parameters())
-    meta_gradients = torch.autograd.grad(meta_loss, weight_parameters, allow_unused=True)
-    meta_gradients = [torch.zeros_like(parameter) if gradient is None else gradient.detach()
-                      for parameter, gradient in zip(weight_parameters, meta_gradients)]
+    meta_gradient = _second_order_meta_gradient if gradient == "second_order" else _jvp_meta_gradient
+    meta_gradients, virtual_loss, meta_loss, weights = meta_gradient(
+        model, contrastive, weight_net, weight_parameters, train_inputs, meta_inputs, virtual, rates, buffers)
+    meta_gradients = [torch.zeros_like(parameter) if grad is None else grad.detach()
+                      for parameter, grad in zip(weight_parameters, meta_gradients)]
     local_nonfinite = not (torch.isfinite(virtual_loss.detach()) & torch.isfinite(meta_loss.detach())).item()
-    flat = torch.cat([gradient.reshape(-1) for gradient in meta_gradients]
+    flat = torch.cat([grad.reshape(-1) for grad in meta_gradients]
                      + [meta_gradients[0].new_full((1,), float(local_nonfinite))])
-    # each rank holds Σ_r' ∂L_meta,r'/∂Θ_r; their mean is the single-process meta-gradient, and
-    # averaging keeps the WeightNet identical on every rank; the flag rides along in the same call
+    # each rank holds Σ_r' ∂L_r'/∂Θ_r of every rank's loss; their mean is the single-process
+    # meta-gradient, and averaging keeps the WeightNet identical on every rank; the non-finite flag
+    # rides along in the same call
     flat = all_reduce_values(flat, average=True)
-    weight_mean = torch.cat(weights_seen).mean().item() if weights_seen else float("nan")
-    result = MetaStepResult(virtual_loss=virtual_loss.item(), meta_loss=meta_loss.item(), weight_mean=weight_mean)
+    result = MetaStepResult(virtual_loss=virtual_loss.item(), meta_loss=meta_loss.item(),
+                            weight_mean=weights.mean().item() if weights.numel() else float("nan"))
     if flat[-1].item() > 0 or not torch.isfinite(flat[:-1]).all().item():
         weight_optimizer.zero_grad(set_to_none=True)
         result.skipped = True
@@ -144,12 +132,152 @@ def _meta_step(model, contrastive, weight_net, weight_optimizer, train_inputs, m
     return result
 
 
-def _average_across_ranks(gradients: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Differentiable mean over ranks in one all-reduce: the virtual step uses the data-parallel gradient."""
+def _second_order_meta_gradient(model, contrastive, weight_net, weight_parameters, train_inputs, meta_inputs,
+                                virtual, rates, buffers):
+    """Differentiate L_meta(ŵ(Θ)) through the virtual step (the reference; holds a double-backward graph)."""
+    outputs = functional_call(model, (virtual, buffers), args=(), kwargs=train_inputs)
+    weights_seen: list[torch.Tensor] = []
+
+    def weigh(per_sample: torch.Tensor) -> torch.Tensor:
+        weights = weight_net(per_sample.detach())
+        weights_seen.append(weights.detach())
+        return weights
+
+    virtual_loss, _ = contrastive(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], weigh)
+    gradients = torch.autograd.grad(virtual_loss, list(virtual.values()), create_graph=True, allow_unused=True)
+    # a parameter without a gradient on this rank (the temporal head on an image batch) still joins
+    # the all-reduce: another rank may hold one, and a skipped collective hangs the others
+    gradients = [torch.zeros_like(parameter) if grad is None else grad
+                 for parameter, grad in zip(virtual.values(), gradients)]
+    averaged = _average_across_ranks(gradients, differentiable=True)
+    stepped = {name: parameter - rates[name] * grad for (name, parameter), grad in zip(virtual.items(), averaged)}
+
+    meta_outputs = functional_call(model, (stepped, buffers), args=(), kwargs=meta_inputs)
+    meta_loss, _ = contrastive(meta_outputs["image_features"], meta_outputs["text_features"],
+                               meta_outputs["logit_scale"], None)
+    meta_gradients = torch.autograd.grad(meta_loss, weight_parameters, allow_unused=True)
+    return meta_gradients, virtual_loss, meta_loss, torch.cat(weights_seen) if weights_seen else torch.empty(0)
+
+
+def _jvp_meta_gradient(model, contrastive, weight_net, weight_parameters, train_inputs, meta_inputs,
+                       virtual, rates, buffers):
+    """The same meta-gradient from first-order passes and one forward-mode pass (DESIGN §1).
+
+    Θ enters ŵ = w − α·∇_w L_v(w; v(Θ)) only through the weights v, and L_v is linear in the
+    per-sample losses, so ∇_Θ L_meta(ŵ) = −∇_Θ [d/dε L_v(w + ε·α⊙g; v(Θ))]_{ε=0} with
+    g = ∇_ŵ L_meta(ŵ): the tangent of the weighted virtual loss along α⊙g, differentiated by Θ
+    alone (= −α Σ_i c_i ∇_Θ v̄_i with c_i = ⟨g, ∇_w ℓ_i⟩). That tangent comes from one
+    forward-mode pass; its graph to Θ is only the WeightNet and the weighting, never the model.
+    """
+    names = list(virtual)
+    random_state = _RandomState(next(iter(virtual.values())).device)
+    # 1. virtual step: an ordinary backward of the weighted loss, weights detached
+    outputs = functional_call(model, (virtual, buffers), args=(), kwargs=train_inputs)
+    weights_seen: list[torch.Tensor] = []
+
+    def weigh_detached(per_sample: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            weights = weight_net(per_sample.detach())
+        weights_seen.append(weights)
+        return weights
+
+    virtual_loss, _ = contrastive(outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
+                                  weigh_detached)
+    gradients = torch.autograd.grad(virtual_loss, list(virtual.values()), allow_unused=True)
+    gradients = [torch.zeros_like(parameter) if grad is None else grad
+                 for parameter, grad in zip(virtual.values(), gradients)]
+    averaged = _average_across_ranks(gradients, differentiable=False)
+    stepped = {name: (virtual[name].detach() - rates[name] * grad).requires_grad_(True)
+               for name, grad in zip(names, averaged)}
+
+    # 2. g = ∇_ŵ L_meta at the virtually stepped parameters (data-parallel mean)
+    meta_outputs = functional_call(model, (stepped, buffers), args=(), kwargs=meta_inputs)
+    meta_loss, _ = contrastive(meta_outputs["image_features"], meta_outputs["text_features"],
+                               meta_outputs["logit_scale"], None)
+    meta_parameter_gradients = torch.autograd.grad(meta_loss, list(stepped.values()), allow_unused=True)
+    meta_parameter_gradients = [torch.zeros_like(parameter) if grad is None else grad
+                                for parameter, grad in zip(stepped.values(), meta_parameter_gradients)]
+    g = _average_across_ranks(meta_parameter_gradients, differentiable=False)
+
+    # 3. tangent of the weighted virtual loss at w along α⊙g, with the weights' graph to Θ kept;
+    # the same random draws (dropout) as the virtual forward, so that it is the same function of w
+    random_state.restore()
+    with forward_ad.dual_level(), torch.no_grad(), _naming_the_layer_without_forward_mode(model):
+        duals = {name: forward_ad.make_dual(virtual[name].detach(), rates[name] * direction)
+                 for name, direction in zip(names, g)}
+        outputs = functional_call(model, (duals, buffers), args=(), kwargs=train_inputs)
+
+        def weigh(per_sample: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                return weight_net(forward_ad.unpack_dual(per_sample).primal)
+
+        with torch.enable_grad():
+            dual_loss, _ = contrastive(outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
+                                       weigh)
+            tangent = forward_ad.unpack_dual(dual_loss).tangent
+    if tangent is None or not tangent.requires_grad:  # nothing of this rank's loss depends on Θ or w
+        return [None] * len(weight_parameters), virtual_loss, meta_loss, torch.cat(weights_seen)
+    meta_gradients = torch.autograd.grad(-tangent, weight_parameters, allow_unused=True)
+    return meta_gradients, virtual_loss, meta_loss, torch.cat(weights_seen)
+
+
+class _RandomState:
+    """The global RNG state at construction, to replay the same random draws later."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+class ForwardModeUnsupportedError(RuntimeError):
+    """A layer of the model has no forward-mode derivative: ``meta.gradient: jvp`` cannot run on it."""
+
+
+@contextlib.contextmanager
+def _naming_the_layer_without_forward_mode(model: nn.Module) -> Iterator[None]:
+    """Turn PyTorch's "no forward AD formula" errors into one naming the layer that raised it."""
+    names = {module: name for name, module in model.named_modules()}
+    entered: list[str] = []
+
+    def pre_hook(module, args):
+        if module in names:
+            entered.append(names[module] or type(module).__name__)
+
+    def post_hook(module, args, output):
+        if module in names and entered:
+            entered.pop()
+
+    handles = [module.register_forward_pre_hook(pre_hook) for module in names]
+    handles += [module.register_forward_hook(post_hook) for module in names]
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as error:
+        message = str(error)
+        if "forward AD" not in message and "forward-mode" not in message and "jvp" not in message.lower():
+            raise
+        layer = entered[-1] if entered else "<unknown>"
+        kind = type(dict(model.named_modules()).get(layer, model)).__name__
+        raise ForwardModeUnsupportedError(
+            f"meta.gradient=jvp: layer {layer!r} ({kind}) has no forward-mode derivative ({message.splitlines()[0]}); "
+            f"set meta.gradient: second_order for this model") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _average_across_ranks(gradients: list[torch.Tensor], differentiable: bool) -> list[torch.Tensor]:
+    """Mean over ranks in one all-reduce: the virtual step uses the data-parallel gradient."""
     world_size = world_info().world_size
     if world_size == 1:
         return gradients
-    flat = all_reduce_with_grad(torch.cat([gradient.reshape(-1) for gradient in gradients])) / world_size
+    flat = torch.cat([gradient.reshape(-1) for gradient in gradients])
+    flat = all_reduce_with_grad(flat) / world_size if differentiable else all_reduce_values(flat, average=True)
     return [part.view_as(gradient) for part, gradient in zip(flat.split([g.numel() for g in gradients]), gradients)]
 
 

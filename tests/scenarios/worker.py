@@ -54,7 +54,10 @@ def main(shards_path: str, out_dir: str) -> None:
             if rank == 0:
                 (out / f"{scenario.name}.json").write_text(json.dumps(result))
         if scenario.deterministic:
-            equivalence_step(scenario, out / f"{scenario.name}.world{world_size}.pt", rank, world_size)
+            # with meta weighting, both ways of computing the meta-gradient, to compare them too
+            for gradient in ("jvp", "second_order") if scenario.meta != "off" else ("jvp",):
+                equivalence_step(scenario, out / f"{scenario.name}.world{world_size}.{gradient}.pt", rank, world_size,
+                                 gradient)
         faulthandler.cancel_dump_traceback_later()
     if rank == 0:
         (out / "started").write_text("")
@@ -107,16 +110,19 @@ def train_run(scenario: Scenario, shards: dict[str, str], output_dir: Path, rank
     return result
 
 
-def equivalence_step(scenario: Scenario, out: Path, rank: int, world_size: int) -> None:
-    """One float64 step per modality of the scenario on a fixed global batch; rank 0 saves what it changed."""
+def equivalence_step(scenario: Scenario, out: Path, rank: int, world_size: int, gradient: str) -> None:
+    """One float64 step per modality of the scenario on a fixed global batch; rank 0 saves what it changed.
+
+    On the ViT tower in float64 whatever the scenario's (see ``Scenario.deterministic``).
+    """
     _fresh_accelerate_state()
     terms = TERMS[scenario.terms]
     config = config_from_dict({
-        "model": {"name": TOWERS[scenario.tower], "temporal_head": "transformer", "max_frames": 4},
+        "model": {"name": TOWERS["vit"], "temporal_head": "transformer", "max_frames": 4},
         "data": {"train": [{"urls": "unused.tar"}], "meta": {"urls": "unused.tar"}, "frames": FRAMES},
         "loss": {"terms": terms, "local_loss": scenario.loss_mode == "local_loss"},
         "meta": {"enabled": scenario.meta != "off", "params": "all" if scenario.meta == "off" else scenario.meta,
-                 "hidden": 8, "lr": 0.05},
+                 "gradient": gradient, "hidden": 8, "lr": 0.05, "normalize": "sum"},
         "train": {"batch_size": GLOBAL_BATCH, "lr": 1e-2, "warmup_steps": 0, "max_steps": 10,
                   "accum_freq": scenario.accum_freq, "cpu": True},
     })
@@ -132,7 +138,8 @@ def equivalence_step(scenario: Scenario, out: Path, rank: int, world_size: int) 
     if config.meta.enabled:
         weighting = loop.MetaWeighting(config, network, objective)
         weighting.weight_net.double()
-        weighting.optimizer = torch.optim.Adam(weighting.weight_net.parameters(), lr=config.meta.lr)
+        # plain SGD: the update is the meta-gradient itself, so the two gradient modes compare tightly
+        weighting.optimizer = torch.optim.SGD(weighting.weight_net.parameters(), lr=config.meta.lr)
     generator = torch.Generator().manual_seed(1)
     losses = []
     for modality in (("image", "video") if scenario.data == "mixed" else (scenario.data,)):
