@@ -97,7 +97,10 @@ class OodSets:
         for name, spec in [("id", self.id_images), *self.ood_images.items()]:
             if Path(spec).is_dir():
                 continue
-            paths = local_shard_paths(spec)
+            try:
+                paths = local_shard_paths(spec)
+            except ValueError:  # a glob that matches no file
+                paths = [spec]
             if paths is not None and not all(Path(path).is_file() for path in paths):
                 raise FileNotFoundError(f"OoD image set {name}={spec!r} is neither a folder nor existing shards")
 

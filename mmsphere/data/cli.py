@@ -75,7 +75,8 @@ def inspect_shards_main(argv: list[str]) -> int:
         description="Decode every sample exactly as training does; report decoded samples by modality, "
         "skipped samples by reason and frame-count statistics.",
     )
-    parser.add_argument("urls", nargs="+", help="shard URLs or patterns (brace patterns, '::'-joined, pipe:)")
+    parser.add_argument("urls", nargs="+",
+                        help="shard URLs or patterns (brace patterns, local globs, '::'-joined, pipe:)")
     parser.add_argument("--frames", type=int, default=8, help="frames per clip, T (default 8)")
     parser.add_argument("--size", type=int, default=224, help="image size after resize and crop (default 224)")
     parser.add_argument("--modality", choices=("video", "image"), default=None, help="expect only this modality")

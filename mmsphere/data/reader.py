@@ -1,7 +1,8 @@
 """Shard URLs and a tar reader that survives broken shards.
 
 URLs are whatever webdataset accepts: brace patterns, several patterns joined with ``::``, local
-paths, ``pipe:`` commands and ``http(s)://`` (opened with :func:`webdataset.gopen.gopen`).
+paths, ``pipe:`` commands and ``http(s)://`` (opened with :func:`webdataset.gopen.gopen`), plus
+shell-style globs (``*``, ``?``, ``[...]``) in local paths, which webdataset does not expand.
 The reader streams each tar once, reads only members with a known extension, groups them by key,
 and turns every kind of damage (unopenable shard, truncated or corrupt tar, duplicate keys,
 links, oversized members) into a counted skip.
@@ -9,6 +10,7 @@ links, oversized members) into a counted skip.
 
 from __future__ import annotations
 
+import glob
 import io
 import random
 import tarfile
@@ -32,14 +34,32 @@ _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Every shard URL of a webdataset pattern (``::``-joined, brace-expanded) or list of patterns."""
+    """Every shard URL of a webdataset pattern (``::``-joined, brace-expanded, local globs) or list of patterns.
+
+    A local path with glob characters becomes the files it matches, sorted, so every process sees
+    the same list; a glob that matches no file raises ``ValueError`` naming it. ``pipe:`` commands
+    and ``scheme://`` URLs are never globbed.
+    """
     patterns = [urls] if isinstance(urls, str) else list(urls)
     expanded: list[str] = []
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise ValueError(f"shard URL {pattern!r} must be a string")
-        expanded.extend(url for url in wds.shardlists.expand_urls(pattern) if url.strip())
+        for url in wds.shardlists.expand_urls(pattern):
+            if url.strip():
+                expanded.extend(_glob_local(url))
     return expanded
+
+
+def _glob_local(url: str) -> list[str]:
+    """The files a local glob matches (sorted); any other URL, or an existing file's literal name, as it is."""
+    # a file whose name holds [ ] or ? is taken literally rather than read as a pattern
+    if not is_local(url) or not glob.has_magic(url) or Path(url).is_file():
+        return [url]
+    matches = sorted(path for path in glob.glob(url, recursive=True) if Path(path).is_file())
+    if not matches:
+        raise ValueError(f"shard pattern {url!r} names no shard (no file matches the glob)")
+    return matches
 
 
 def is_local(url: str) -> bool:
@@ -49,7 +69,10 @@ def is_local(url: str) -> bool:
 
 def check_shards(urls: str | Sequence[str], what: str) -> list[str]:
     """Expand ``urls`` and fail fast when it names nothing or a local shard that does not exist."""
-    expanded = expand_urls(urls)
+    try:
+        expanded = expand_urls(urls)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
     if not expanded:
         raise ValueError(f"{what}: shard pattern {urls!r} names no shard")
     missing = [url for url in expanded if is_local(url) and not Path(url).is_file()]

@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mmsphere eval-retrieval", description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", metavar="URLS", help="webdataset shard URLs, e.g. 'shards/test-{000000..000009}.tar'")
+    data.add_argument("--data", metavar="URLS",
+                      help="webdataset shard URLs, e.g. 'shards/test-{000000..000009}.tar' or 'shards/test-*.tar'")
     data.add_argument("--list", metavar="FILE", help="CSV/JSONL of media paths and captions, or the MSR-VTT 1k-A CSV")
     parser.add_argument("--media-root", metavar="DIR", help="folder the media paths of --list are relative to")
     parser.add_argument("--modality", choices=("video", "image"), default="video")

@@ -5,23 +5,22 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-import braceexpand
-
 from mmsphere.config import Config, ConfigError, save_config
+from mmsphere.data.reader import expand_urls, is_local
 from mmsphere.train.checkpoint import checkpoint_dir, resolve_resume
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "model.safetensors")
 
 
 def local_shard_paths(urls: str) -> list[str] | None:
-    """The files a local shard pattern names (brace patterns, ``::``-joined); None for remote/pipe URLs."""
-    paths: list[str] = []
-    for part in urls.split("::"):
-        part = part.strip()
-        if part.startswith("pipe:") or "://" in part:
-            return None
-        paths.extend(braceexpand.braceexpand(part))
-    return paths
+    """The files a local shard pattern names (brace patterns, globs, ``::``-joined); None for remote/pipe URLs.
+
+    Expanded by :func:`mmsphere.data.reader.expand_urls`, exactly as the data pipeline will; a glob
+    that matches nothing raises ``ValueError``.
+    """
+    if not all(is_local(part.strip()) for part in urls.split("::")):
+        return None
+    return expand_urls(urls)
 
 
 def check_data_sources(config: Config) -> None:
@@ -32,7 +31,10 @@ def check_data_sources(config: Config) -> None:
     if not config.data.train:
         raise ConfigError("data.train lists no source: give at least one {urls, modality}")
     for key, source in named:
-        paths = local_shard_paths(source.urls)
+        try:
+            paths = local_shard_paths(source.urls)
+        except ValueError as error:
+            raise ConfigError(f"{key}.urls={source.urls!r}: {error}") from None
         if paths is None:
             continue
         missing = [path for path in paths if not Path(path).is_file()]
