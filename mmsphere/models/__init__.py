@@ -1,6 +1,7 @@
 """The dual encoder: open_clip towers + a temporal head, built from a :class:`~mmsphere.config.ModelConfig`."""
 
 from mmsphere.models.dual_encoder import DualEncoder
+from mmsphere.models.export import export_run, load_temporal_head
 from mmsphere.models.factory import create_model, load_weights, register_model_configs, resolve_architecture
 from mmsphere.models.run_dir import load_run, save_run
 from mmsphere.models.temporal import MeanTemporalHead, TransformerTemporalHead, build_temporal_head, masked_mean
@@ -13,7 +14,9 @@ __all__ = [
     "TransformerTemporalHead",
     "build_temporal_head",
     "create_model",
+    "export_run",
     "load_run",
+    "load_temporal_head",
     "load_weights",
     "masked_mean",
     "register_model_configs",
