@@ -1,6 +1,6 @@
 """Ablations: variants of one base config trained on the same model, data, steps and seeds, then compared.
 
-A variant is a few overrides of the base config (:data:`VARIANTS`: data, not code); a technique
+A variant is a few overrides of the base config (:func:`variants`, read from the term registry); a technique
 that adds one term also takes another weight as ``TECHNIQUE@WEIGHT`` (``cma@0.1``). For every
 variant and seed, :func:`run_ablation` fine-tunes into ``OUT/VARIANT/seed_S``, evaluates the saved
 run on ``data.val`` (retrieval in both directions and the embedding geometry), OoD detection when
@@ -38,20 +38,37 @@ from mmsphere.ood.inputs import DEFAULT_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
-CONTRASTIVE = {"angular_margin": 1.0}
-# each technique alone on top of the angular-margin baseline, CLIP below it, everything together above
-VARIANTS: dict[str, dict[str, Any]] = {
-    "clip": {"loss.terms": {"clip": 1.0}, "meta.enabled": False},
-    "margin": {"loss.terms": {**CONTRASTIVE}, "meta.enabled": False},
-    "meta": {"loss.terms": {**CONTRASTIVE}, "meta.enabled": True},
-    "m2mix": {"loss.terms": {**CONTRASTIVE, "m2mix": 0.1}, "meta.enabled": False},
-    "calunif": {"loss.terms": {**CONTRASTIVE, "calibrated_uniformity": 0.1}, "meta.enabled": False},
-    "cma": {"loss.terms": {**CONTRASTIVE, "cma": 0.001}, "meta.enabled": False},
-    "all": {"loss.terms": {**CONTRASTIVE, "m2mix": 0.1, "calibrated_uniformity": 0.1, "cma": 0.001},
-            "meta.enabled": True},
-}
-# the one loss term each of these variants adds: NAME@WEIGHT sets its weight instead (a sweep)
-TECHNIQUE_TERMS = {"m2mix": "m2mix", "calunif": "calibrated_uniformity", "cma": "cma"}
+BASELINE_TERM = "angular_margin"  # the contrastive term the techniques are added to (MAMA's)
+# older command-line spellings of two variants
+ALIASES = {"margin": "angular_margin", "calunif": "calibrated_uniformity"}
+
+
+def variants() -> dict[str, dict[str, Any]]:
+    """The variants, read from the term registry (data, not code): every registered term and meta weighting.
+
+    A contrastive term alone; any other term at its default weight on top of the baseline's
+    angular margin; ``meta``: the baseline with meta weighting; ``all``: every non-contrastive
+    term and meta weighting on the baseline. A term that needs the SigLIP bias gets the model's.
+    """
+    from mmsphere.losses.terms import TERMS  # the registry needs torch; imported when variants are built
+
+    baseline = {BASELINE_TERM: TERMS[BASELINE_TERM].default_weight}
+    extras = {name: term.default_weight for name, term in TERMS.items() if not term.contrastive}
+    found: dict[str, dict[str, Any]] = {}
+    for name, term in TERMS.items():
+        terms = {name: term.default_weight} if term.contrastive else {**baseline, name: term.default_weight}
+        found[name] = {"loss.terms": terms, "meta.enabled": False}
+        if term.needs_logit_bias:
+            found[name]["model.init_logit_bias"] = -10.0
+    found["meta"] = {"loss.terms": dict(baseline), "meta.enabled": True}
+    found["all"] = {"loss.terms": {**baseline, **extras}, "meta.enabled": True}
+    return found
+
+
+def _canonical(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
 ZERO_SHOT = "zero-shot"  # the model before fine-tuning, as each seed initialises it
 OOD_SCORES = ("mcm", "msp", "maxlogit", "energy")  # NegLabel needs negative labels: not offered here
 RUN_RESULT = "ablation_run.json"
@@ -177,19 +194,20 @@ def run_ablation(
     return results
 
 
-def checked_variants(variants: Sequence[str]) -> list[str]:
+def checked_variants(names: Sequence[str]) -> list[str]:
     """The variant names in order; unknown, malformed or repeated names are an error."""
-    variants = [variant.strip() for variant in variants]
-    unknown = [variant for variant in variants if variant.partition("@")[0] not in VARIANTS]
-    if unknown or not variants:
-        raise ConfigError(f"unknown variant(s) {unknown or '(none given)'}; known: {', '.join(VARIANTS)}, "
-                          f"and {', '.join(TECHNIQUE_TERMS)} with @WEIGHT")
-    for variant in variants:
-        variant_overrides(variant)
-    repeated = sorted({variant for variant in variants if variants.count(variant) > 1})
+    names = [name.strip() for name in names]
+    known = variants()
+    unknown = [name for name in names if _canonical(name.partition("@")[0]) not in known]
+    if unknown or not names:
+        raise ConfigError(f"unknown variant(s) {unknown or '(none given)'}; known: {', '.join(known)} "
+                          f"(a non-contrastive term also as NAME@WEIGHT)")
+    for name in names:
+        variant_overrides(name)
+    repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ConfigError(f"variant(s) {repeated} are listed more than once")
-    return variants
+    return names
 
 
 def checked_seeds(seeds: Sequence[int]) -> list[int]:
@@ -203,22 +221,27 @@ def checked_seeds(seeds: Sequence[int]) -> list[int]:
 
 
 def variant_overrides(variant: str) -> dict[str, Any]:
-    """The config overrides of a :data:`VARIANTS` name, or of ``TECHNIQUE@WEIGHT`` with that term's weight."""
+    """The config overrides of a variant (see :func:`variants`), or of ``TERM@WEIGHT`` with that term's weight."""
+    from mmsphere.losses.terms import TERMS
+
     name, at, weight_text = variant.partition("@")
-    if name not in VARIANTS:
-        raise ConfigError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    overrides = copy.deepcopy(VARIANTS[name])
+    known = variants()
+    if _canonical(name) not in known:
+        raise ConfigError(f"unknown variant {variant!r}; known: {', '.join(known)}")
+    name = _canonical(name)
+    overrides = copy.deepcopy(known[name])
     if at:
-        if name not in TECHNIQUE_TERMS:
-            raise ConfigError(f"variant {variant!r}: only {', '.join(TECHNIQUE_TERMS)} take @WEIGHT "
-                              "(the weight of the one term they add)")
+        if name not in TERMS or TERMS[name].contrastive:
+            extras = [term for term, term_class in TERMS.items() if not term_class.contrastive]
+            raise ConfigError(f"variant {variant!r}: only the terms added to the baseline ({', '.join(extras)}) "
+                              "take @WEIGHT (the weight of the one term they add)")
         try:
             weight = float(weight_text)
         except ValueError:
             raise ConfigError(f"variant {variant!r}: weight {weight_text!r} is not a number") from None
         if not (math.isfinite(weight) and weight > 0):
             raise ConfigError(f"variant {variant!r}: weight {weight_text!r} must be a finite number > 0")
-        overrides["loss.terms"][TECHNIQUE_TERMS[name]] = weight
+        overrides["loss.terms"][name] = weight
     return overrides
 
 
@@ -534,9 +557,11 @@ def main(argv: list[str] | None = None) -> int:
     """``python scripts/ablate.py --config BASE.yaml --variants ... --seeds N --out DIR [overrides...]``."""
     parser = argparse.ArgumentParser(prog="python scripts/ablate.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="base training config (YAML)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated variants (default: all of {', '.join(VARIANTS)}); "
-                             f"{', '.join(TECHNIQUE_TERMS)} also as NAME@WEIGHT, e.g. cma@0.1")
+    parser.add_argument("--variants", default="clip,margin,meta,m2mix,calunif,cma,all",
+                        help="comma-separated variants: every registered term (a contrastive one alone, any other "
+                             "on the angular-margin baseline), meta, all; margin and calunif are short for "
+                             "angular_margin and calibrated_uniformity; a non-contrastive term also as NAME@WEIGHT, "
+                             "e.g. cma@0.1 (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant: base seed, +1, ... (default 3)")
     parser.add_argument("--out", required=True, help="output folder: OUT/VARIANT/seed_S runs, ablation.json/.md/.png")
     parser.add_argument("--zero-shot", action="store_true", help="add a row for the untrained model of each seed")

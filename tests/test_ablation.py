@@ -257,12 +257,12 @@ def test_a_technique_variant_takes_another_weight(study_data, tmp_path, variant,
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (dict(variants=["clip", "margni"]), r"unknown variant\(s\) \['margni'\]; known: clip, margin"),
+    (dict(variants=["clip", "margni"]), r"unknown variant\(s\) \['margni'\]; known: clip, angular_margin"),
     (dict(variants=["clip", "clip"]), r"variant\(s\) \['clip'\] are listed more than once"),
     (dict(variants=["cma@x"]), r"variant 'cma@x': weight 'x' is not a number"),
     (dict(variants=["cma@-1"]), r"variant 'cma@-1': weight '-1' must be a finite number > 0"),
     (dict(variants=["cma@nan"]), r"variant 'cma@nan': weight 'nan' must be a finite number > 0"),
-    (dict(variants=["meta@0.1"]), r"variant 'meta@0.1': only m2mix, calunif, cma take @WEIGHT"),
+    (dict(variants=["meta@0.1"]), r"variant 'meta@0.1': only the terms added to the baseline \(m2mix, calibrated_uniformity, cma\) take @WEIGHT"),
     (dict(variants=["cam@0.1"]), r"unknown variant\(s\) \['cam@0.1'\]"),
     (dict(variants=["cma@0.1", "cma@0.1"]), r"variant\(s\) \['cma@0.1'\] are listed more than once"),
     (dict(seeds=[]), r"seeds=\[\] must be one or more integers"),

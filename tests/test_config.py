@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -152,8 +153,8 @@ def test_unknown_key_suggests_closest(key, suggestion):
     ("train.max_steps=ten", "train.max_steps='ten' must be an integer"),
     ("train.lr=fast", "train.lr='fast' must be a number"),
     ("meta.enabled=yes please", "meta.enabled='yes please' must be true or false"),
-    ("loss.terms={clip: 1.0, angular_margin: 1.0}", "exactly one of"),
-    ("loss.terms={angular_margn: 1.0}", "did you mean angular_margin"),
+    ("loss.terms={clip: 1.0, angular_margin: 1.0}", "exactly one contrastive term"),
+    ("loss.terms={angular_margn: 1.0}", "did you mean 'angular_margin'"),
     ("train.precision=fp8", "train.precision"),
     ("meta.params=everything", "meta.params"),
     ("train.accum_freq=3", "divisible by train.accum_freq"),
@@ -180,3 +181,11 @@ def test_missing_or_malformed_file(tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(None, ["train.max_steps"])
+
+
+@pytest.mark.parametrize("path", sorted(str(path) for path in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml")))
+def test_every_shipped_config_loads_and_builds_its_objective(path):
+    from mmsphere.losses import Objective
+
+    config = load_config(path)
+    assert Objective(config.loss).contrastive in ("clip", "angular_margin", "siglip")

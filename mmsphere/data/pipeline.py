@@ -1,12 +1,20 @@
 """Training and evaluation streams over webdataset shards.
 
 Per source, a webdataset ``DataPipeline``: shard list (reshuffled by seed and epoch, split by node
-then by worker) or resampled shards -> tolerant tar reader -> seeded shuffle buffer -> decode.
+then by worker) or resampled shards -> tolerant tar reader -> seeded shuffle buffer; then decode.
 A training stream draws, for each batch, one source by weight and fills the batch from it alone, so
 every batch is homogeneous (one source, one modality); the draw depends on the batch's index in
 the epoch, not on the rank, so the global batch is homogeneous too (DESIGN §3). Each pass over a :class:`TrainStream` is a
 virtual epoch of exactly ``len(stream)`` batches on every rank, so data-parallel ranks never wait
 on one another at the end of an epoch.
+
+Resume: the raw samples that come out of a source's shuffle buffer are numbered, per rank, loader
+worker and source, and a sample's decode and caption draws are seeded by its number alone.
+:meth:`TrainStream.state_dict` records, after each batch handed out, the epoch, the next batch and
+how many raw samples each worker has taken from each source; a stream loaded with it replays only
+the cheap part (shard order, tar read, shuffle buffer), passes over that many raw samples without
+decoding them, and goes on with exactly the batches an uninterrupted stream makes (finite shards;
+a resampled stream starts a fresh epoch instead).
 
 Rank and world size are passed in, never read from ``torch.distributed``; each rank builds its own
 stream, which must not go through ``accelerator.prepare``. Skipped samples reach
@@ -17,7 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import itertools
+import json
+import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,9 +40,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmsphere.config import ConfigError, DataConfig, MmsphereError, SourceConfig
 from mmsphere.data.reader import check_shards, read_tar_samples, resampled_shards, shuffled, split_shards, stream_seed
-from mmsphere.data.samples import MODALITIES, DecodeOptions, Sample, decode_samples
+from mmsphere.data.decode import DecodeError
+from mmsphere.data.samples import MODALITIES, DecodeOptions, RawSample, Sample, decode_sample, decode_samples
 from mmsphere.data.stats import SkipCounter, SkipReport, SkipTally, add_skipped
 
+logger = logging.getLogger(__name__)
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -130,7 +143,11 @@ def build_train_stream(
 
 
 class TrainStream:
-    """Iterable of training batches; each pass is one virtual epoch, after which ``epoch`` advances."""
+    """Iterable of training batches; each pass is one virtual epoch, after which ``epoch`` advances.
+
+    A pass starts at the first batch of ``epoch``, or where :meth:`load_state_dict` put the stream;
+    :meth:`state_dict` says where the batches handed out so far leave it.
+    """
 
     def __init__(
         self,
@@ -162,13 +179,67 @@ class TrainStream:
         self.seed = seed
         self.epoch = epoch
         self.split = split
+        self._batch = 0  # next batch of ``epoch``
+        self._consumed = self._nothing_consumed()  # [reader][source]: raw samples taken so far
+        self._resume_pending = False
 
     def __len__(self) -> int:
         return self.num_batches
 
+    @property
+    def readers(self) -> int:
+        """Loader workers (one when batches are made in this process); batch ``b`` comes from reader ``b % readers``."""
+        return max(1, self.workers)
+
     def set_epoch(self, epoch: int) -> None:
-        """Make the next pass epoch ``epoch`` (e.g. when resuming)."""
+        """Make the next pass epoch ``epoch`` from its first batch (e.g. when resuming)."""
         self.epoch = epoch
+        self._batch, self._consumed, self._resume_pending = 0, self._nothing_consumed(), False
+
+    def state_dict(self) -> dict:
+        """Where the batches handed out so far leave this rank's stream, as JSON-ready data.
+
+        ``{"epoch", "batch", "consumed", "layout"}``: the epoch and index of the next batch, for each
+        loader worker and source the number of raw (shuffled, not yet decoded) samples taken, and
+        what these numbers depend on (sources, batch size, workers, shuffle buffer, rank, ...).
+        """
+        epoch, batch, consumed = self.epoch, self._batch, self._consumed
+        if batch >= self.num_batches:
+            epoch, batch, consumed = epoch + 1, 0, self._nothing_consumed()
+        return {"epoch": epoch, "batch": batch, "consumed": [list(row) for row in consumed], "layout": self.layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` (from :meth:`state_dict`) was taken, from the next pass on.
+
+        Finite shards: at the very next batch, exactly as if the stream had never stopped. Resampled
+        shards, or a stream laid out differently from the one that saved ``state`` (other sources,
+        batch size, workers, shuffle buffer, processes ...): with a fresh epoch, the one after the
+        epoch in progress.
+        """
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        next_epoch = epoch + 1 if batch else epoch
+        if self.resampled:
+            logger.info("%s stream: resampled shards, resuming with a fresh epoch %d", self.split, next_epoch)
+            self.set_epoch(next_epoch)
+            return
+        changed = sorted(name for name, value in self.layout().items() if state.get("layout", {}).get(name) != value)
+        if changed:
+            logger.warning("%s stream: the data layout changed since the checkpoint (%s), so its position does not "
+                           "apply; resuming with a fresh epoch %d", self.split, ", ".join(changed), next_epoch)
+            self.set_epoch(next_epoch)
+            return
+        self.epoch, self._batch = epoch, batch
+        self._consumed = [[int(count) for count in row] for row in state["consumed"]]
+        self._resume_pending = True
+
+    def layout(self) -> dict:
+        """What the numbers of :meth:`state_dict` depend on, JSON-ready (shard lists as digests)."""
+        sources = [{"name": source.name, "weight": source.weight, "shards": len(source.urls),
+                    "urls_sha256": hashlib.sha256(json.dumps(source.urls).encode()).hexdigest()[:16]}
+                   for source in self.sources]
+        return {"sources": sources, "batch_size": self.batch_size, "num_batches": self.num_batches,
+                "readers": self.readers, "shuffle_buffer": self.shuffle_buffer, "resampled": self.resampled,
+                "rank": self.rank, "world_size": self.world_size, "seed": self.seed, "split": self.split}
 
     def source_of(self, batch_index: int, epoch: int) -> int:
         """Index of the source batch ``batch_index`` of ``epoch`` is drawn from, the same on every rank.
@@ -184,70 +255,139 @@ class TrainStream:
         return chooser.choices(range(len(self.sources)), [source.weight for source in self.sources])[0]
 
     def __iter__(self) -> Iterator[dict]:
-        dataset = _TrainDataset(self, self.epoch)
-        yield from _deliver(dataset, self.workers, self.skipped)
-        self.epoch += 1
+        epoch = self.epoch
+        if not self._resume_pending:
+            self._batch, self._consumed = 0, self._nothing_consumed()
+        self._resume_pending = False
+        dataset = _TrainDataset(self, epoch, self._batch, [list(row) for row in self._consumed])
+        for index, batch in enumerate(_deliver(dataset, self.workers, self.skipped), self._batch):
+            self._consumed[index % self.readers] = batch.pop("consumed")
+            self._batch = index + 1
+            yield batch
+        self.set_epoch(epoch + 1)
+
+    def _nothing_consumed(self) -> list[list[int]]:
+        return [[0] * len(self.sources) for _ in range(self.readers)]
 
 
 class _TrainDataset(IterableDataset):
-    """What each loader worker runs: its share of one epoch's batches."""
+    """What each loader worker runs: its share of one epoch's batches, from batch ``start`` on.
 
-    def __init__(self, stream: TrainStream, epoch: int):
+    ``consumed[worker][source]``: raw samples each worker already took from each source (resume).
+    """
+
+    def __init__(self, stream: TrainStream, epoch: int, start: int = 0, consumed: list[list[int]] | None = None):
         super().__init__()
         self.stream = stream
         self.epoch = epoch
+        self.start = start
+        self.consumed = consumed if consumed is not None else stream._nothing_consumed()
 
     def __iter__(self) -> Iterator[dict | SkipReport]:
         stream = self.stream
-        worker, num_workers = _worker_info()
+        process, num_workers = _worker_info()
+        # the loader hands out batches from its worker processes in turn, starting with process 0,
+        # and batch b of an epoch is worker b % W's: a pass that starts at batch `start` has process 0
+        # play worker start % W
+        worker = (process + self.start) % num_workers
         counter = SkipCounter()
-        quota = _share(stream.num_batches, worker, num_workers)
-        if quota:
-            ids = (stream.seed, stream.split, self.epoch, stream.rank, worker)
-            per_source = [
-                self._samples(index, worker, num_workers, counter) for index in range(len(stream.sources))
-            ]
-            caption_rng = np.random.default_rng(stream_seed(*ids, "captions"))
-            for position in range(quota):
-                # the loader hands out worker w's k-th batch as batch w + k·W of the epoch
-                index = stream.source_of(worker + position * num_workers, self.epoch)
-                samples = list(itertools.islice(per_source[index], stream.batch_size))
+        batch_indices = range(self.start + (worker - self.start) % num_workers, stream.num_batches, num_workers)
+        if batch_indices:
+            consumed = list(self.consumed[worker])
+            per_source = [self._samples(index, worker, num_workers, counter, consumed[index])
+                          for index in range(len(stream.sources))]
+            for batch_index in batch_indices:
+                index = stream.source_of(batch_index, self.epoch)
+                numbered = list(itertools.islice(per_source[index], stream.batch_size))
+                consumed[index] = numbered[-1].position
                 source = stream.sources[index]
-                yield collate_train(
-                    samples,
+                batch = collate_train(
+                    [item.sample for item in numbered],
+                    [item.caption for item in numbered],
                     source=source.name,
                     modality=source.modality,
                     tokenizer=stream.tokenizer,
-                    caption_rng=caption_rng,
                     skipped=counter.drain(),
                 )
+                batch["consumed"] = list(consumed)  # taken off again by TrainStream.__iter__
+                yield batch
         yield SkipReport(counter.drain())
 
-    def _samples(self, index: int, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[Sample]:
-        """An endless stream of decoded samples of one source for this rank and worker."""
+    def _samples(
+        self, index: int, worker: int, num_workers: int, counter: SkipCounter, skip: int = 0
+    ) -> Iterator[_Numbered]:
+        """An endless stream of decoded samples of one source for this rank and worker.
+
+        Raw samples are numbered 1, 2, ... in the order the shuffle buffer gives them; the first
+        ``skip`` are passed over without being decoded (they were used before a resume).
+        """
         stream, source = self.stream, self.stream.sources[index]
         ids = (stream.seed, stream.split, self.epoch, stream.rank, worker, index)
-        decode_rng = np.random.default_rng(stream_seed(*ids, "decode"))
         shuffle_rng = random.Random(stream_seed(*ids, "shuffle"))
+        decoder = _Decoder(source.options, counter, stream_seed(*ids, "decode"), stream_seed(*ids, "captions"))
         if stream.resampled:
             guard = _StallGuard(source, len(source.urls), stream.shuffle_buffer, counter)
             shards = functools.partial(resampled_shards, source.urls, stream_seed(*ids, "shards"))
-            yield from _source_pipeline(shards, source, counter, stream.shuffle_buffer, shuffle_rng, decode_rng, guard)
+            raws = _raw_pipeline(shards, counter, stream.shuffle_buffer, shuffle_rng, guard)
+            decoded = (decoder(raw, position) for position, raw in enumerate(raws, 1))
+            yield from guard.count_decoded(item for item in decoded if item is not None)
             return
+        position = 0
         for repetition in itertools.count():
             # the same order on every rank, so that the node split is a partition
             order = shuffled(source.urls, stream_seed(stream.seed, stream.split, self.epoch, repetition, index))
             mine = split_shards(order, stream.rank, stream.world_size, worker, num_workers)
-            decoded = 0
-            for sample in _source_pipeline(mine, source, counter, stream.shuffle_buffer, shuffle_rng, decode_rng):
-                decoded += 1
-                yield sample
-            if decoded == 0:
+            passed_over, decoded = position < skip, 0
+            for raw in _raw_pipeline(mine, counter, stream.shuffle_buffer, shuffle_rng):
+                position += 1
+                if position <= skip:
+                    continue
+                item = decoder(raw, position)
+                if item is not None:
+                    decoded += 1
+                    yield item
+            if decoded == 0 and not passed_over:
                 raise MmsphereError(
                     f"data source {source.name!r}: a full pass over its {len(mine)} shard(s) for rank "
                     f"{stream.rank}, worker {worker} gave no decodable sample (skipped: {dict(counter.totals)}); "
                     f"check them with `mmsphere inspect-shards`"
                 )
+
+
+@dataclass(frozen=True)
+class _Numbered:
+    """A decoded sample, its caption for this epoch, and how many raw samples its source had given up to it."""
+
+    position: int
+    sample: Sample
+    caption: str
+
+
+class _Decoder:
+    """Decodes the raw sample numbered ``position``, with decode and caption draws seeded by that number.
+
+    Seeding each sample by its number, instead of drawing from one generator, makes its draws
+    independent of how many samples before it were decoded, failed or were passed over on resume.
+    """
+
+    def __init__(self, options: DecodeOptions, counter: SkipCounter, decode_seed: int, caption_seed: int):
+        self.options = options
+        self.counter = counter
+        self.decode_seed = decode_seed
+        self.caption_seed = caption_seed
+
+    def __call__(self, raw: RawSample, position: int) -> _Numbered | None:
+        rng = np.random.default_rng([self.decode_seed, position]) if self.options.random_offset else None
+        try:
+            sample = decode_sample(raw, self.options, rng)
+        except DecodeError as error:
+            self.counter.record(error.reason, key=raw.key, url=raw.url, detail=error.detail)
+            return None
+        choice = 0
+        if len(sample.captions) > 1:
+            # random.Random seeds from an int in microseconds; a numpy generator takes ~40 µs
+            choice = random.Random((self.caption_seed << 64) | position).randrange(len(sample.captions))
+        return _Numbered(position, sample, sample.captions[choice])
 
 
 class _StallGuard:
@@ -273,7 +413,7 @@ class _StallGuard:
                 self._fail(f"{self.raw_since_success} samples in a row failed to decode")
             yield raw
 
-    def count_decoded(self, samples: Iterable[Sample]) -> Iterator[Sample]:
+    def count_decoded(self, samples: Iterable[_Numbered]) -> Iterator[_Numbered]:
         for sample in samples:
             self.raw_since_success = 0
             yield sample
@@ -285,15 +425,14 @@ class _StallGuard:
         )
 
 
-def _source_pipeline(
+def _raw_pipeline(
     shards: Iterable[str] | Callable[[], Iterator[str]],
-    source: _Source,
     counter: SkipCounter,
     shuffle_buffer: int,
     shuffle_rng: random.Random,
-    decode_rng: np.random.Generator,
     guard: _StallGuard | None = None,
 ) -> wds.DataPipeline:
+    """Shards -> tolerant tar reader -> shuffle buffer: raw samples, not decoded (cheap to replay on resume)."""
     # DataPipeline would splice a list argument in as stages: hand it a callable that yields URLs
     first = shards if callable(shards) else functools.partial(iter, list(shards))
     return wds.DataPipeline(
@@ -303,22 +442,19 @@ def _source_pipeline(
         wds.shuffle(shuffle_buffer, initial=min(SHUFFLE_INITIAL, shuffle_buffer), rng=shuffle_rng)
         if shuffle_buffer > 1
         else None,
-        functools.partial(decode_samples, options=source.options, counter=counter, rng=decode_rng),
-        guard.count_decoded if guard else None,
     )
 
 
 def collate_train(
     samples: list[Sample],
+    captions: list[str],
     *,
     source: str,
     modality: str,
     tokenizer: Tokenizer,
-    caption_rng: np.random.Generator,
     skipped: dict[str, int],
 ) -> dict:
-    """Stack decoded samples into a training batch; one random caption per sample, tokenised."""
-    captions = [sample.captions[int(caption_rng.integers(len(sample.captions)))] for sample in samples]
+    """Stack decoded samples into a training batch with the caption drawn for each, tokenised."""
     return {
         "key": [sample.key for sample in samples],
         "source": source,
@@ -326,7 +462,7 @@ def collate_train(
         "frames": torch.stack([sample.frames for sample in samples]),
         "frame_mask": torch.stack([sample.frame_mask for sample in samples]),
         "text": tokenizer(captions),
-        "caption": captions,
+        "caption": list(captions),
         "skipped": skipped,
     }
 

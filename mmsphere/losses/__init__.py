@@ -1,11 +1,15 @@
-"""Objective terms on the unit hypersphere: pure functions, their registry and the composed objective.
+"""Objective terms on the unit hypersphere: pure functions, the term registry and the composed objective.
 
-``mmsphere.losses.functional`` holds the eight functions of DESIGN §1, ``mmsphere.losses.objective``
-the term registry and :class:`Objective`, ``mmsphere.losses.distributed`` the gradient-carrying
-collectives the objective uses under several processes.
+``mmsphere.losses.functional`` holds the functions of DESIGN §1, ``mmsphere.losses.terms`` the term
+registry (built-in terms and :func:`register_term` for a user's own), ``mmsphere.losses.reducers``
+the weighted reduction of per-sample losses, ``mmsphere.losses.objective`` the :class:`Objective`
+that composes them, and ``mmsphere.losses.distributed`` the gradient-carrying collectives.
 """
 
 from mmsphere.losses import functional
-from mmsphere.losses.objective import TERMS, MixingDraws, Objective, ObjectiveOutput, Term, draw_mixing
+from mmsphere.losses.objective import Objective, ObjectiveOutput, ObjectiveTerms
+from mmsphere.losses.reducers import reduce_weighted
+from mmsphere.losses.terms import TERMS, Term, TermContext, TermOptions, register_term
 
-__all__ = ["functional", "TERMS", "Term", "Objective", "ObjectiveOutput", "MixingDraws", "draw_mixing"]
+__all__ = ["functional", "TERMS", "Term", "TermOptions", "TermContext", "register_term", "Objective",
+           "ObjectiveOutput", "ObjectiveTerms", "reduce_weighted"]

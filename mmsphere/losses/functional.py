@@ -12,7 +12,13 @@ Inside an autocast region the matmuls would still run in half precision; :class:
 <mmsphere.losses.objective.Objective>` switches autocast off around them.
 
 ``logit_scale`` is always the multiplier ``s`` (``exp`` of the learned log-scale), a float or a
-one-element tensor; gradients flow into it when it is a tensor that requires them.
+one-element tensor; gradients flow into it when it is a tensor that requires them. The same holds
+for the additive ``logit_bias`` of :func:`siglip_loss`.
+
+Multi-positive batches (DESIGN §1, ``loss.positives: group``): :func:`clip_loss`,
+:func:`angular_margin_loss` and :func:`siglip_loss` take an optional ``group_ids: [B]`` integer
+tensor; every pair ``(i, j)`` with ``g_i = g_j`` is a positive. ``group_ids=None`` keeps the
+single-positive code path, and all-distinct ids give the same values as ``None``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import Tensor
 __all__ = [
     "clip_loss",
     "angular_margin_loss",
+    "siglip_loss",
     "slerp",
     "m2mix_loss",
     "alignment",
@@ -37,36 +44,105 @@ __all__ = [
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def clip_loss(img: Tensor, txt: Tensor, logit_scale: float | Tensor, reduction: str = "mean") -> Tensor:
+def clip_loss(
+    img: Tensor, txt: Tensor, logit_scale: float | Tensor, reduction: str = "mean", *, group_ids: Tensor | None = None
+) -> Tensor:
     """Symmetric InfoNCE of CLIP (Radford et al. 2021); ``"mean"`` equals ``open_clip.ClipLoss``.
 
     img, txt: [B, D] unit-norm. Per-sample ``ℓ_i = ½[CE(L)_i + CE(Lᵀ)_i]`` with ``L = s·img·txtᵀ``.
+    group_ids: optional [B] integers; row i's target is then uniform over ``P(i) = {j : g_j = g_i}``
+    (UniCL, CVPR 2022): ``CE_P(L)_i = −(1/|P(i)|) Σ_{p∈P(i)} log softmax(L_i)_p``.
     """
     _check_pair(img, txt)
+    positives = _positive_mask(group_ids, img)
     img, txt = _upcast(img), _upcast(txt)
     logits = _as_scale(logit_scale, img) * (img @ txt.T)
-    return _reduce(_symmetric_cross_entropy(logits), reduction)
+    if positives is None:
+        return _reduce(_symmetric_cross_entropy(logits), reduction)
+    return _reduce(_symmetric_multi_positive_cross_entropy(logits, positives), reduction)
 
 
 def angular_margin_loss(
-    img: Tensor, txt: Tensor, logit_scale: float | Tensor, margin: float, reduction: str = "mean"
+    img: Tensor,
+    txt: Tensor,
+    logit_scale: float | Tensor,
+    margin: float,
+    reduction: str = "mean",
+    *,
+    group_ids: Tensor | None = None,
 ) -> Tensor:
     """Subtractive angular margin contrastive loss (MAMA, ECCV 2024).
 
     img, txt: [B, D] unit-norm. The positive logits become ``s·cos(θ_ii − m)`` with
     ``θ_ii = arccos(clamp(⟨img_i, txt_i⟩, −1+ε, 1−ε))``; negatives stay ``s·⟨img_i, txt_j⟩``.
     ε is 1e-6 for fp32/fp64 inputs and 1e-3 for fp16/bf16 inputs, so gradients stay finite for
-    identical pairs. ``margin=0`` is :func:`clip_loss` (up to the clamp).
+    identical pairs. ``margin=0`` is :func:`clip_loss` (up to the clamp). group_ids: optional [B]
+    integers; every pair with ``g_i = g_j`` gets the margin on its own cosine and the targets are
+    as in :func:`clip_loss`.
     """
     _check_pair(img, txt)
     _check_margin(margin)
+    positives = _positive_mask(group_ids, img)
     input_dtype = img.dtype
     img, txt = _upcast(img), _upcast(txt)
     scale = _as_scale(logit_scale, img)
     similarity = img @ txt.T
-    positive = scale * _margin_cosine(similarity.diagonal(), margin, input_dtype)
-    logits = torch.diagonal_scatter(scale * similarity, positive)
-    return _reduce(_symmetric_cross_entropy(logits), reduction)
+    if positives is None:
+        positive = scale * _margin_cosine(similarity.diagonal(), margin, input_dtype)
+        logits = torch.diagonal_scatter(scale * similarity, positive)
+        return _reduce(_symmetric_cross_entropy(logits), reduction)
+    # the margin is evaluated on every entry and kept on the positives; the clamp keeps arccos and
+    # its gradient finite on the discarded entries too, so torch.where leaks no NaN backwards
+    logits = torch.where(positives, scale * _margin_cosine(similarity, margin, input_dtype), scale * similarity)
+    return _reduce(_symmetric_multi_positive_cross_entropy(logits, positives), reduction)
+
+
+def siglip_loss(
+    img: Tensor,
+    txt: Tensor,
+    logit_scale: float | Tensor,
+    logit_bias: float | Tensor,
+    margin: float = 0.0,
+    reduction: str = "mean",
+    *,
+    group_ids: Tensor | None = None,
+) -> Tensor:
+    """Pairwise sigmoid loss of SigLIP (Zhai et al., ICCV 2023) with MAMA's angular margin on positives.
+
+    img, txt: [B, D] unit-norm. ``L_ij = s⟨img_i, txt_j⟩ + b``; positives ``L_ii = s·cos(θ_ii − m) + b``
+    with θ as in :func:`angular_margin_loss`; ``z_ij = +1`` on positives, −1 otherwise. Per-sample
+    ``ℓ_i = −½[Σ_j log σ(z_ij L_ij) + Σ_j log σ(z_ji L_ji)]``, so ``"mean"`` is
+    ``−(1/B) Σ_ij log σ(z_ij L_ij)``, which at ``margin=0`` equals
+    ``open_clip.loss.SigLipLoss()(img, txt, s, b)``. logit_bias: b, a float or a one-element tensor.
+    group_ids: optional [B] integers; every pair with ``g_i = g_j`` is a positive (``z = +1``, margin
+    on its own cosine).
+    """
+    _check_pair(img, txt)
+    _check_margin(margin)
+    positives = _positive_mask(group_ids, img)
+    input_dtype = img.dtype
+    img, txt = _upcast(img), _upcast(txt)
+    scale = _as_scale(logit_scale, img)
+    bias = _as_scale(logit_bias, img, name="logit_bias")
+    similarity = img @ txt.T
+    logits = scale * similarity
+    # margin 0 is plain SigLIP: the arccos clamp would only change cosines beyond 1 − ε and stop
+    # their gradient, which SigLIP itself does not do
+    if positives is None:
+        if margin != 0:
+            logits = torch.diagonal_scatter(logits, scale * _margin_cosine(similarity.diagonal(), margin, input_dtype))
+        logits = logits + bias
+        # z·L with z = −1 off the diagonal; negating is exact, so this is log σ(z_ij L_ij) bit for bit
+        signed = torch.diagonal_scatter(-logits, logits.diagonal())
+    else:
+        if margin != 0:
+            logits = torch.where(positives, scale * _margin_cosine(similarity, margin, input_dtype), logits)
+        logits = logits + bias
+        signed = torch.where(positives, logits, -logits)
+    # logsigmoid is stable for large |L| (b = −10 with s up to 100 saturates the negatives)
+    log_likelihood = F.logsigmoid(signed)
+    per_sample = -0.5 * (log_likelihood.sum(dim=1) + log_likelihood.sum(dim=0))
+    return _reduce(per_sample, reduction)
 
 
 def slerp(a: Tensor, b: Tensor, lam: float | Tensor) -> Tensor:
@@ -266,6 +342,38 @@ def _symmetric_cross_entropy(logits: Tensor) -> Tensor:
                   + F.cross_entropy(logits.T, labels, reduction="none"))
 
 
+def _symmetric_multi_positive_cross_entropy(logits: Tensor, positives: Tensor) -> Tensor:
+    """``½[CE_P(L)_i + CE_P(Lᵀ)_i]`` with ``CE_P(L)_i = −(1/|P(i)|) Σ_{p∈P(i)} log softmax(L_i)_p``.
+
+    positives: [B, B] symmetric boolean mask (it comes from ``g_i = g_j``), so row and column counts
+    agree. With one positive per row each term is ``−log softmax(L_i)_i`` computed as
+    ``F.cross_entropy`` does (log_softmax along rows of L and of Lᵀ, the only nonzero term summed
+    with zeros and divided by 1), so all-distinct ids reproduce :func:`_symmetric_cross_entropy`.
+    """
+    counts = positives.sum(dim=1).to(logits.dtype)
+    # where, not a product with the mask: a −inf log-probability off the positives would give NaN
+    rows = torch.where(positives, F.log_softmax(logits, dim=1), 0.0).sum(dim=1) / counts
+    columns = torch.where(positives, F.log_softmax(logits.T, dim=1), 0.0).sum(dim=1) / counts
+    return 0.5 * (-rows + -columns)
+
+
+def _positive_mask(group_ids: Tensor | None, like: Tensor) -> Tensor | None:
+    """``[B, B]`` boolean mask of ``g_i = g_j`` for group ids ``[B]``; None stays None (one positive per row)."""
+    if group_ids is None:
+        return None
+    if not isinstance(group_ids, Tensor):
+        raise ValueError(f"group_ids must be None or an integer tensor of shape [B] = [{like.shape[0]}], "
+                         f"got {type(group_ids).__name__}")
+    if group_ids.dim() != 1 or group_ids.shape[0] != like.shape[0]:
+        raise ValueError(f"group_ids must have shape [B] = [{like.shape[0]}] for features of shape "
+                         f"{list(like.shape)}, got {list(group_ids.shape)}")
+    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+    if group_ids.device != like.device:
+        raise ValueError(f"group_ids must be on the features' device {like.device}, got {group_ids.device}")
+    return group_ids[:, None] == group_ids[None, :]
+
+
 def _squared_distances(x: Tensor) -> Tensor:
     # the Gram form may dip below 0 by rounding for identical rows; harmless, no square root follows
     squared_norms = (x * x).sum(dim=1)
@@ -290,10 +398,10 @@ def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"reduction={reduction!r} must be one of {REDUCTIONS}")
 
 
-def _as_scale(logit_scale: float | Tensor, like: Tensor) -> Tensor:
+def _as_scale(logit_scale: float | Tensor, like: Tensor, name: str = "logit_scale") -> Tensor:
     scale = torch.as_tensor(logit_scale, dtype=like.dtype, device=like.device)
     if scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a float or a one-element tensor, got shape {list(scale.shape)}")
+        raise ValueError(f"{name} must be a float or a one-element tensor, got shape {list(scale.shape)}")
     return scale.reshape(())
 
 

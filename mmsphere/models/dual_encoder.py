@@ -133,11 +133,14 @@ class DualEncoder(nn.Module):
             image_features = self.encode_image(images)
         else:
             image_features = self.encode_video(frames, frame_mask)
-        return {
+        outputs = {
             "image_features": image_features,
             "text_features": self.encode_text(text),
             "logit_scale": self.clip.logit_scale.exp(),
         }
+        if getattr(self.clip, "logit_bias", None) is not None:
+            outputs["logit_bias"] = self.clip.logit_bias  # SigLIP's learnable bias (model.init_logit_bias)
+        return outputs
 
     # ----------------------------------------------------------------------------------------
     # parameter groups

@@ -2,7 +2,9 @@
 
 A checkpoint directory is complete exactly when it is named ``step_<8-digit step>`` and holds
 ``trainer_state.json``; the rename is the last thing that happens, so a run killed mid-write leaves
-only a ``.tmp-*`` directory that is never picked as ``latest``.
+only a ``.tmp-*`` directory that is never picked as ``latest``. Each process also writes its own
+data position (``data_position_<process index>.json``: where its data streams stand, see
+:meth:`mmsphere.data.TrainStream.state_dict`) into the temporary directory before the rename.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from accelerate import Accelerator
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+DATA_POSITION_FILE = "data_position_{}.json"
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -49,8 +52,11 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any],
-                    keep: int) -> Path:
-    """Save the full training state atomically; every process must call this."""
+                    keep: int, data_position: dict[str, Any] | None = None) -> Path:
+    """Save the full training state atomically; every process must call this.
+
+    ``state``: the run's state (the main process writes it); ``data_position``: this process's own.
+    """
     root = checkpoint_dir(output_dir)
     final = root / f"step_{step:08d}"
     temporary = root / f".tmp-step_{step:08d}"
@@ -59,6 +65,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
+    if data_position is not None:
+        (temporary / DATA_POSITION_FILE.format(accelerator.process_index)).write_text(json.dumps(data_position))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
@@ -73,6 +81,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
-    """Restore model, optimisers, scheduler and RNG from ``path``; returns its trainer state."""
+    """Restore model, optimisers, scheduler and RNG from ``path``; returns its trainer state.
+
+    ``state["data_position"]`` is this process's data position, or None when the checkpoint has none
+    for it (written before positions were saved, or by fewer processes).
+    """
     accelerator.load_state(str(path))
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    state = json.loads((Path(path) / STATE_FILE).read_text())
+    position = Path(path) / DATA_POSITION_FILE.format(accelerator.process_index)
+    state["data_position"] = json.loads(position.read_text()) if position.is_file() else None
+    return state

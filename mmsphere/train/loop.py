@@ -8,7 +8,7 @@ sit below their caller.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +28,7 @@ from mmsphere.train.checkpoint import list_checkpoints, load_checkpoint, save_ch
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 from mmsphere.train.preflight import check_data_sources, check_output_dir, write_run_config
 from mmsphere.train.run_log import RunLog, check_trackers
-from mmsphere.weighting import WeightNet, meta_step
+from mmsphere.weighting import MetaWeighting
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +92,15 @@ def train(config: Config) -> dict[str, Any]:
     # skips are counted per run: a process that trains several times (the ablation tool) or also
     # validates must not report another run's skips
     skipped = stats.SkipTally()
-    train_batches = _epochs(build_train_stream, config.data.train, config, local_batch, data_epoch,
-                            dict(stream_kwargs, split="train", skipped=skipped))
-    meta_batches = None
+    data_streams = {"train": build_train_stream(config.data.train, config.data, batch_size=local_batch,
+                                                split="train", skipped=skipped, **stream_kwargs)}
     if weighting is not None:
-        meta_batches = _epochs(build_train_stream, [config.data.meta], config, meta_local, data_epoch,
-                               dict(stream_kwargs, split="meta", skipped=skipped))
+        data_streams["meta"] = build_train_stream([config.data.meta], config.data, batch_size=meta_local,
+                                                  split="meta", skipped=skipped, **stream_kwargs)
+    if resume_from is not None:
+        _resume_streams(data_streams, state["data_position"], next_epoch=data_epoch)
+    train_batches = _epochs(data_streams["train"])
+    meta_batches = _epochs(data_streams["meta"]) if weighting is not None else None
 
     log = RunLog(output_dir, accelerator, config)  # starts the train.report_to trackers
     nonfinite_in_row, nonfinite_total, meta_skipped = 0, 0, 0
@@ -108,20 +111,23 @@ def train(config: Config) -> dict[str, Any]:
     while step < config.train.max_steps:
         data_epoch, batch = next(train_batches)
         inputs = model_inputs(batch, accelerator.device)
+        group_ids = batch_group_ids(batch, config, accelerator.device)
         step_seed = config.seed * 1_000_003 + step  # same draws on every rank and every micro-batch
 
         meta_result = None
         if weighting is not None and step % config.meta.interval == 0:
             _, meta_batch = next(meta_batches)
             meta_result = weighting.meta_step(inputs, model_inputs(meta_batch, accelerator.device),
-                                              virtual_lr=config.meta.virtual_lr or weighting.group_rates(optimizer))
+                                              virtual_lr=config.meta.virtual_lr or weighting.group_rates(optimizer),
+                                              train_group_ids=group_ids,
+                                              meta_group_ids=batch_group_ids(meta_batch, config, accelerator.device))
             if meta_result.skipped:
                 meta_skipped += 1
                 logger.warning("non-finite value in the meta iteration at step %d: WeightNet not updated", step)
 
-        weigh = weighting.weigh if weighting is not None else None
         saved_statistics = {name: buffer.clone() for name, buffer in running_statistics.items()}
-        result = train_step(model, objective, inputs, accelerator, config, weigh=weigh, seed=step_seed)
+        result = train_step(model, objective, inputs, accelerator, config, weighting=weighting, group_ids=group_ids,
+                            seed=step_seed)
 
         if not _finite_everywhere(result.loss):
             nonfinite_in_row += 1
@@ -152,7 +158,7 @@ def train(config: Config) -> dict[str, Any]:
         if weighting is not None:
             log.max_loss_seen = max(log.max_loss_seen, result.per_sample.detach().float().max().item())
             if step % config.meta.weights_log_every == 0 or step == config.train.max_steps:
-                log.sample_weights(step, batch["key"], result.per_sample.detach(), weighting.last_weights)
+                log.sample_weights(step, batch["key"], result.per_sample.detach(), result.weights)
         if step % config.train.log_every == 0 or step == config.train.max_steps:
             rate = samples_seen / max(time.time() - started, 1e-9)
             record = {"step": step, "epoch": data_epoch, "lr": scheduler.get_last_lr()[0],
@@ -168,6 +174,7 @@ def train(config: Config) -> dict[str, Any]:
             log.metrics({"step": step, **validate(network, config, accelerator)})
         if step % config.train.checkpoint_every == 0 or step == config.train.max_steps:
             save_checkpoint(accelerator, output_dir, step, {"data_epoch": data_epoch},
+                            data_position={name: stream.state_dict() for name, stream in data_streams.items()},
                             keep=config.train.keep_checkpoints)
     progress.close()
 
@@ -244,20 +251,33 @@ def _running_statistics(network: torch.nn.Module) -> dict[str, torch.Tensor]:
             for name, buffer in module.named_buffers(recurse=False) if buffer is not None}
 
 
-def _epochs(build_stream, sources, config: Config, batch_size: int, start_epoch: int,
-            stream_kwargs: dict) -> Iterator[tuple[int, dict]]:
-    """Endless (epoch, batch) pairs: a fresh, reseeded stream for each (virtual) data epoch."""
-    epoch = start_epoch
+def _resume_streams(streams: dict[str, Any], position: dict[str, Any] | None, next_epoch: int) -> None:
+    """Put this process's data streams back where the checkpoint left them (finite shards: at the very next batch).
+
+    A checkpoint without a position for this process (written before positions were saved, or by
+    fewer processes) resumes each stream with a fresh ``next_epoch``, as resampled shards always do.
+    """
+    for name, stream in streams.items():
+        if position is not None and name in position:
+            stream.load_state_dict(position[name])
+            continue
+        if not stream.resampled:
+            logger.warning("the checkpoint holds no %s data position for process %d; resuming with a fresh data "
+                           "epoch %d instead of the rest of the interrupted one", name, stream.rank, next_epoch)
+        stream.set_epoch(next_epoch)
+
+
+def _epochs(stream) -> Iterator[tuple[int, dict]]:
+    """Endless (epoch, batch) pairs: each pass over ``stream`` is one (virtual) data epoch, reseeded by its number."""
     while True:
-        produced = False
-        for batch in build_stream(sources, config.data, batch_size=batch_size, epoch=epoch, **stream_kwargs):
+        epoch, produced = stream.epoch, False
+        for batch in stream:
             produced = True
             yield epoch, batch
         if not produced:
-            urls = ", ".join(source.urls for source in sources)
-            raise MmsphereError(f"the data stream over {urls} produced no batch in epoch {epoch}: "
+            names = ", ".join(repr(source.name) for source in stream.sources)
+            raise MmsphereError(f"the {stream.split} data stream over {names} produced no batch in epoch {epoch}: "
                                 f"every sample was skipped or there are fewer samples than one batch")
-        epoch += 1
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -269,24 +289,39 @@ def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch
             "frame_mask": batch["frame_mask"].to(device, non_blocking=True)}
 
 
+def batch_group_ids(batch: dict[str, Any], config: Config, device: torch.device) -> torch.Tensor | None:
+    """Integer group ids [n] of a batch for ``loss.positives: group`` (None otherwise).
+
+    A sample's group is the ``group`` of its JSON, else its media key (the pipeline fills
+    ``batch["group"]``); names become 63-bit integers by a stable hash, equal on every rank.
+    """
+    if config.loss.positives != "group":
+        return None
+    if "group" not in batch:
+        raise MmsphereError(f"loss.positives=group needs group ids, but the batches of source "
+                            f"{batch.get('source')!r} carry none")
+    ids = [int.from_bytes(hashlib.blake2b(str(group).encode(), digest_size=8).digest(), "little") >> 1
+           for group in batch["group"]]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 # ------------------------------------------------------------------------------------------
 # one optimisation step
 
 
 def train_step(model, objective, inputs: dict[str, torch.Tensor], accelerator: Accelerator, config: Config,
-               *, weigh=None, seed: int):
-    """Forward and backward of one global batch; micro-batches share the full set of negatives.
+               *, weighting: MetaWeighting | None = None, group_ids: torch.Tensor | None = None, seed: int):
+    """Forward and backward of one global batch: features → objective terms → weights → reduced loss.
 
     With ``accum_freq > 1`` the features of every micro-batch are first computed without grad and
     cached; each micro-batch is then re-encoded with grad and its slice replaces the cached one
-    (open_clip's ``--accum-freq``), so the loss always sees the whole batch. The logit scale
-    carries grad in the first micro-batch only, so its gradient is counted once.
+    (open_clip's ``--accum-freq``), so the loss always sees the whole batch. The logit scale (and
+    bias) carry grad in the first micro-batch only, so their gradient is counted once.
     """
     accum = config.train.accum_freq
     if accum == 1:
         with accelerator.autocast():
-            outputs = model(**inputs)
-            result = objective(**outputs, sample_weights=weigh, weight_normalize=config.meta.normalize, seed=seed)
+            result = weighted_loss(objective, model(**inputs), weighting, group_ids, config, seed)
         if _finite_everywhere(result.loss):
             accelerator.backward(result.loss)
         return result
@@ -294,24 +329,32 @@ def train_step(model, objective, inputs: dict[str, torch.Tensor], accelerator: A
     micro_inputs = _split(inputs, accum)
     with torch.no_grad(), accelerator.autocast():
         cached = [model(**micro) for micro in micro_inputs]
-    image_cache = [out["image_features"] for out in cached]
-    text_cache = [out["text_features"] for out in cached]
     result = None
     for index, micro in enumerate(micro_inputs):
         sync = contextlib.nullcontext() if index == accum - 1 else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
                 outputs = model(**micro)
-                image_features = torch.cat(image_cache[:index] + [outputs["image_features"]] + image_cache[index + 1:])
-                text_features = torch.cat(text_cache[:index] + [outputs["text_features"]] + text_cache[index + 1:])
-                logit_scale = outputs["logit_scale"] if index == 0 else outputs["logit_scale"].detach()
-                micro_result = objective(image_features, text_features, logit_scale, sample_weights=weigh,
-                                         weight_normalize=config.meta.normalize, seed=seed)
+                features = {name: torch.cat([out[name] for out in cached[:index]] + [outputs[name]]
+                                            + [out[name] for out in cached[index + 1:]])
+                            for name in ("image_features", "text_features")}
+                for name in ("logit_scale", "logit_bias"):
+                    if name in outputs:
+                        features[name] = outputs[name] if index == 0 else outputs[name].detach()
+                micro_result = weighted_loss(objective, features, weighting, group_ids, config, seed)
             if not _finite_everywhere(micro_result.loss):
                 return micro_result
             accelerator.backward(micro_result.loss)
         result = result or micro_result
     return result
+
+
+def weighted_loss(objective, features: dict[str, torch.Tensor], weighting: MetaWeighting | None,
+                  group_ids: torch.Tensor | None, config: Config, seed: int):
+    """The objective's per-sample losses, weighted by the WeightNet (if any) and reduced."""
+    evaluated = objective.evaluate(**features, group_ids=group_ids, seed=seed)
+    weights = weighting.weights(evaluated.per_sample) if weighting is not None else None
+    return objective.reduce(evaluated, weights, config.meta.normalize)
 
 
 def _split(inputs: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
@@ -333,63 +376,6 @@ def _skipped_everywhere(counts: dict[str, int]) -> dict[str, int]:
         for reason, count in per_rank.items():
             total[reason] = total.get(reason, 0) + count
     return total
-
-
-# ------------------------------------------------------------------------------------------
-# meta-learned sample weighting
-
-
-class MetaWeighting:
-    """The WeightNet, its optimiser and the contrastive-only objective the meta step differentiates."""
-
-    def __init__(self, config: Config, network: torch.nn.Module, objective) -> None:
-        from mmsphere.losses import Objective
-
-        self.config = config
-        self.network = network
-        self.weight_net = WeightNet(config.meta.hidden)
-        self.optimizer = torch.optim.Adam(self.weight_net.parameters(), lr=config.meta.lr,
-                                          weight_decay=config.meta.weight_decay)
-        contrastive_name = next(name for name in config.loss.terms if name in ("clip", "angular_margin"))
-        self.contrastive_objective = Objective(dataclasses.replace(config.loss, terms={contrastive_name: 1.0}))
-        self.parameter_names = network.meta_parameter_names(config.meta.params, config.meta.last_blocks)
-        self.last_weights: torch.Tensor | None = None
-
-    def group_rates(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """Each virtual parameter's current learning rate, from its own optimiser group."""
-        rate_of = {id(parameter): group["lr"] for group in optimizer.param_groups for parameter in group["params"]}
-        parameters = dict(self.network.named_parameters())
-        return {name: rate_of[id(parameters[name])] for name in self.parameter_names}
-
-    def meta_step(self, train_inputs, meta_inputs, *, virtual_lr: float | dict[str, float]):
-        """One meta iteration (``meta.gradient``), in fp32 outside autocast: the meta-gradient is sensitive to rounding."""
-
-        def contrastive(image_features, text_features, logit_scale, weigh):
-            out = self.contrastive_objective(image_features, text_features, logit_scale, sample_weights=weigh,
-                                             weight_normalize=self.config.meta.normalize)
-            return out.loss, out.per_sample
-
-        return meta_step(self.network, contrastive, self.weight_net, self.optimizer, train_inputs, meta_inputs,
-                         parameter_names=self.parameter_names, virtual_lr=virtual_lr,
-                         gradient=self.config.meta.gradient)
-
-    def weigh(self, per_sample: torch.Tensor) -> torch.Tensor:
-        """Weights of the real step: ``V(ℓ.detach(); Θ)`` with no gradient into Θ."""
-        with torch.no_grad():
-            weights = self.weight_net(per_sample.detach().float())
-        self.last_weights = weights
-        return weights.to(per_sample.dtype)
-
-    def plot_curve(self, path: Path, max_loss: float) -> None:
-        """Save the learned weighting curve ℓ → V(ℓ) as a PNG."""
-        from mmsphere.plotting import line_plot
-
-        device = next(self.weight_net.parameters()).device
-        losses = torch.linspace(0.0, max(max_loss, 1e-3) * 1.1, 200, device=device)
-        with torch.no_grad():
-            weights = self.weight_net(losses).cpu()
-        line_plot(losses.cpu().numpy(), weights.numpy(), path, xlabel="per-sample loss ℓ", ylabel="weight V(ℓ)",
-                  title="learned weighting curve")
 
 
 # ------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -41,8 +41,16 @@ from mmsphere.weighting.weight_net import WeightNet
 
 META_GRADIENTS = ("jvp", "second_order")
 
-# (image_features, text_features, logit_scale, sample_weights) -> (loss, per_sample)
-ContrastiveFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+class ContrastiveObjective(Protocol):
+    """What the meta step needs of an objective (:class:`mmsphere.losses.Objective` is one)."""
+
+    def evaluate(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                 **extras: Any) -> Any:
+        """Unreduced terms with ``.per_sample`` [n], the local per-sample losses."""
+
+    def reduce(self, evaluated: Any, sample_weights: torch.Tensor | None, weight_normalize: str) -> Any:
+        """The reduced output with ``.loss``."""
 
 
 @dataclass
@@ -57,7 +65,7 @@ class MetaStepResult:
 
 def meta_step(
     model: nn.Module,
-    contrastive: ContrastiveFn,
+    objective: ContrastiveObjective,
     weight_net: WeightNet,
     weight_optimizer: torch.optim.Optimizer,
     train_inputs: dict[str, torch.Tensor],
@@ -66,13 +74,16 @@ def meta_step(
     parameter_names: list[str],
     virtual_lr: float | Mapping[str, float],
     gradient: str = "jvp",
+    normalize: str = "mean",
+    train_group_ids: torch.Tensor | None = None,
+    meta_group_ids: torch.Tensor | None = None,
 ) -> MetaStepResult:
     """Update ``weight_net`` by one second-order meta step; the model's parameters and buffers are untouched.
 
     ``model`` is the unwrapped dual encoder (its ``forward`` returns ``image_features``,
-    ``text_features`` and ``logit_scale``); ``contrastive(image_features, text_features,
-    logit_scale, sample_weights)`` returns ``(loss, per_sample)`` where ``sample_weights`` maps the
-    detached per-sample losses to weights (or is None for the unweighted meta loss).
+    ``text_features``, ``logit_scale`` and, with SigLIP, ``logit_bias``); ``objective`` is the
+    contrastive objective (its per-sample losses are what the WeightNet weighs, reduced with
+    ``normalize``; the meta loss is its unweighted value on the meta batch).
     ``virtual_lr``: one rate for every parameter, or one per parameter name (each parameter's own
     optimiser group's current rate). ``gradient``: ``"jvp"`` (exact, first-order passes and one
     forward-mode pass) or ``"second_order"`` (differentiating through the virtual step, the reference).
@@ -97,17 +108,36 @@ def meta_step(
     # fused attention kernels have no double backward; the math kernel does
     with _plain_forward(model), torch.autocast(device_type=device.type, enabled=False), \
             sdpa_kernel(SDPBackend.MATH), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return _meta_step(model, contrastive, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual, rates,
+        losses = _Losses(objective, normalize, train_group_ids, meta_group_ids)
+        return _meta_step(model, losses, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual, rates,
                           gradient)
 
 
-def _meta_step(model, contrastive, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual, rates, gradient):
+class _Losses:
+    """The virtual (weighted) and meta (unweighted) losses of the objective on model outputs."""
+
+    def __init__(self, objective: ContrastiveObjective, normalize: str, train_group_ids, meta_group_ids) -> None:
+        self.objective = objective
+        self.normalize = normalize
+        self.train_group_ids = train_group_ids
+        self.meta_group_ids = meta_group_ids
+
+    def virtual(self, outputs: dict[str, torch.Tensor], weigh: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        evaluated = self.objective.evaluate(**outputs, group_ids=self.train_group_ids)
+        return self.objective.reduce(evaluated, weigh(evaluated.per_sample.detach()), self.normalize).loss
+
+    def meta(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        evaluated = self.objective.evaluate(**outputs, group_ids=self.meta_group_ids)
+        return self.objective.reduce(evaluated, None, self.normalize).loss
+
+
+def _meta_step(model, losses, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual, rates, gradient):
     # the forwards update these copies, never the real BatchNorm statistics
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     weight_parameters = list(weight_net.parameters())
     meta_gradient = _second_order_meta_gradient if gradient == "second_order" else _jvp_meta_gradient
     meta_gradients, virtual_loss, meta_loss, weights = meta_gradient(
-        model, contrastive, weight_net, weight_parameters, train_inputs, meta_inputs, virtual, rates, buffers)
+        model, losses, weight_net, weight_parameters, train_inputs, meta_inputs, virtual, rates, buffers)
     meta_gradients = [torch.zeros_like(parameter) if grad is None else grad.detach()
                       for parameter, grad in zip(weight_parameters, meta_gradients)]
     local_nonfinite = not (torch.isfinite(virtual_loss.detach()) & torch.isfinite(meta_loss.detach())).item()
@@ -132,7 +162,7 @@ def _meta_step(model, contrastive, weight_net, weight_optimizer, train_inputs, m
     return result
 
 
-def _second_order_meta_gradient(model, contrastive, weight_net, weight_parameters, train_inputs, meta_inputs,
+def _second_order_meta_gradient(model, losses, weight_net, weight_parameters, train_inputs, meta_inputs,
                                 virtual, rates, buffers):
     """Differentiate L_meta(ŵ(Θ)) through the virtual step (the reference; holds a double-backward graph)."""
     outputs = functional_call(model, (virtual, buffers), args=(), kwargs=train_inputs)
@@ -143,7 +173,7 @@ def _second_order_meta_gradient(model, contrastive, weight_net, weight_parameter
         weights_seen.append(weights.detach())
         return weights
 
-    virtual_loss, _ = contrastive(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], weigh)
+    virtual_loss = losses.virtual(outputs, weigh)
     gradients = torch.autograd.grad(virtual_loss, list(virtual.values()), create_graph=True, allow_unused=True)
     # a parameter without a gradient on this rank (the temporal head on an image batch) still joins
     # the all-reduce: another rank may hold one, and a skipped collective hangs the others
@@ -152,14 +182,12 @@ def _second_order_meta_gradient(model, contrastive, weight_net, weight_parameter
     averaged = _average_across_ranks(gradients, differentiable=True)
     stepped = {name: parameter - rates[name] * grad for (name, parameter), grad in zip(virtual.items(), averaged)}
 
-    meta_outputs = functional_call(model, (stepped, buffers), args=(), kwargs=meta_inputs)
-    meta_loss, _ = contrastive(meta_outputs["image_features"], meta_outputs["text_features"],
-                               meta_outputs["logit_scale"], None)
+    meta_loss = losses.meta(functional_call(model, (stepped, buffers), args=(), kwargs=meta_inputs))
     meta_gradients = torch.autograd.grad(meta_loss, weight_parameters, allow_unused=True)
     return meta_gradients, virtual_loss, meta_loss, torch.cat(weights_seen) if weights_seen else torch.empty(0)
 
 
-def _jvp_meta_gradient(model, contrastive, weight_net, weight_parameters, train_inputs, meta_inputs,
+def _jvp_meta_gradient(model, losses, weight_net, weight_parameters, train_inputs, meta_inputs,
                        virtual, rates, buffers):
     """The same meta-gradient from first-order passes and one forward-mode pass (DESIGN §1).
 
@@ -181,8 +209,7 @@ def _jvp_meta_gradient(model, contrastive, weight_net, weight_parameters, train_
         weights_seen.append(weights)
         return weights
 
-    virtual_loss, _ = contrastive(outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
-                                  weigh_detached)
+    virtual_loss = losses.virtual(outputs, weigh_detached)
     gradients = torch.autograd.grad(virtual_loss, list(virtual.values()), allow_unused=True)
     gradients = [torch.zeros_like(parameter) if grad is None else grad
                  for parameter, grad in zip(virtual.values(), gradients)]
@@ -191,9 +218,7 @@ def _jvp_meta_gradient(model, contrastive, weight_net, weight_parameters, train_
                for name, grad in zip(names, averaged)}
 
     # 2. g = ∇_ŵ L_meta at the virtually stepped parameters (data-parallel mean)
-    meta_outputs = functional_call(model, (stepped, buffers), args=(), kwargs=meta_inputs)
-    meta_loss, _ = contrastive(meta_outputs["image_features"], meta_outputs["text_features"],
-                               meta_outputs["logit_scale"], None)
+    meta_loss = losses.meta(functional_call(model, (stepped, buffers), args=(), kwargs=meta_inputs))
     meta_parameter_gradients = torch.autograd.grad(meta_loss, list(stepped.values()), allow_unused=True)
     meta_parameter_gradients = [torch.zeros_like(parameter) if grad is None else grad
                                 for parameter, grad in zip(stepped.values(), meta_parameter_gradients)]
@@ -212,8 +237,7 @@ def _jvp_meta_gradient(model, contrastive, weight_net, weight_parameters, train_
                 return weight_net(forward_ad.unpack_dual(per_sample).primal)
 
         with torch.enable_grad():
-            dual_loss, _ = contrastive(outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
-                                       weigh)
+            dual_loss = losses.virtual(outputs, weigh)
             tangent = forward_ad.unpack_dual(dual_loss).tangent
     if tangent is None or not tangent.requires_grad:  # nothing of this rank's loss depends on Θ or w
         return [None] * len(weight_parameters), virtual_loss, meta_loss, torch.cat(weights_seen)

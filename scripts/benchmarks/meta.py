@@ -23,7 +23,8 @@ import torch
 from mmsphere.config import config_from_dict
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
-from mmsphere.train.loop import MetaWeighting, build_accelerator, train_step
+from mmsphere.weighting import MetaWeighting
+from mmsphere.train.loop import build_accelerator, train_step
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 
 VARIANTS = ("no_meta", "second_order", "jvp")
@@ -63,7 +64,7 @@ def make_runner(variant: str, args):
     def step(index: int) -> None:
         if weighting is not None:
             weighting.meta_step(inputs, meta_inputs, virtual_lr=weighting.group_rates(optimizer))
-        train_step(model, objective, inputs, accelerator, config, weigh=weighting.weigh if weighting else None,
+        train_step(model, objective, inputs, accelerator, config, weighting=weighting,
                    seed=index)
         optimizer.step()
         scheduler.step()

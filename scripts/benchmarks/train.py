@@ -22,7 +22,8 @@ import torch
 from mmsphere.config import config_from_dict
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
-from mmsphere.train.loop import MetaWeighting, build_accelerator, train_step
+from mmsphere.weighting import MetaWeighting
+from mmsphere.train.loop import build_accelerator, train_step
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 
 VARIANTS = ("open_clip", "clip_loss", "meta_every_1", "meta_every_5", "meta_every_10")
@@ -84,7 +85,7 @@ def make_runner(variant: str, model_name: str, batch: int, device: str):
     def step(index: int) -> None:
         if weighting is not None and index % config.meta.interval == 0:
             weighting.meta_step(inputs, meta_inputs, virtual_lr=scheduler.get_last_lr()[0])
-        train_step(model, objective, inputs, accelerator, config, weigh=weighting.weigh if weighting else None, seed=index)
+        train_step(model, objective, inputs, accelerator, config, weighting=weighting, seed=index)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
-"""The eight functions of DESIGN §1 against independent references.
+"""The nine functions of DESIGN §1 against independent references.
 
-References: ``open_clip.ClipLoss``; Wang & Isola's ``pdist`` formulation of uniformity; and
+References: ``open_clip.ClipLoss`` and ``open_clip.loss.SigLipLoss``; Wang & Isola's ``pdist``
+formulation of uniformity; and
 loop-based float64 transcriptions of every formula below, written over Python floats with explicit
 loops over i and j, sharing no code with ``mmsphere.losses``. Gradients are checked against finite
 differences (``torch.autograd.gradcheck``).
@@ -58,6 +59,52 @@ def loop_angular_margin(img, txt, scale, margin, eps=1e-6) -> list[float]:
         cosine = min(max(dot(img[i], txt[i]), -1 + eps), 1 - eps)
         logits[i][i] = scale * math.cos(math.acos(cosine) - margin)
     return loop_symmetric_ce(logits)
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def clamped_margin_cosine(cosine: float, margin: float, eps: float = 1e-6) -> float:
+    return math.cos(math.acos(min(max(cosine, -1 + eps), 1 - eps)) - margin)
+
+
+def loop_multi_positive_ce(logits: list[list[float]], groups: list[int]) -> list[float]:
+    """½[CE_P(L)_i + CE_P(Lᵀ)_i], CE_P the mean of −log softmax over the positives P(i) = {j : g_j = g_i}."""
+    size = len(logits)
+    per_sample = []
+    for i in range(size):
+        positives = [j for j in range(size) if groups[j] == groups[i]]
+        row_lse = log_sum_exp([logits[i][j] for j in range(size)])
+        column_lse = log_sum_exp([logits[j][i] for j in range(size)])
+        row = sum(row_lse - logits[i][p] for p in positives) / len(positives)
+        column = sum(column_lse - logits[p][i] for p in positives) / len(positives)
+        per_sample.append(0.5 * (row + column))
+    return per_sample
+
+
+def loop_grouped_angular_margin(img, txt, scale, margin, groups, eps=1e-6) -> list[float]:
+    size = len(img)
+    logits = [[scale * (clamped_margin_cosine(dot(img[i], txt[j]), margin, eps) if groups[i] == groups[j]
+                        else dot(img[i], txt[j])) for j in range(size)] for i in range(size)]
+    return loop_multi_positive_ce(logits, groups)
+
+
+def loop_siglip(img, txt, scale, bias, margin, groups=None, eps=1e-6) -> list[float]:
+    """−½[Σ_j log σ(z_ij L_ij) + Σ_j log σ(z_ji L_ji)]; margin 0 is plain SigLIP (no clamp)."""
+    size = len(img)
+    groups = list(range(size)) if groups is None else groups
+    log_likelihood = [[0.0] * size for _ in range(size)]
+    for i in range(size):
+        for j in range(size):
+            cosine = dot(img[i], txt[j])
+            positive = groups[i] == groups[j]
+            if positive and margin != 0:
+                cosine = clamped_margin_cosine(cosine, margin, eps)
+            logit = scale * cosine + bias
+            log_likelihood[i][j] = log_sigmoid(logit if positive else -logit)
+    return [-0.5 * (sum(log_likelihood[i][j] for j in range(size)) + sum(log_likelihood[j][i] for j in range(size)))
+            for i in range(size)]
 
 
 def loop_slerp(a, b, lam) -> list[list[float]]:
@@ -148,6 +195,8 @@ def test_every_function_matches_its_loop_transcription(pair):
         "calibrated_uniformity": (F.calibrated_uniformity(img, sim, 3.0),
                                   loop_calibrated_uniformity(a, sim.tolist(), 3.0)),
         "cma_regularizer": (F.cma_regularizer(img, txt, scale, reduction="none"), loop_cma(a, b, scale)),
+        "siglip_loss": (F.siglip_loss(img, txt, scale, -2.5, margin, reduction="none"),
+                        loop_siglip(a, b, scale, -2.5, margin)),
     }
     for name, (actual, expected) in cases.items():
         torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12,
@@ -157,7 +206,8 @@ def test_every_function_matches_its_loop_transcription(pair):
 def test_reductions_agree_with_per_sample(pair):
     img, txt = pair
     for function, arguments in ((F.clip_loss, (3.0,)), (F.angular_margin_loss, (3.0, 0.2)),
-                                (F.m2mix_loss, (0.4,)), (F.alignment, ()), (F.cma_regularizer, (3.0,))):
+                                (F.m2mix_loss, (0.4,)), (F.alignment, ()), (F.cma_regularizer, (3.0,)),
+                                (F.siglip_loss, (3.0, -1.0, 0.2))):
         per_sample = function(img, txt, *arguments, reduction="none")
         assert per_sample.shape == (B,)
         torch.testing.assert_close(function(img, txt, *arguments, reduction="mean"), per_sample.mean())
@@ -165,10 +215,13 @@ def test_reductions_agree_with_per_sample(pair):
 
 
 @pytest.mark.parametrize("name", ["clip_loss", "angular_margin_loss", "slerp", "m2mix_loss", "alignment",
-                                  "uniformity", "calibrated_uniformity", "cma_regularizer"])
+                                  "uniformity", "calibrated_uniformity", "cma_regularizer", "siglip_loss",
+                                  "grouped clip_loss", "grouped angular_margin_loss", "grouped siglip_loss"])
 def test_gradients_match_finite_differences(pair, name):
     img, txt = (x[:4, :3].clone().requires_grad_() for x in pair)
     scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)
+    groups = torch.tensor([0, 1, 0, 2])
     sim = torch.rand(4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64, requires_grad=True)
     functions = {
         "clip_loss": (lambda x, y, s: F.clip_loss(x, y, s, reduction="none"), (img, txt, scale)),
@@ -180,6 +233,14 @@ def test_gradients_match_finite_differences(pair, name):
         "uniformity": (lambda x: F.uniformity(x, 2.0), (img,)),
         "calibrated_uniformity": (lambda x, s: F.calibrated_uniformity(x, s, 2.0), (img, sim)),
         "cma_regularizer": (lambda x, y, s: F.cma_regularizer(x, y, s, reduction="none"), (img, txt, scale)),
+        "siglip_loss": (lambda x, y, s, b: F.siglip_loss(x, y, s, b, 0.4, reduction="none"), (img, txt, scale, bias)),
+        "grouped clip_loss": (lambda x, y, s: F.clip_loss(x, y, s, reduction="none", group_ids=groups),
+                              (img, txt, scale)),
+        "grouped angular_margin_loss": (
+            lambda x, y, s: F.angular_margin_loss(x, y, s, 0.4, reduction="none", group_ids=groups), (img, txt, scale)),
+        "grouped siglip_loss": (
+            lambda x, y, s, b: F.siglip_loss(x, y, s, b, 0.4, reduction="none", group_ids=groups),
+            (img, txt, scale, bias)),
     }
     function, inputs = functions[name]
     assert torch.autograd.gradcheck(function, inputs)
@@ -244,6 +305,149 @@ def test_angular_margin_gradients_are_finite_at_the_poles(dtype, relation):
     for gradient in (img.grad, txt.grad, scale.grad):
         assert torch.isfinite(gradient).all()
     assert img.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# SigLIP
+
+
+@pytest.mark.parametrize("batch", [2, 5, 16])
+def test_siglip_loss_matches_open_clip(batch):
+    img, txt = unit_rows(batch, 8, seed=30), unit_rows(batch, 8, seed=31)
+    reference = open_clip.loss.SigLipLoss()
+    for scale, bias in ((1.0, 0.0), (10.0, -10.0), (100.0, -10.0), (3.7, 2.5), (50.0, -4.0)):
+        inputs = [x.clone().requires_grad_() for x in (img, txt, torch.tensor(scale, dtype=torch.float64),
+                                                          torch.tensor(bias, dtype=torch.float64))]
+        ours = [x.detach().clone().requires_grad_() for x in inputs]
+        expected = reference(*inputs)
+        actual = F.siglip_loss(*ours)
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+        expected.backward()
+        actual.backward()
+        for mine, theirs in zip(ours, inputs):
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.1, 0.5, 1.2])
+@pytest.mark.parametrize(("scale", "bias"), [(10.0, -10.0), (2.0, 0.5)])
+def test_siglip_loss_matches_its_loop_transcription(margin, scale, bias):
+    img, txt = unit_rows(7, 5, seed=32), unit_rows(7, 5, seed=33)
+    expected = torch.tensor(loop_siglip(img.tolist(), txt.tolist(), scale, bias, margin), dtype=torch.float64)
+    actual = F.siglip_loss(img, txt, scale, torch.tensor([bias]), margin, reduction="none")
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    # Σ_i ℓ_i = −Σ_ij log σ(z_ij L_ij): the two halves of ℓ_i count every pair once between them
+    torch.testing.assert_close(F.siglip_loss(img, txt, scale, bias, margin, reduction="sum"), expected.sum())
+    torch.testing.assert_close(F.siglip_loss(img, txt, scale, bias, margin), expected.sum() / 7)
+
+
+def test_siglip_margin_makes_positives_easier(pair):
+    img, txt = pair
+    losses = [F.siglip_loss(img, txt, 10.0, -10.0, margin) for margin in (0.0, 0.1, 0.3)]
+    assert losses[0] > losses[1] > losses[2]
+
+
+def test_siglip_loss_is_finite_when_saturated():
+    img = unit_rows(6, 4, seed=34, dtype=torch.float32).requires_grad_()
+    loss = F.siglip_loss(img, -img.detach(), 100.0, -10.0, 0.3)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 100 and torch.isfinite(img.grad).all()
+
+
+# --------------------------------------------------------------------------------------------
+# multi-positive batches (group_ids)
+
+
+GROUPINGS = {
+    "pairs and a triple": [0, 0, 4, 4, 4, 9],
+    "interleaved": [3, 1, 3, 1, 0, 3],
+    "one group": [7, 7, 7, 7, 7, 7],
+    "distinct": [5, -2, 11, 0, 3, 8],
+}
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS, ids=str)
+def test_group_losses_match_their_loop_transcriptions(pair, grouping):
+    img, txt = pair
+    a, b = img.tolist(), txt.tolist()
+    groups = GROUPINGS[grouping]
+    group_ids = torch.tensor(groups)
+    scale, margin, bias = 7.5, 0.3, -2.0
+    clip_logits = [[scale * dot(x, y) for y in b] for x in a]
+    cases = {
+        "clip_loss": (F.clip_loss(img, txt, scale, reduction="none", group_ids=group_ids),
+                      loop_multi_positive_ce(clip_logits, groups)),
+        "angular_margin_loss": (F.angular_margin_loss(img, txt, scale, margin, reduction="none", group_ids=group_ids),
+                                loop_grouped_angular_margin(a, b, scale, margin, groups)),
+        "siglip_loss": (F.siglip_loss(img, txt, scale, bias, margin, reduction="none", group_ids=group_ids),
+                        loop_siglip(a, b, scale, bias, margin, groups)),
+        "siglip_loss margin 0": (F.siglip_loss(img, txt, scale, bias, reduction="none", group_ids=group_ids),
+                                 loop_siglip(a, b, scale, bias, 0.0, groups)),
+    }
+    for name, (actual, expected) in cases.items():
+        torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+        for reduction, reduce in (("mean", torch.mean), ("sum", torch.sum)):
+            function = getattr(F, name.split()[0])
+            arguments = {"clip_loss": (scale,), "angular_margin_loss": (scale, margin),
+                         "siglip_loss": (scale, bias, margin if name == "siglip_loss" else 0.0)}[function.__name__]
+            torch.testing.assert_close(function(img, txt, *arguments, reduction=reduction, group_ids=group_ids),
+                                       reduce(actual))
+
+
+def test_duplicated_pairs_in_one_group():
+    # a video and caption repeated in the batch (rows 0 and 3): SigLIP stops pushing the copies apart,
+    # while the softmax target, uniform over two equal logits, costs what the single target did
+    img = unit_rows(4, 6, seed=35)
+    txt = tf.normalize(img + 0.2 * unit_rows(4, 6, seed=36), dim=1)  # matched pairs, as after training
+    img[3], txt[3] = img[0], txt[0]
+    separate, together = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 0])
+    assert (F.siglip_loss(img, txt, 10.0, -5.0, 0.2, group_ids=together)
+            < F.siglip_loss(img, txt, 10.0, -5.0, 0.2, group_ids=separate))
+    torch.testing.assert_close(F.clip_loss(img, txt, 20.0, reduction="none", group_ids=together),
+                               F.clip_loss(img, txt, 20.0, reduction="none", group_ids=separate))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_distinct_group_ids_are_the_single_positive_form(dtype, reduction):
+    img, txt = unit_rows(16, 8, seed=37, dtype=dtype), unit_rows(16, 8, seed=38, dtype=dtype)
+    # unsorted, negative and strided ids: only equality between them matters
+    ids = (torch.randperm(16, generator=torch.Generator().manual_seed(39)) * 3 - 20).repeat_interleave(2)[::2]
+    calls = {
+        "clip_loss": lambda **group: F.clip_loss(img, txt, 14.0, reduction, **group),
+        "angular_margin_loss": lambda **group: F.angular_margin_loss(img, txt, 14.0, 0.25, reduction, **group),
+        "siglip_loss": lambda **group: F.siglip_loss(img, txt, 10.0, -10.0, 0.25, reduction, **group),
+        "siglip_loss margin 0": lambda **group: F.siglip_loss(img, txt, 10.0, -10.0, 0.0, reduction, **group),
+    }
+    for name, call in calls.items():
+        single = call()
+        for group_ids in (ids, torch.arange(16)):
+            assert torch.equal(call(group_ids=group_ids), single), name
+
+
+@pytest.mark.parametrize("name", ["clip_loss", "angular_margin_loss", "siglip_loss"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["single", "grouped"])
+def test_identical_pairs_have_finite_gradients_with_a_margin(name, grouped):
+    # duplicated rows in one group make the off-diagonal positives identical pairs as well
+    x = unit_rows(3, 8, seed=40, dtype=torch.float32)
+    img = torch.cat([x, x]).requires_grad_()
+    txt = torch.cat([x, x]).requires_grad_()
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    group = {"group_ids": torch.tensor([0, 1, 2, 0, 1, 2])} if grouped else {}
+    if name == "clip_loss":
+        loss = F.clip_loss(img, txt, scale, **group)
+    elif name == "angular_margin_loss":
+        loss = F.angular_margin_loss(img, txt, scale, 0.5, **group)
+    else:
+        loss = F.siglip_loss(img, txt, scale, bias, 0.5, **group)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for gradient in (img.grad, txt.grad, scale.grad):
+        assert torch.isfinite(gradient).all()
+    assert img.grad.abs().sum() > 0
+    if name == "siglip_loss":
+        assert torch.isfinite(bias.grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,22 +595,29 @@ def test_every_function_accepts_every_float_dtype(dtype):
     img, txt = unit_rows(6, 8, seed=18, dtype=dtype), unit_rows(6, 8, seed=19, dtype=dtype)
     compute = torch.promote_types(dtype, torch.float32)
     sim = torch.full((6, 6), 0.3, dtype=dtype)
+    group_ids = torch.tensor([0, 1, 0, 2, 2, 3])
     results = [F.clip_loss(img, txt, 10.0), F.angular_margin_loss(img, txt, 10.0, 0.2), F.m2mix_loss(img, txt, 0.5),
                F.alignment(img, txt), F.uniformity(img), F.calibrated_uniformity(img, sim),
-               F.cma_regularizer(img, txt, 10.0)]
+               F.cma_regularizer(img, txt, 10.0), F.siglip_loss(img, txt, 10.0, -10.0),
+               F.siglip_loss(img, txt, 10.0, -10.0, 0.2), F.clip_loss(img, txt, 10.0, group_ids=group_ids),
+               F.angular_margin_loss(img, txt, 10.0, 0.2, group_ids=group_ids),
+               F.siglip_loss(img, txt, 10.0, -10.0, 0.2, group_ids=group_ids)]
     for result in results:
         assert result.dtype == compute and result.shape == () and torch.isfinite(result)
     mixed = F.slerp(img, txt, 0.5)
     assert mixed.dtype == dtype and mixed.shape == img.shape
-    reference = F.clip_loss(img.double(), txt.double(), 10.0)
     tolerance = 3e-2 if dtype in HALF else 1e-5
-    torch.testing.assert_close(results[0].double(), reference, rtol=tolerance, atol=tolerance)
+    for result, call in ((results[0], lambda x, y: F.clip_loss(x, y, 10.0)),
+                         (results[7], lambda x, y: F.siglip_loss(x, y, 10.0, -10.0)),
+                         (results[-1], lambda x, y: F.siglip_loss(x, y, 10.0, -10.0, 0.2, group_ids=group_ids))):
+        torch.testing.assert_close(result.double(), call(img.double(), txt.double()), rtol=tolerance, atol=tolerance)
 
 
 def test_identical_pairs_have_finite_gradients_everywhere():
     x = unit_rows(5, 4, seed=20).requires_grad_()
     total = (F.alignment(x, x.detach(), 1.0) + F.uniformity(torch.cat([x, x])) + F.m2mix_loss(x, x.detach(), 0.5)
-             + F.cma_regularizer(x, x.detach(), 30.0) + F.clip_loss(x, x.detach(), 30.0))
+             + F.cma_regularizer(x, x.detach(), 30.0) + F.clip_loss(x, x.detach(), 30.0)
+             + F.siglip_loss(x, x.detach(), 30.0, -10.0) + F.siglip_loss(x, x.detach(), 30.0, -10.0, 0.3))
     total.backward()
     assert torch.isfinite(x.grad).all()
 
@@ -438,6 +649,25 @@ def test_identical_pairs_have_finite_gradients_everywhere():
         (lambda x, y: F.calibrated_uniformity(x, torch.ones(5, 5)),
          r"sim must be a tensor of shape \[B, B\] = \[6, 6\] .*\[5, 5\]"),
         (lambda x, y: F.cma_regularizer(x, y.T, 1.0), r"img and txt must have the same shape .*\[6, 4\] and \[4, 6\]"),
+        (lambda x, y: F.siglip_loss(x, y[:5], 1.0, 0.0), r"img and txt must have the same shape .*\[5, 4\]"),
+        (lambda x, y: F.siglip_loss(x, y, 1.0, torch.zeros(2)),
+         r"logit_bias must be a float or a one-element tensor, got shape \[2\]"),
+        (lambda x, y: F.siglip_loss(x, y, 1.0, 0.0, margin=-0.1), r"margin=-0.1 must be in \[0, π\)"),
+        (lambda x, y: F.siglip_loss(x, y, 1.0, 0.0, reduction="avg"), r"reduction='avg' must be one of"),
+        (lambda x, y: F.clip_loss(x, y, 1.0, group_ids=torch.arange(5)),
+         r"group_ids must have shape \[B\] = \[6\] for features of shape \[6, 4\], got \[5\]"),
+        (lambda x, y: F.angular_margin_loss(x, y, 1.0, 0.1, group_ids=torch.arange(6)[:, None]),
+         r"group_ids must have shape \[B\] = \[6\] .* got \[6, 1\]"),
+        (lambda x, y: F.siglip_loss(x, y, 1.0, 0.0, group_ids=torch.tensor(3)),
+         r"group_ids must have shape .*got \[\]"),
+        (lambda x, y: F.clip_loss(x, y, 1.0, group_ids=torch.arange(6.0)),
+         r"group_ids must be an integer tensor, got torch.float32"),
+        (lambda x, y: F.siglip_loss(x, y, 1.0, 0.0, group_ids=torch.ones(6, dtype=torch.bool)),
+         r"group_ids must be an integer tensor, got torch.bool"),
+        (lambda x, y: F.angular_margin_loss(x, y, 1.0, 0.1, group_ids=[0, 1, 2, 3, 4, 5]),
+         r"group_ids must be None or an integer tensor of shape \[B\] = \[6\], got list"),
+        (lambda x, y: F.clip_loss(x, y, 1.0, group_ids=torch.arange(6, device="meta")),
+         r"group_ids must be on the features' device cpu, got meta"),
     ],
 )
 def test_bad_input_raises_a_clear_value_error(call, message):

@@ -174,40 +174,146 @@ def test_autocast_region_does_not_lower_precision():
 # the registry: one contract test over every registered term
 
 
+def _calibrated_uniformity_reference(img, txt, scale, bias, options, draw, reduction):
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not options.detach_calibration):
+        fused = F.slerp(img, txt, torch.as_tensor(draw, dtype=img.dtype))
+        calibration = (fused @ fused.T).clamp(options.min_sim, options.max_sim)
+    return 0.5 * (F.calibrated_uniformity(img, calibration, options.t) + F.calibrated_uniformity(txt, calibration, options.t))
+
+
+# each built-in term's plain definition from mmsphere.losses.functional (DESIGN §1); adding a term to the
+# registry means adding its reference here, or the contract test fails
+REFERENCES = {
+    "clip": lambda img, txt, s, b, options, draw, reduction, **kw: F.clip_loss(img, txt, s, reduction, **kw),
+    "angular_margin": lambda img, txt, s, b, options, draw, reduction, **kw: F.angular_margin_loss(
+        img, txt, s, options.margin, reduction, **kw),
+    "siglip": lambda img, txt, s, b, options, draw, reduction, **kw: F.siglip_loss(
+        img, txt, s, b, options.margin, reduction, **kw),
+    "m2mix": lambda img, txt, s, b, options, draw, reduction: F.m2mix_loss(img, txt, draw, options.tau, reduction),
+    "calibrated_uniformity": _calibrated_uniformity_reference,
+    "cma": lambda img, txt, s, b, options, draw, reduction: F.cma_regularizer(img, txt, s, reduction),
+}
+BUILT_IN = [name for name, term in TERMS.items() if term.__module__ == "mmsphere.losses.terms"]
+OPTIONS = {"angular_margin": {"margin": 0.3}, "siglip": {"margin": 0.2}, "m2mix": {"alpha": 2.0, "tau": 0.2},
+           "calibrated_uniformity": {"t": 3.0, "min_sim": 0.1, "max_sim": 0.6}}
+
+
+def _term_config(name: str) -> LossConfig:
+    term = {"weight": 1.0, **OPTIONS.get(name, {})}
+    return LossConfig(terms={name: term} if TERMS[name].contrastive else {"clip": 1.0, name: term})
+
+
+def _reference_value(name, image, text, scale, bias, seed, reduction="mean", **extras):
+    objective = Objective(_term_config(name))
+    term = objective.terms[name]
+    # the objective's draws with this seed: every active term in registry order
+    rng = np.random.default_rng(seed)
+    draws = {key: active.draw(rng, image.shape[0]) for key, active in objective.terms.items()}
+    return REFERENCES[name](image, text, scale, bias, term.options, draws[name], reduction, **extras)
+
+
+def test_every_built_in_term_has_a_plain_reference():
+    assert set(BUILT_IN) == set(REFERENCES)
+    assert {name for name in BUILT_IN if TERMS[name].contrastive} == {"clip", "angular_margin", "siglip"}
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_registered_term_equals_its_reference_in_float64(name):
+    raw_image, raw_text = raw_pair(9, 5, seed=12)
+    image, text = tf.normalize(raw_image, dim=1), tf.normalize(raw_text, dim=1)
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    output = Objective(_term_config(name))(image, text, scale, logit_bias=bias, seed=3)
+    expected = _reference_value(name, image, text, scale, bias, seed=3)
+    torch.testing.assert_close(output.terms[name], expected.detach(), rtol=1e-10, atol=1e-12)
+    leaves = [raw_image, raw_text, scale] + ([bias] if TERMS[name].needs_logit_bias else [])
+    if TERMS[name].contrastive:
+        per_sample = _reference_value(name, image, text, scale, bias, seed=3, reduction="none")
+        torch.testing.assert_close(output.per_sample, per_sample, rtol=1e-10, atol=1e-12)
+        reference_loss = expected
+    else:
+        reference_loss = F.clip_loss(image, text, scale) + expected
+    actual = torch.autograd.grad(output.loss, leaves, retain_graph=True)
+    reference = torch.autograd.grad(reference_loss, leaves)
+    for got, want in zip(actual, reference):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)
-@pytest.mark.parametrize("name", list(TERMS))
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_every_registered_term_honours_the_contract(name, dtype):
     term = TERMS[name]
     assert term.name == name and term.default_weight > 0 and term.description
     raw_image, raw_text = raw_pair(8, 16, seed=9, dtype=torch.float32)
     image, text = (tf.normalize(x, dim=1).to(dtype) for x in (raw_image, raw_text))
     scale = torch.tensor(20.0, requires_grad=True)
-    config = LossConfig(terms={name: 1.0} if term.contrastive else {"clip": 1.0, name: 1.0})
-    # the draws the objective makes with seed 0: only the active term draws
-    draw = np.random.default_rng(0).beta
-    extras = {"config": config, "mix_lam": draw(config.m2mix_alpha, config.m2mix_alpha) if name == "m2mix" else None,
-              "calibration_lam": torch.as_tensor(draw(config.calibration_alpha, config.calibration_alpha, size=8))}
     compute = torch.promote_types(dtype, torch.float32)
-
-    value = term.function(image, text, scale, **extras)
-    assert value.shape == () and value.dtype == compute and torch.isfinite(value)
-    value.backward()
-    assert torch.isfinite(raw_image.grad).all() and torch.isfinite(raw_text.grad).all()
-    if term.per_sample:
-        per_sample = term.function(image, text, scale, reduction="none", **extras)
-        assert per_sample.shape == (8,) and torch.isfinite(per_sample).all()
-        torch.testing.assert_close(per_sample.mean(), value.detach())
-
-    output = Objective(config)(image, text, scale, seed=0)
+    output = Objective(_term_config(name))(image, text, scale, logit_bias=-5.0, seed=0)
     assert name in output.terms and torch.isfinite(output.loss) and output.loss.dtype == compute
     assert output.per_sample.shape == (8,)
+    output.loss.backward()
+    assert torch.isfinite(raw_image.grad).all() and torch.isfinite(raw_text.grad).all()
+    expected = _reference_value(name, image.float(), text.float(), scale.detach(), -5.0, seed=0)
     tolerance = 1e-5 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(output.terms[name], value.detach(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(output.terms[name], expected.detach(), rtol=tolerance, atol=tolerance)
 
 
-def test_registry_names_match_the_config_vocabulary():
-    assert set(TERMS) == {"clip", "angular_margin", "m2mix", "calibrated_uniformity", "cma"}
-    assert {name for name, term in TERMS.items() if term.contrastive} == {"clip", "angular_margin"}
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_identical_pairs_keep_gradients_finite(name):
+    raw = raw_pair(6, 4, seed=13, dtype=torch.float32)[0]
+    features = tf.normalize(raw, dim=1)
+    output = Objective(_term_config(name))(features, features, 30.0, logit_bias=-5.0, seed=0)
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and torch.isfinite(raw.grad).all()
+
+
+@pytest.mark.parametrize("name", ["clip", "angular_margin", "siglip"])
+def test_group_positives_equal_the_functional_definition(name):
+    raw_image, raw_text = raw_pair(8, 5, seed=14)
+    image, text = tf.normalize(raw_image, dim=1), tf.normalize(raw_text, dim=1)
+    groups = torch.tensor([0, 1, 0, 2, 1, 3, 0, 4])
+    output = Objective(_term_config(name))(image, text, 6.0, logit_bias=-1.0, group_ids=groups, seed=0)
+    expected = _reference_value(name, image, text, 6.0, -1.0, seed=0, reduction="none", group_ids=groups)
+    torch.testing.assert_close(output.per_sample, expected, rtol=1e-10, atol=1e-12)
+    distinct = Objective(_term_config(name))(image, text, 6.0, logit_bias=-1.0, group_ids=torch.arange(8) * 3, seed=0)
+    single = Objective(_term_config(name))(image, text, 6.0, logit_bias=-1.0, seed=0)
+    torch.testing.assert_close(distinct.per_sample, single.per_sample, rtol=1e-12, atol=1e-12)
+
+
+def test_siglip_objective_equals_open_clip_siglip_loss():
+    import open_clip
+
+    image, text = (tf.normalize(x.detach(), dim=1) for x in raw_pair(12, 6, seed=15))
+    output = Objective(LossConfig(terms={"siglip": {"weight": 1.0, "margin": 0.0}}))(image, text, 10.0, logit_bias=-10.0)
+    expected = open_clip.loss.SigLipLoss()(image, text, torch.tensor(10.0, dtype=torch.float64),
+                                           torch.tensor(-10.0, dtype=torch.float64))
+    torch.testing.assert_close(output.loss, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_each_matrix_is_built_once_per_call(monkeypatch):
+    from mmsphere.losses import terms as terms_module
+
+    built = []
+    original = terms_module.TermContext.__dict__["logits"].func
+
+    def counting(self):
+        built.append(1)
+        return original(self)
+
+    monkeypatch.setattr(terms_module.TermContext, "logits", terms_module.cached_property(counting))
+    terms_module.TermContext.logits.__set_name__(terms_module.TermContext, "logits")
+    image, text = (tf.normalize(x.detach(), dim=1) for x in raw_pair(6, 4, seed=16))
+    Objective(LossConfig(terms=dict(ALL_TERMS)))(image, text, 5.0, seed=0)
+    assert len(built) == 1  # four terms read it
+
+
+def test_short_and_per_term_forms_are_the_same_objective():
+    image, text = (tf.normalize(x.detach(), dim=1) for x in raw_pair(6, 4, seed=17))
+    short = Objective(LossConfig(terms={"angular_margin": 1.0, "m2mix": 0.5}, margin=0.3, tau_mix=0.2))
+    per_term = Objective(LossConfig(terms={"angular_margin": {"weight": 1.0, "margin": 0.3},
+                                           "m2mix": {"weight": 0.5, "tau": 0.2}}))
+    torch.testing.assert_close(short(image, text, 5.0, seed=1).loss, per_term(image, text, 5.0, seed=1).loss,
+                               rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,13 +323,20 @@ def test_registry_names_match_the_config_vocabulary():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"terms": {"angular_margn": 1.0}}, r"unknown term 'angular_margn'; did you mean angular_margin\?"),
-        ({"terms": {"m2mix": 1.0}}, r"loss.terms must hold exactly one of .*got none"),
-        ({"terms": {"clip": 1.0, "angular_margin": 1.0}}, r"exactly one of .*\['clip', 'angular_margin'\]"),
-        ({"terms": {"clip": 1.0, "cma": -1.0}}, r"loss.terms.cma=-1.0 must be a finite number >= 0"),
+        ({"terms": {"angular_margn": 1.0}}, r"unknown term 'angular_margn'; did you mean 'angular_margin'\?"),
+        ({"terms": {"m2mix": 1.0}}, r"loss.terms must hold exactly one contrastive term .*got none"),
+        ({"terms": {"clip": 1.0, "angular_margin": 1.0}}, r"exactly one contrastive term .*\['clip', 'angular_margin'\]"),
+        ({"terms": {"clip": 1.0, "cma": -1.0}}, r"loss.terms.cma.weight=-1.0 must be a finite number >= 0"),
+        ({"terms": {"clip": 1.0, "cma": math.inf}}, r"loss.terms.cma.weight=inf must be a finite number >= 0"),
+        ({"terms": {"angular_margin": {"weight": 1.0, "margn": 0.2}}},
+         r"loss.terms.angular_margin: unknown field 'margn'; did you mean 'margin'\?"),
+        ({"terms": {"angular_margin": {"margin": "wide"}}}, r"loss.terms.angular_margin.margin='wide' must be of type"),
         ({"margin": 4.0}, r"loss.margin=4.0 must be in \[0, π\)"),
-        ({"tau_mix": 0.0}, r"loss.tau_mix=0.0 must be > 0"),
-        ({"min_sim": 0.9, "max_sim": 0.1}, r"loss.min_sim=0.9, loss.max_sim=0.1 must satisfy"),
+        ({"terms": {"angular_margin": {"margin": 4.0}}}, r"loss.terms.angular_margin.margin=4.0 must be in \[0, π\)"),
+        ({"terms": {"clip": 1.0, "m2mix": 0.1}, "tau_mix": 0.0}, r"loss.tau_mix=0.0 must be > 0"),
+        ({"terms": {"clip": 1.0, "m2mix": {"tau": 0.0}}}, r"loss.terms.m2mix.tau=0.0 must be > 0"),
+        ({"terms": {"clip": 1.0, "calibrated_uniformity": 0.1}, "min_sim": 0.9, "max_sim": 0.1},
+         r"loss.min_sim=0.9, max_sim=0.1 must satisfy"),
         ({"local_loss": True, "gather_with_grad": False}, r"loss.local_loss=true needs loss.gather_with_grad=true"),
     ],
 )
@@ -253,6 +366,8 @@ def test_bad_config_raises_config_error(changes, message):
          r"sample_weights must be >= 0, got a minimum of -1"),
         (lambda o, x, y: o(x, y, 5.0, sample_weights=lambda losses: losses[:2]),
          r"sample_weights returned shape \[2\], expected \[n\] = \[6\]"),
+        (lambda o, x, y: o(x, y, 5.0, group_ids=torch.zeros(5, dtype=torch.long)),
+         r"group_ids must be an integer tensor of shape \[n\] = \[6\], got \[5\]"),
         (lambda o, x, y: o(x, y, 5.0, weight_normalize="max"), r"weight_normalize='max' must be 'mean' or 'sum'"),
         (lambda o, x, y: o(x, y, 5.0, seed=1.5), r"seed=1.5 must be an integer or None"),
     ],

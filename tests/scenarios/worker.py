@@ -28,6 +28,7 @@ from mmsphere.losses import Objective
 from mmsphere.models import create_model, load_run
 from mmsphere.train import loop
 from mmsphere.train.optim import build_optimizer, cosine_schedule
+from mmsphere.weighting import MetaWeighting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.scenarios.matrix import FRAMES, GLOBAL_BATCH, SCENARIOS, TERMS, TOWERS, Scenario, train_config  # noqa: E402
@@ -136,7 +137,7 @@ def equivalence_step(scenario: Scenario, out: Path, rank: int, world_size: int, 
     model, optimizer = accelerator.prepare(network, optimizer)
     weighting = None
     if config.meta.enabled:
-        weighting = loop.MetaWeighting(config, network, objective)
+        weighting = MetaWeighting(config, network, objective)
         weighting.weight_net.double()
         # plain SGD: the update is the meta-gradient itself, so the two gradient modes compare tightly
         weighting.optimizer = torch.optim.SGD(weighting.weight_net.parameters(), lr=config.meta.lr)
@@ -150,7 +151,7 @@ def equivalence_step(scenario: Scenario, out: Path, rank: int, world_size: int, 
             weighting.meta_step(inputs, {name: tensor[rows] for name, tensor in meta_batch.items()},
                                 virtual_lr=weighting.group_rates(optimizer))
         result = loop.train_step(model, objective, inputs, accelerator, config,
-                                 weigh=weighting.weigh if weighting else None, seed=7)
+                                 weighting=weighting, seed=7)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(result.terms["total"].item())

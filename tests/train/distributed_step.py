@@ -16,7 +16,8 @@ from accelerate.utils import set_seed
 from mmsphere.config import config_from_dict
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
-from mmsphere.train.loop import MetaWeighting, build_accelerator, local_batch_size, train_step
+from mmsphere.weighting import MetaWeighting
+from mmsphere.train.loop import build_accelerator, local_batch_size, train_step
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 
 GLOBAL_BATCH = 8
@@ -56,7 +57,7 @@ def one_step(accelerator, out: str, meta: bool, local_loss: bool) -> None:
     if weighting is not None:
         weighting.meta_step(inputs, meta_inputs, virtual_lr=0.5)
     result = train_step(model, objective, inputs, accelerator, config,
-                        weigh=weighting.weigh if weighting else None, seed=7)
+                        weighting=weighting, seed=7)
     optimizer.step()
     if rank == 0:
         torch.save({"loss": result.terms["total"].item(),

@@ -1,21 +1,28 @@
-"""A run killed with SIGKILL after a checkpoint resumes from that step, never from a half-written one."""
+"""A run killed with SIGKILL after a checkpoint resumes from that step, never from a half-written one.
+
+With finite shards it also resumes mid-epoch at the very next batch of every rank's streams: the
+steps after the resume see the samples, and reach the losses and weights, of a run never stopped.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from mmsphere.train.checkpoint import list_checkpoints, resolve_resume
 
-from .conftest import tiny_config
+from .conftest import tiny_config, write_image_text_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,3 +74,105 @@ def test_sigkill_then_resume_latest(image_text_shards, tmp_path):
     after_resume = [record["step"] for record in metrics][-(40 - step_at_kill):]
     assert after_resume == list(range(step_at_kill + 1, 41))
     assert (run / "model.safetensors").is_file()
+
+
+STEPS = 14
+CHECKPOINT_EVERY = 5  # steps 5 and 10 are in the middle of a 6-batch epoch, and of a 12-batch one with 2 processes
+
+
+@pytest.fixture(scope="module")
+def finite_shards(tmp_path_factory) -> dict[str, str]:
+    """Two train sources and a meta set with 4 shards each: 2 processes x 2 loader workers read one shard each."""
+    root = tmp_path_factory.mktemp("finite")
+    return {"photos": write_image_text_shards(root, "photos", shards=4, per_shard=12, seed=2),
+            "drawings": write_image_text_shards(root, "drawings", shards=4, per_shard=12, seed=3),
+            "meta": write_image_text_shards(root, "meta", shards=4, per_shard=8, seed=4)}
+
+
+def _finite_config(shards: dict[str, str], run: Path) -> dict:
+    return tiny_config(
+        {"train": shards["photos"], "meta": shards["meta"]}, run,
+        data={"train": [{"urls": shards["photos"], "modality": "image", "weight": 2.0, "name": "photos"},
+                        {"urls": shards["drawings"], "modality": "image", "weight": 1.0, "name": "drawings"}],
+              "resampled": False, "workers": 2, "shuffle_buffer": 16, "epoch_samples": 48},
+        meta={"enabled": True, "interval": 1, "hidden": 8, "weights_log_every": 1},
+        train={"max_steps": STEPS, "batch_size": 8, "checkpoint_every": CHECKPOINT_EVERY, "keep_checkpoints": 3})
+
+
+def _launch(config_path: Path, processes: int, *overrides: str) -> list[str]:
+    if processes == 1:
+        return _train_command(config_path, *overrides)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
+            f"--master_port={port}", str(ROOT / "scripts" / "train.py"), "--config", str(config_path), *overrides]
+
+
+def _environment() -> dict[str, str]:
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    environment.pop("CUDA_VISIBLE_DEVICES", None)
+    return environment
+
+
+def _per_step(run: Path) -> dict[int, list[dict]]:
+    """Each step's rows of sample_weights.jsonl (every rank's samples, rank by rank); a resumed step's last rows."""
+    steps: dict[int, list[dict]] = {}
+    previous = None
+    for line in (run / "sample_weights.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["step"] != previous:  # a new block: a step written again after the resume replaces the old one
+            steps[row["step"]] = []
+            previous = row["step"]
+        steps[row["step"]].append(row)
+    return steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_finite_shards_resume_mid_epoch_with_the_samples_of_an_uninterrupted_run(finite_shards, tmp_path, processes):
+    runs = {name: tmp_path / name for name in ("reference", "resumed")}
+    for name, run in runs.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(_finite_config(finite_shards, run)))
+    environment = _environment()
+
+    # stderr to files: a pipe nobody reads while the runs train could fill up and stall them
+    logs = {name: open(tmp_path / f"{name}.stderr", "w+") for name in ("killed", "reference")}
+    killed = subprocess.Popen(_launch(tmp_path / "resumed.yaml", processes), stdout=subprocess.DEVNULL,
+                              stderr=logs["killed"], env=environment)
+    # the uninterrupted run trains alongside
+    reference = subprocess.Popen(_launch(tmp_path / "reference.yaml", processes), stdout=subprocess.DEVNULL,
+                                 stderr=logs["reference"], env=environment)
+    deadline = time.time() + 180
+    while not list_checkpoints(runs["resumed"]):
+        assert killed.poll() is None, (tmp_path / "killed.stderr").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.02)
+    # the launcher and every training process (torchrun starts its workers in sessions of their own)
+    tree = psutil.Process(killed.pid)
+    for process in [tree, *tree.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert reference.wait(timeout=300) == 0, (tmp_path / "reference.stderr").read_text()[-3000:]
+    for log in logs.values():
+        log.close()
+    step_at_kill = int(list_checkpoints(runs["resumed"])[-1].name.split("_")[1])
+    assert step_at_kill < STEPS and step_at_kill % 6, "the kill should fall in the middle of an epoch"
+    for rank in range(processes):
+        position = json.loads((list_checkpoints(runs["resumed"])[-1] / f"data_position_{rank}.json").read_text())
+        assert set(position) == {"train", "meta"} and position["train"]["batch"] > 0
+
+    resumed = subprocess.run(_launch(tmp_path / "resumed.yaml", processes, "train.resume=latest"),
+                             capture_output=True, text=True, env=environment, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((runs["resumed"] / "summary.json").read_text())["resumed_from_step"] == step_at_kill
+
+    expected, got = _per_step(runs["reference"]), _per_step(runs["resumed"])
+    assert sorted(expected) == sorted(got) == list(range(1, STEPS + 1))
+    for step in range(step_at_kill + 1, STEPS + 1):
+        assert [row["key"] for row in got[step]] == [row["key"] for row in expected[step]], f"step {step}"
+        # the same meta batches too: the WeightNet, and so every weight and loss, follows the same path
+        for name in ("loss", "weight"):
+            assert [row[name] for row in got[step]] == pytest.approx([row[name] for row in expected[step]],
+                                                                     rel=1e-5, abs=1e-6), f"step {step}: {name}"

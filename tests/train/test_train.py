@@ -160,7 +160,7 @@ def test_non_finite_losses_skip_steps_then_stop(image_text_shards, tmp_path, mon
     from mmsphere.losses import objective as objective_module
     from mmsphere.train.loop import NonFiniteLossError
 
-    original = objective_module.Objective.forward
+    original = objective_module.Objective.reduce
     calls = {"count": 0}
 
     def poisoned_after_two_steps(self, *args, **kwargs):
@@ -171,7 +171,7 @@ def test_non_finite_losses_skip_steps_then_stop(image_text_shards, tmp_path, mon
             result.terms["total"] = result.loss.detach()
         return result
 
-    monkeypatch.setattr(objective_module.Objective, "forward", poisoned_after_two_steps)
+    monkeypatch.setattr(objective_module.Objective, "reduce", poisoned_after_two_steps)
     raw = tiny_config(image_text_shards, tmp_path / "run", train={"max_steps": 10, "max_nonfinite_steps": 3})
     with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row at step 2.*step_00000002"):
         train(config_from_dict(raw))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,18 @@ def weighted_contrastive(image_features, text_features, logit_scale, weigh):
                         + F.cross_entropy(logits.T, labels, reduction="none"))
     weights = torch.ones_like(per_sample) if weigh is None else weigh(per_sample)
     return (weights * per_sample).mean(), per_sample
+
+
+class ReferenceObjective:
+    """The objective protocol of the meta step (evaluate, then reduce) over :func:`weighted_contrastive`."""
+
+    def evaluate(self, image_features, text_features, logit_scale, **_):
+        _, per_sample = weighted_contrastive(image_features, text_features, logit_scale, None)
+        return SimpleNamespace(per_sample=per_sample)
+
+    def reduce(self, evaluated, sample_weights, weight_normalize):
+        weights = torch.ones_like(evaluated.per_sample) if sample_weights is None else sample_weights
+        return SimpleNamespace(loss=(weights * evaluated.per_sample).mean())
 
 
 def test_weight_net_matches_formula():
@@ -95,7 +109,7 @@ def test_meta_gradient_matches_finite_differences(names):
     model_before = {name: p.detach().clone() for name, p in model.named_parameters()}
     # plain SGD with lr 1 makes the applied update equal to the meta-gradient itself
     optimizer = torch.optim.SGD(weight_net.parameters(), lr=1.0)
-    result = meta_step(model, weighted_contrastive, weight_net, optimizer, train_inputs, meta_inputs,
+    result = meta_step(model, ReferenceObjective(), weight_net, optimizer, train_inputs, meta_inputs,
                        parameter_names=names, virtual_lr=virtual_lr)
     analytic = theta - torch.cat([p.detach().flatten() for p in weight_net.parameters()])
 
@@ -112,5 +126,5 @@ def test_meta_step_rejects_unknown_parameter():
     weight_net = WeightNet(4)
     inputs = {"text": torch.randn(4, 5), "images": torch.randn(4, 5)}
     with pytest.raises(ValueError, match="unknown parameter"):
-        meta_step(model, weighted_contrastive, weight_net, torch.optim.SGD(weight_net.parameters(), lr=1.0),
+        meta_step(model, ReferenceObjective(), weight_net, torch.optim.SGD(weight_net.parameters(), lr=1.0),
                   inputs, inputs, parameter_names=["no.such.weight"], virtual_lr=0.1)

@@ -40,12 +40,6 @@ def _meta_update(name, params, normalize, gradient, train_modality="image", meta
     network = create_model(config.model).double()
     network.train()
     objective = Objective(config.loss)
-
-    def contrastive(image_features, text_features, logit_scale, weigh):
-        out = objective(image_features, text_features, logit_scale, sample_weights=weigh,
-                        weight_normalize=normalize)
-        return out.loss, out.per_sample
-
     torch.manual_seed(1)
     weight_net = WeightNet(8).double()
     before = [parameter.detach().clone() for parameter in weight_net.parameters()]
@@ -54,8 +48,9 @@ def _meta_update(name, params, normalize, gradient, train_modality="image", meta
     # different rates per tensor, as the optimiser's groups give them
     rates = {parameter_name: 0.5 if index % 2 else 0.2 for index, parameter_name in enumerate(names)}
     state = {key: value.clone() for key, value in network.state_dict().items()}
-    result = meta_step(network, contrastive, weight_net, optimizer, _batch(train_modality, 2),
-                       _batch(meta_modality, 3), parameter_names=names, virtual_lr=rates, gradient=gradient)
+    result = meta_step(network, objective, weight_net, optimizer, _batch(train_modality, 2),
+                       _batch(meta_modality, 3), parameter_names=names, virtual_lr=rates, gradient=gradient,
+                       normalize=normalize)
     for key, value in network.state_dict().items():  # neither mode touches the real model
         assert torch.equal(value, state[key]), key
     return [after.detach() - start for after, start in zip(weight_net.parameters(), before)], result
@@ -101,15 +96,10 @@ def test_a_layer_without_a_forward_mode_rule_is_named():
     network = create_model(config.model)
     network.clip.visual.ln_post = torch.nn.Sequential(network.clip.visual.ln_post, Opaque())
     objective = Objective(config.loss)
-
-    def contrastive(image_features, text_features, logit_scale, weigh):
-        out = objective(image_features, text_features, logit_scale, sample_weights=weigh)
-        return out.loss, out.per_sample
-
     weight_net = WeightNet(8)
     inputs = {key: value.float() if value.is_floating_point() else value for key, value in _batch("image", 2).items()}
     with pytest.raises(ForwardModeUnsupportedError, match=r"clip\.visual\.ln_post\.1.*Opaque.*second_order"):
-        meta_step(network, contrastive, weight_net, torch.optim.SGD(weight_net.parameters(), lr=1.0), inputs, inputs,
+        meta_step(network, objective, weight_net, torch.optim.SGD(weight_net.parameters(), lr=1.0), inputs, inputs,
                   parameter_names=network.meta_parameter_names("all"), virtual_lr=0.1, gradient="jvp")
 
 
