@@ -139,7 +139,9 @@ class DualEncoder(nn.Module):
             "logit_scale": self.clip.logit_scale.exp(),
         }
         if getattr(self.clip, "logit_bias", None) is not None:
-            outputs["logit_bias"] = self.clip.logit_bias  # SigLIP's learnable bias (model.init_logit_bias)
+            # SigLIP's learnable bias (model.init_logit_bias); a computed tensor like logit_scale, not the
+            # parameter itself: DDP marks a parameter returned as-is ready twice under accumulation
+            outputs["logit_bias"] = self.clip.logit_bias.clone()
         return outputs
 
     # ----------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def run_case(case: dict, data: dict, rank: int, sizes: list[int]) -> dict:
     """What rank ``rank`` of ``len(sizes)`` processes sees; ``sizes=[N]`` is the single-process reference."""
     rows = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
     parameters = {name: data[name].clone().requires_grad_() for name in ("projection_image", "projection_text",
-                                                                          "log_scale", "theta")}
+                                                                          "log_scale", "theta", "logit_bias")}
     objective = Objective(LossConfig(**case["config"]))
     image, text = features(data, parameters, rows)
     scale = parameters["log_scale"].exp()
@@ -59,8 +59,12 @@ def run_case(case: dict, data: dict, rank: int, sizes: list[int]) -> dict:
                 "theta_gradient": average(theta_gradient.detach())}
 
     weights = data["weights"][rows] if case["weights"] else None
+    extras = {"group_ids": data["groups"][rows]} if case.get("groups") else {}
+    if objective.needs_logit_bias:
+        extras["logit_bias"] = parameters["logit_bias"]
+        names.append("logit_bias")
     output = objective(image, text, scale, sample_weights=weights, weight_normalize=case["normalize"],
-                       seed=case["seed"])
+                       seed=case["seed"], **extras)
     output.loss.backward()
     return {
         "loss": output.loss.detach(),

@@ -27,9 +27,9 @@ ALL_TERMS = {"angular_margin": 1.0, "m2mix": 0.5, "calibrated_uniformity": 0.3, 
 
 
 def case(name: str, *, kind: str = "step", sizes=(4, 4), weights: bool = False, normalize: str = "mean",
-         seed: int | None = 11, **config) -> dict:
+         seed: int | None = 11, groups: bool = False, **config) -> dict:
     return {"name": name, "kind": kind, "sizes": list(sizes), "weights": weights, "normalize": normalize,
-            "seed": seed, "config": {"terms": dict(ALL_TERMS), **config}}
+            "seed": seed, "groups": groups, "config": {"terms": dict(ALL_TERMS), **config}}
 
 
 CASES = [
@@ -47,6 +47,12 @@ CASES = [
     case("meta_global", kind="meta"),
     case("meta_local_uneven_sum", kind="meta", sizes=(3, 5), normalize="sum", local_loss=True),
     case("shared_seed", seed=None),
+    case("siglip_global", weights=True, terms={"siglip": {"weight": 1.0, "margin": 0.1}, "cma": 0.2}),
+    case("siglip_local_uneven", sizes=(3, 5), weights=True, normalize="sum", local_loss=True,
+         terms={"siglip": {"weight": 1.0, "margin": 0.1}, "m2mix": 0.5}),
+    case("groups_global", groups=True),
+    case("groups_local_uneven_weights", sizes=(5, 3), weights=True, local_loss=True, groups=True),
+    case("groups_siglip_local", local_loss=True, groups=True, terms={"siglip": {"weight": 1.0, "margin": 0.2}}),
 ]
 
 
@@ -60,6 +66,9 @@ def make_data(total: int, generator: torch.Generator) -> dict[str, torch.Tensor]
         "weights": torch.rand(total, generator=generator, dtype=torch.float64),
         "projection_image": randn(6, 4), "projection_text": randn(6, 4),
         "log_scale": torch.tensor(2.0, dtype=torch.float64), "theta": torch.tensor(0.3, dtype=torch.float64),
+        "logit_bias": torch.tensor(-1.5, dtype=torch.float64),
+        # samples 0, 3, 5 share a group, as do 1 and 6, across the ranks' slices
+        "groups": torch.tensor([7, 2, 9, 7, 4, 7, 2, 11]),
     }
 
 

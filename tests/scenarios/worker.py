@@ -31,7 +31,8 @@ from mmsphere.train.optim import build_optimizer, cosine_schedule
 from mmsphere.weighting import MetaWeighting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.scenarios.matrix import FRAMES, GLOBAL_BATCH, SCENARIOS, TERMS, TOWERS, Scenario, train_config  # noqa: E402
+from tests.scenarios.matrix import (  # noqa: E402
+    FRAMES, GLOBAL_BATCH, SCENARIOS, TERMS, Scenario, model_config, train_config)
 
 SCENARIO_TIMEOUT_S = 120
 NAN_AT_TRAIN_BATCH = 1  # the second training batch, on rank 0 only
@@ -119,7 +120,7 @@ def equivalence_step(scenario: Scenario, out: Path, rank: int, world_size: int, 
     _fresh_accelerate_state()
     terms = TERMS[scenario.terms]
     config = config_from_dict({
-        "model": {"name": TOWERS["vit"], "temporal_head": "transformer", "max_frames": 4},
+        "model": model_config("vit", scenario.terms),
         "data": {"train": [{"urls": "unused.tar"}], "meta": {"urls": "unused.tar"}, "frames": FRAMES},
         "loss": {"terms": terms, "local_loss": scenario.loss_mode == "local_loss"},
         "meta": {"enabled": scenario.meta != "off", "params": "all" if scenario.meta == "off" else scenario.meta,
