@@ -379,19 +379,30 @@ class Siglip(Term):
     Options = SiglipOptions
 
     def forward(self, context: TermContext) -> Tensor:
+        # log σ(z·L) = log σ(−L) + [z = +1]·L, since log σ(x) − log σ(−x) = x: one logsigmoid over the
+        # matrix and a sum over the positives, no sign matrix
         margin = self.options.margin
-        per_direction = []
-        for logits in (context.logits, context.logits_t):
-            if margin > 0:
-                logits = context.with_positive_margin(logits, margin)
-            logits = logits + context.logit_bias
-            signs = -torch.ones_like(logits)
-            if context.same_group is None:
-                signs.diagonal(context.offset).fill_(1.0)
-            else:
-                signs = torch.where(context.same_group, 1.0, signs)
-            per_direction.append(torch.nn.functional.logsigmoid(signs * logits).sum(dim=1))
-        return -0.5 * (per_direction[0] + per_direction[1])
+        logits = context.logits if margin == 0 else context.with_positive_margin(context.logits, margin)
+        logits = logits + context.logit_bias
+        negatives = torch.nn.functional.logsigmoid(-logits)
+        if context.rows.is_global:
+            # L_ji of the columns is the transposed matrix: its row sums are these column sums
+            rows = self._row_sums(negatives, logits, context)
+            columns = negatives.sum(dim=0) + self._positive_sums(logits, context, dim=0)
+            return -0.5 * (rows + columns)
+        logits_t = context.logits_t if margin == 0 else context.with_positive_margin(context.logits_t, margin)
+        logits_t = logits_t + context.logit_bias
+        columns = self._row_sums(torch.nn.functional.logsigmoid(-logits_t), logits_t, context)
+        return -0.5 * (self._row_sums(negatives, logits, context) + columns)
+
+    def _row_sums(self, negatives: Tensor, logits: Tensor, context: TermContext) -> Tensor:
+        return negatives.sum(dim=1) + self._positive_sums(logits, context, dim=1)
+
+    @staticmethod
+    def _positive_sums(logits: Tensor, context: TermContext, dim: int) -> Tensor:
+        if context.same_group is None:
+            return logits.diagonal(context.offset)
+        return (logits * context.same_group).sum(dim=dim)
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from mmsphere.config import LossConfig
 from mmsphere.losses import Objective, functional
-from mmsphere.losses.objective import calibration_similarity
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 BASELINE = "open_clip.ClipLoss"
+SIGLIP_BASELINE = "open_clip.SigLipLoss"
 FULL_TERMS = {"angular_margin": 1.0, "m2mix": 0.1, "calibrated_uniformity": 0.1, "cma": 0.001}
 
 
@@ -39,12 +39,18 @@ def build_cases(image_features: torch.Tensor, text_features: torch.Tensor, logit
     calibration_lam = torch.as_tensor(rng.beta(config.calibration_alpha, config.calibration_alpha,
                                                size=image_features.shape[0]))
     clip_baseline = open_clip.ClipLoss()
+    siglip_baseline = open_clip.loss.SigLipLoss()
+    siglip_objective = Objective(LossConfig(terms={"siglip": {"weight": 1.0, "margin": 0.0}}))
+    siglip_margin_objective = Objective(LossConfig(terms={"siglip": {"weight": 1.0, "margin": 0.1}}))
+    bias = torch.tensor(-10.0, requires_grad=True)
     margin_objective = Objective(LossConfig(terms={"angular_margin": 1.0}, margin=config.margin))
     full_objective = Objective(config)
     img, txt, scale = image_features, text_features, logit_scale
 
     def calibrated_uniformity_both() -> torch.Tensor:
-        calibration = calibration_similarity(img, txt, calibration_lam, config.min_sim, config.max_sim)
+        with torch.no_grad():  # the calibration is detached (the default)
+            fused = functional.slerp(img, txt, calibration_lam.to(img.dtype))
+            calibration = (fused @ fused.T).clamp(config.min_sim, config.max_sim)
         return 0.5 * (functional.calibrated_uniformity(img, calibration, config.uniformity_t)
                       + functional.calibrated_uniformity(txt, calibration, config.uniformity_t))
 
@@ -64,6 +70,10 @@ def build_cases(image_features: torch.Tensor, text_features: torch.Tensor, logit
         "Objective(angular_margin)": lambda: margin_objective(img, txt, scale, seed=seed).loss,
         "composition, sum of plain functions": plain_composition,
         "Objective(full composition)": lambda: full_objective(img, txt, scale, seed=seed).loss,
+        SIGLIP_BASELINE: lambda: siglip_baseline(img, txt, scale, bias),
+        "siglip_loss": lambda: functional.siglip_loss(img, txt, scale, bias),
+        "Objective(siglip)": lambda: siglip_objective(img, txt, scale, logit_bias=bias).loss,
+        "Objective(siglip, margin 0.1)": lambda: siglip_margin_objective(img, txt, scale, logit_bias=bias).loss,
     }
 
 
@@ -108,7 +118,7 @@ def main(argv: list[str]) -> int:
         return clock() - start
 
     names = [name for name in cases
-             if name == BASELINE or not args.cases or any(part in name for part in args.cases)]
+             if name in (BASELINE, SIGLIP_BASELINE) or not args.cases or any(part in name for part in args.cases)]
     for _ in range(args.warmup):
         for name in names:
             run_once(cases[name])
@@ -129,6 +139,10 @@ def main(argv: list[str]) -> int:
     print(f"{'case':<{width}}  {'median ms':>9}  {'× ClipLoss':>10}")
     for name in names:
         print(f"{name:<{width}}  {medians_ms[name]:9.1f}  {ratios[name]:10.2f}")
+    if SIGLIP_BASELINE in names:
+        for name in [name for name in names if name.startswith("Objective(siglip")]:
+            versus = statistics.median(t / b for t, b in zip(times[name], times[SIGLIP_BASELINE]))
+            print(f"{name} / {SIGLIP_BASELINE}: {versus:.2f}x")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "machine": machine, "median_ms": medians_ms, "ratio_to_clip": ratios},
