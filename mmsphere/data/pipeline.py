@@ -463,6 +463,7 @@ def collate_train(
         "frame_mask": torch.stack([sample.frame_mask for sample in samples]),
         "text": tokenizer(captions),
         "caption": list(captions),
+        "group": [sample.group for sample in samples],
         "skipped": skipped,
     }
 

@@ -46,6 +46,7 @@ class Sample:
     num_frames: int  # frames in the source clip (1 for an image)
     frame_indices: list[int]
     backend: str
+    group: str = ""  # the ``group`` of its JSON, else its key (loss.positives: group)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,20 @@ def read_captions(members: dict[str, bytes]) -> list[str]:
     if problems:
         raise problems[0]
     raise DecodeError("missing_caption", "no .txt or .json member")
+
+
+def read_group(members: dict[str, bytes], key: str) -> str:
+    """The sample's group id: ``group`` of its ``.json`` (a string or an integer), else its key."""
+    if "json" not in members:
+        return key
+    try:
+        payload = json.loads(members["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return key  # read_captions has already rejected such a member
+    group = payload.get("group") if isinstance(payload, dict) else None
+    if isinstance(group, bool) or not isinstance(group, (str, int)) or (isinstance(group, str) and not group.strip()):
+        return key
+    return str(group).strip()
 
 
 def _decode_utf8(data: bytes, extension: str) -> str:
@@ -176,7 +191,8 @@ def decode_sample(raw: RawSample, options: DecodeOptions, rng: np.random.Generat
     frames, frame_mask = to_model_frames(
         pixels, num_frames=length, image_size=options.image_size, mean=options.image_mean, std=options.image_std
     )
-    return Sample(raw.key, modality, frames, frame_mask, captions, num_frames, indices, backend)
+    return Sample(raw.key, modality, frames, frame_mask, captions, num_frames, indices, backend,
+                  read_group(raw.members, raw.key))
 
 
 def decode_samples(

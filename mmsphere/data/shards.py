@@ -68,6 +68,7 @@ class ListEntry:
     captions: list[str]
     split: str = ""
     where: str = ""  # "list.csv:12", for messages
+    group: str = ""  # samples sharing a group are positives of each other (loss.positives: group)
 
 
 @dataclass
@@ -257,8 +258,12 @@ def _entry_from_row(row: dict, base: Path, where: str) -> ListEntry | SkippedInp
     split = str(row.get("split") or "").strip()
     if split and not _SPLIT_NAME.match(split):
         return SkippedInput("bad_line", where, f"split {split!r} must be letters, digits, '_', '-' (and '/')")
+    group = row.get("group")
+    if group is not None and not isinstance(group, (str, int)):
+        return SkippedInput("bad_line", where, "group must be a string or an integer")
     # webdataset's key ends at the first dot of the member name
-    return ListEntry(re.sub(r"[^A-Za-z0-9_\-]", "_", key), media, captions, split, where)
+    return ListEntry(re.sub(r"[^A-Za-z0-9_\-]", "_", key), media, captions, split, where,
+                     "" if group is None else str(group).strip())
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,10 +346,11 @@ def _add_entry(
             media = _check_image(entry.media)
     except _Unusable as problem:
         return SkippedInput("unreadable", entry.where, f"{entry.media}: {problem}")
-    if len(entry.captions) == 1:
+    if len(entry.captions) == 1 and not entry.group:
         caption = ("txt", entry.captions[0].encode("utf-8"))
     else:
-        caption = ("json", json.dumps({"captions": entry.captions}, ensure_ascii=False).encode("utf-8"))
+        payload = {"captions": entry.captions, **({"group": entry.group} if entry.group else {})}
+        caption = ("json", json.dumps(payload, ensure_ascii=False).encode("utf-8"))
     writer.add(entry.key, [caption, (extension, media)])
     return None
 

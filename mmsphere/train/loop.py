@@ -297,9 +297,11 @@ def batch_group_ids(batch: dict[str, Any], config: Config, device: torch.device)
     """
     if config.loss.positives != "group":
         return None
-    if "group" not in batch:
-        raise MmsphereError(f"loss.positives=group needs group ids, but the batches of source "
-                            f"{batch.get('source')!r} carry none")
+    if "group" not in batch or all(group == key for group, key in zip(batch["group"], batch["key"])):
+        # no sample of the batch names a group: the source has none, and every sample would be its own
+        raise MmsphereError(f"loss.positives=group, but the samples of data source {batch.get('source')!r} carry no "
+                            f"group ids (a 'group' field in their .json; make-shards writes one from a 'group' "
+                            f"column): every sample would be a group of its own")
     ids = [int.from_bytes(hashlib.blake2b(str(group).encode(), digest_size=8).digest(), "little") >> 1
            for group in batch["group"]]
     return torch.tensor(ids, dtype=torch.long, device=device)

@@ -6,6 +6,7 @@ import re
 import tarfile
 
 import av
+import torch
 import pytest
 import webdataset as wds
 
@@ -170,3 +171,26 @@ def test_videos_are_reencoded_down_to_the_limits(tmp_path, media):
     assert len(frames) == 10  # 2 s at 20 fps -> 2 s at 10 fps
     with tarfile.open(summary.shards[""][0]) as archive:
         assert all(member.mtime == 0 and member.uname == "" for member in archive.getmembers())
+
+
+def test_a_group_column_travels_into_the_sample_json_and_the_batches(tmp_path, media_folder, media):
+    rows = [{"path": "media/photo.jpg", "caption": "a photo of a cat", "group": "cat", "key": "one"},
+            {"path": "media/photo.jpg", "caption": "a photo of a cat", "group": "cat", "key": "two"},
+            {"path": "media/photo.jpg", "caption": "a photo of a dog", "key": "three"}]
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    summary = make_shards(listing, tmp_path / "out", progress=False)
+    samples = read_with_webdataset(summary.url_pattern())
+    assert json.loads(samples["one"]["json"]) == {"captions": ["a photo of a cat"], "group": "cat"}
+    assert samples["three"]["txt"] == b"a photo of a dog"  # no group: the plain caption file, as before
+
+    from mmsphere.config import DataConfig, SourceConfig
+    from mmsphere.data import build_train_stream
+
+    stream = build_train_stream([SourceConfig(urls=summary.url_pattern(), modality="image")],
+                                DataConfig(frames=1, shuffle_buffer=0, epoch_samples=3, resampled=False),
+                                image_size=16, image_mean=media.mean, image_std=media.std,
+                                tokenizer=lambda captions: torch.zeros(len(captions), 4, dtype=torch.long),
+                                batch_size=3)
+    batch = next(iter(stream))
+    assert dict(zip(batch["key"], batch["group"])) == {"one": "cat", "two": "cat", "three": "three"}
