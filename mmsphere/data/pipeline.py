@@ -83,7 +83,7 @@ def build_train_stream(
     """One rank's stream of homogeneous training batches, interleaving ``sources`` by weight.
 
     Batches: ``{"key", "source", "modality", "frames" [B,T,3,H,W], "frame_mask" [B,T], "text" [B,L],
-    "caption", "skipped"}`` (images: ``T = 1``). ``split`` names the stream (``"train"``,
+    "caption", "group", "skipped"}`` (images: ``T = 1``; ``group``: each sample's group id). ``split`` names the stream (``"train"``,
     ``"meta"``) and enters its seeds, so two streams over the same shards draw differently.
     ``skipped``: where this run's skip counts go (besides the process-wide totals).
     """

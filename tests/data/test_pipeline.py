@@ -74,7 +74,7 @@ def test_training_batches_follow_the_contract(tmp_path, media, clips, tokenizer)
     assert len(batches) == len(stream) == 10
     assert {batch["source"] for batch in batches} == {"clips", "photos"}
     for batch in batches:
-        assert set(batch) == {"key", "source", "modality", "frames", "frame_mask", "text", "caption", "skipped"}
+        assert set(batch) == {"key", "source", "modality", "frames", "frame_mask", "text", "caption", "group", "skipped"}
         video = batch["source"] == "clips"
         assert batch["modality"] == ("video" if video else "image")
         frames = 4 if video else 1
