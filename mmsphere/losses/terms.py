@@ -29,8 +29,10 @@ and in the YAML config ``loss: {terms: {angular_margin: 1.0, alignment: 0.1}, im
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import difflib
+import inspect
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -59,7 +61,7 @@ class TermOptions:
         return []
 
 
-class Term:
+class Term(abc.ABC):
     """One objective term. Subclasses set the class attributes and implement :meth:`forward`."""
 
     name: ClassVar[str]
@@ -78,9 +80,9 @@ class Term:
         """This term's random draws for one call (the same on every rank); None when it has none."""
         return None
 
+    @abc.abstractmethod
     def forward(self, context: TermContext) -> Tensor:
-        """Per-sample losses of this rank's samples [n] (contrastive), else the scalar value."""
-        raise NotImplementedError(f"term {self.name!r} does not implement forward(context)")
+        """Per-sample losses of this rank's rows [r] (contrastive), else the scalar value."""
 
 
 TERMS: dict[str, type[Term]] = {}
@@ -91,7 +93,7 @@ def register_term(cls: type[Term]) -> type[Term]:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name.isidentifier():
         raise TypeError(f"{cls.__name__}.name must be an identifier string, got {name!r}")
-    if cls.forward is Term.forward:
+    if inspect.isabstract(cls):
         raise TypeError(f"term {name!r} ({cls.__name__}) must implement forward(context)")
     if not (dataclasses.is_dataclass(cls.Options) and issubclass(cls.Options, TermOptions)):
         raise TypeError(f"{cls.__name__}.Options must be a dataclass subclassing TermOptions")

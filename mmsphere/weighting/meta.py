@@ -211,25 +211,32 @@ def _jvp_meta_gradient(model, losses, weight_net, weight_parameters, train_input
 
     virtual_loss = losses.virtual(outputs, weigh_detached)
     gradients = torch.autograd.grad(virtual_loss, list(virtual.values()), allow_unused=True)
+    virtual_loss, outputs = virtual_loss.detach(), None
     gradients = [torch.zeros_like(parameter) if grad is None else grad
                  for parameter, grad in zip(virtual.values(), gradients)]
-    averaged = _average_across_ranks(gradients, differentiable=False)
-    stepped = {name: (virtual[name].detach() - rates[name] * grad).requires_grad_(True)
-               for name, grad in zip(names, averaged)}
+    # ŵ = w − α·G written over G: one parameter-sized copy at a time (ViT-B/32: 600 MB each)
+    stepped = {name: grad.mul_(-rates[name]).add_(virtual[name].detach()).requires_grad_(True)
+               for name, grad in zip(names, _average_across_ranks(gradients, differentiable=False))}
+    del gradients
 
     # 2. g = ∇_ŵ L_meta at the virtually stepped parameters (data-parallel mean)
     meta_loss = losses.meta(functional_call(model, (stepped, buffers), args=(), kwargs=meta_inputs))
     meta_parameter_gradients = torch.autograd.grad(meta_loss, list(stepped.values()), allow_unused=True)
+    meta_loss = meta_loss.detach()
     meta_parameter_gradients = [torch.zeros_like(parameter) if grad is None else grad
                                 for parameter, grad in zip(stepped.values(), meta_parameter_gradients)]
-    g = _average_across_ranks(meta_parameter_gradients, differentiable=False)
+    del stepped
+    # the tangent α⊙g, written over g
+    tangents = [grad.mul_(rates[name])
+                for name, grad in zip(names, _average_across_ranks(meta_parameter_gradients, differentiable=False))]
+    del meta_parameter_gradients
 
     # 3. tangent of the weighted virtual loss at w along α⊙g, with the weights' graph to Θ kept;
     # the same random draws (dropout) as the virtual forward, so that it is the same function of w
     random_state.restore()
     with forward_ad.dual_level(), torch.no_grad(), _naming_the_layer_without_forward_mode(model):
-        duals = {name: forward_ad.make_dual(virtual[name].detach(), rates[name] * direction)
-                 for name, direction in zip(names, g)}
+        duals = {name: forward_ad.make_dual(virtual[name].detach(), tangent)
+                 for name, tangent in zip(names, tangents)}
         outputs = functional_call(model, (duals, buffers), args=(), kwargs=train_inputs)
 
         def weigh(per_sample: torch.Tensor) -> torch.Tensor:
