@@ -26,7 +26,8 @@ from mmsphere.weighting import MetaWeighting
 from mmsphere.train.loop import build_accelerator, train_step
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 
-VARIANTS = ("open_clip", "clip_loss", "meta_every_1", "meta_every_5", "meta_every_10")
+# meta_every_N: a meta iteration every N steps (meta.gradient jvp); *_second_order: the reference path
+VARIANTS = ("open_clip", "clip_loss", "meta_every_1", "meta_every_1_second_order", "meta_every_5", "meta_every_10")
 
 
 def make_runner(variant: str, model_name: str, batch: int, device: str):
@@ -36,8 +37,9 @@ def make_runner(variant: str, model_name: str, batch: int, device: str):
         "model": {"name": model_name},
         "data": {"train": [{"urls": "unused.tar", "modality": "image"}], "meta": {"urls": "unused.tar", "modality": "image"}},
         "loss": {"terms": {"clip": 1.0}},
-        "meta": {"enabled": variant.startswith("meta"), "interval": int(variant.rsplit("_", 1)[-1]) if variant.startswith("meta") else 1,
-                 "params": "heads"},
+        "meta": {"enabled": variant.startswith("meta"),
+                 "interval": int(variant.split("_")[2]) if variant.startswith("meta") else 1,
+                 "gradient": "second_order" if variant.endswith("second_order") else "jvp", "params": "heads"},
         "train": {"batch_size": batch, "lr": 1e-4, "warmup_steps": 0, "max_steps": 10**6, "grad_clip": None,
                   "cpu": device == "cpu", "precision": "bf16" if device == "cuda" else "no"},
     })
