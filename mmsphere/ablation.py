@@ -376,25 +376,19 @@ def evaluate_model(model: torch.nn.Module, config: Config, *, ood: OodSets | Non
 def evaluate_ood(model: torch.nn.Module, ood: OodSets, *,
                  batch_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """OoD metrics per score and set (and their mean over sets), plus the scores as ``{"<score>/<set>": [N]}``."""
-    from mmsphere.ood.cli import encode_image_set, prompt_features
-    from mmsphere.ood.metrics import mean_metrics, ood_metrics
-    from mmsphere.ood.scores import DEFAULT_TEMPERATURE, ood_score
+    from mmsphere.ood.evaluate import encode_image_set
+    from mmsphere.ood.evaluate import evaluate_ood as evaluate_ood_sets
 
-    class_features = prompt_features(model, ood.classes, ood.templates)
+    # every image is encoded once, then scored by each score (at its default temperature)
     features = {name: encode_image_set(model, spec, batch_size, 0, name)[0]
                 for name, spec in [("id", ood.id_images), *ood.ood_images.items()]}
-    logit_scale = float(model.log_logit_scale.detach().exp())
     metrics: dict[str, float] = {}
     scores: dict[str, np.ndarray] = {}
     for score in ood.scores:
-        # MCM on raw cosines (T = 1); the others on the model's own logits (T = 1 / logit_scale)
-        temperature = DEFAULT_TEMPERATURE[score] or 1.0 / logit_scale
-        for name, image_features in features.items():
-            scores[f"{score}/{name}"] = ood_score(score, image_features, class_features,
-                                                  temperature=temperature).numpy()
-        per_set = {name: ood_metrics(scores[f"{score}/id"], scores[f"{score}/{name}"], positive=ood.positive)
-                   for name in ood.ood_images}
-        for set_name, values in {**per_set, "mean": mean_metrics(per_set)}.items():
+        evaluation = evaluate_ood_sets(model, features["id"], {name: features[name] for name in ood.ood_images},
+                                       ood.classes, ood.templates, score=score, positive=ood.positive)
+        scores.update({f"{score}/{name}": values.scores for name, values in evaluation.per_sample.items()})
+        for set_name, values in evaluation.metrics.items():
             metrics.update({f"ood/{score}/{set_name}/{key}": float(value) for key, value in values.items()})
     return metrics, scores
 
@@ -608,8 +602,7 @@ def _ood_sets(args: argparse.Namespace) -> OodSets | None:
     missing = [flag for flag, value in given.items() if value is None]
     if missing:
         raise MmsphereError(f"OoD evaluation needs --ood-id, --ood and --classes; missing {', '.join(missing)}")
-    from mmsphere.ood.cli import parse_ood_sets
-    from mmsphere.ood.inputs import read_names, read_templates
+    from mmsphere.ood.inputs import parse_ood_sets, read_names, read_templates
 
     return OodSets(id_images=args.ood_id, ood_images=parse_ood_sets(args.ood),
                    classes=read_names(args.classes, "classes"), templates=read_templates(args.templates),

@@ -110,19 +110,15 @@ def run_demo(out: Path, config_path: str, *, mismatch_fraction: float = 0.2, see
 def evaluate(model: torch.nn.Module, config: Config, data_meta: dict[str, Any]) -> dict[str, Any]:
     """Text–video retrieval on the validation clips and MCM OoD detection on the digit images."""
     from mmsphere.eval.evaluate import evaluate_retrieval
-    from mmsphere.ood.cli import encode_image_set, prompt_features
-    from mmsphere.ood.metrics import ood_metrics
-    from mmsphere.ood.scores import mcm_score
+    from mmsphere.ood.evaluate import evaluate_ood
 
     model.eval()
     splits = data_meta["splits"]
     retrieval = evaluate_retrieval(model, splits["val"]["urls"], modality="video", frames=config.data.frames,
                                    batch_size=32, progress=False)
-    classes = prompt_features(model, data_meta["id_class_names"], [data_meta["class_prompt"]])
-    id_features = encode_image_set(model, splits["ood/id"]["urls"], 64, 0, "id")[0]
-    ood_features = encode_image_set(model, splits["ood/ood"]["urls"], 64, 0, "ood")[0]
-    ood = ood_metrics(mcm_score(id_features, classes, temperature=1.0),
-                      mcm_score(ood_features, classes, temperature=1.0), positive="id")
+    ood = evaluate_ood(model, splits["ood/id"]["urls"], {"ood": splits["ood/ood"]["urls"]},
+                       data_meta["id_class_names"], [data_meta["class_prompt"]], score="mcm", temperature=1.0,
+                       positive="id").metrics["ood"]
     return {"retrieval": retrieval["metrics"], "geometry": retrieval["geometry"], "ood_mcm": ood}
 
 

@@ -7,7 +7,6 @@ geometry diagnostics; writes a JSON with everything needed to reproduce the numb
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mmsphere.config import ConfigError, MmsphereError
+from mmsphere.config import MmsphereError
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +50,9 @@ def main(argv: list[str]) -> int:
         if args.save_sim is not None and Path(args.save_sim).suffix != ".npy":
             raise MmsphereError(f"--save-sim {args.save_sim!r} must end in .npy (numpy's format, np.load reads it)")
         from mmsphere.eval.evaluate import evaluate_retrieval
+        from mmsphere.models.run_dir import load_dual_encoder
 
-        model, model_identity = load_model(args.run, args.model, args.pretrained, args.device)
+        model, model_identity = load_dual_encoder(args.run, args.model, args.pretrained, args.device)
         if args.data is not None:
             data: Any = args.data
             data_identity = {"urls": args.data}
@@ -89,39 +89,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(run: str | None, name: str | None, pretrained: str | None, device: str) -> tuple[Any, dict[str, Any]]:
-    """The dual encoder of a run directory or of an open_clip name + tag, and how to identify it."""
-    from mmsphere.config import ModelConfig, config_to_dict
-    from mmsphere.models import create_model, load_run
-
-    if run is not None:
-        if pretrained is not None:
-            raise ConfigError("--pretrained goes with --model; a run directory holds its own weights")
-        model = load_run(run, device=device)
-        identity = {"run_dir": str(Path(run).resolve()), "config": config_to_dict(model.run_config)["model"],
-                    "weights_sha256": file_sha256(Path(run) / "model.safetensors")}
-    else:
-        model = create_model(ModelConfig(name=name, pretrained=pretrained), device=device)
-        identity = {"name": name, "pretrained": pretrained}
-    model.eval()
-    identity.update(embed_dim=model.embed_dim, image_size=model.image_size, logit_scale=float(
-        model.log_logit_scale.detach().exp()))
-    return model, identity
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in blocks (weights files are large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def list_batches(model: Any, list_file: str, media_root: str | None, *, modality: str, frames: int, batch_size: int,
                  workers: int) -> tuple[Any, dict[str, Any]]:
     """Evaluation batches of a media list (CSV/JSONL or the MSR-VTT 1k-A CSV) and its identity."""
     from mmsphere.eval.media_list import MediaListLoader
+    from mmsphere.models.run_dir import file_sha256
 
     batches = MediaListLoader(list_file, media_root, modality=modality, frames=frames, image_size=model.image_size,
                               image_mean=model.image_mean, image_std=model.image_std, batch_size=batch_size,

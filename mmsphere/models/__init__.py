@@ -3,7 +3,7 @@
 from mmsphere.models.dual_encoder import DualEncoder
 from mmsphere.models.export import export_run, load_temporal_head
 from mmsphere.models.factory import create_model, load_weights, register_model_configs, resolve_architecture
-from mmsphere.models.run_dir import load_run, save_run
+from mmsphere.models.run_dir import file_sha256, load_dual_encoder, load_run, save_run
 from mmsphere.models.temporal import MeanTemporalHead, TransformerTemporalHead, build_temporal_head, masked_mean
 
 register_model_configs()
@@ -15,6 +15,8 @@ __all__ = [
     "build_temporal_head",
     "create_model",
     "export_run",
+    "file_sha256",
+    "load_dual_encoder",
     "load_run",
     "load_temporal_head",
     "load_weights",

@@ -7,20 +7,22 @@ restore. Files are written to temporary names, flushed to disk, then renamed ove
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
 
 import mmsphere
-from mmsphere.config import Config, ConfigError, MmsphereError, load_config, save_config
+from mmsphere.config import Config, ConfigError, MmsphereError, ModelConfig, config_to_dict, load_config, save_config
 from mmsphere.models.checkpoint import check_compatible, tensor_shapes
 from mmsphere.models.dual_encoder import DualEncoder
-from mmsphere.models.factory import build_dual_encoder
+from mmsphere.models.factory import build_dual_encoder, create_model
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,40 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     model.image_std = tuple(float(value) for value in info.get("image_std", model.image_std))
     model.run_config = config
     return model.to(device).eval()
+
+
+def load_dual_encoder(run: str | os.PathLike | None = None, name: str | None = None, pretrained: str | None = None,
+                      device: str | torch.device = "cpu") -> tuple[DualEncoder, dict[str, Any]]:
+    """The dual encoder of a run directory or of an open_clip name + tag (in eval mode), and how to identify it.
+
+    The identity (run directory, model config and weights SHA-256, or name and tag; embedding size, image
+    size and logit scale) is what evaluation results record so that their numbers can be traced back.
+    """
+    if run is not None:
+        if pretrained is not None:
+            raise ConfigError("--pretrained goes with --model; a run directory holds its own weights")
+        model = load_run(run, device=device)
+        identity: dict[str, Any] = {"run_dir": str(Path(run).resolve()),
+                                    "config": config_to_dict(model.run_config)["model"],
+                                    "weights_sha256": file_sha256(Path(run) / WEIGHTS_FILE)}
+    elif name is not None:
+        model = create_model(ModelConfig(name=name, pretrained=pretrained), device=device)
+        identity = {"name": name, "pretrained": pretrained}
+    else:
+        raise ValueError("load_dual_encoder needs a run directory or an open_clip model name")
+    model.eval()
+    identity.update(embed_dim=model.embed_dim, image_size=model.image_size, logit_scale=float(
+        model.log_logit_scale.detach().exp()))
+    return model, identity
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in blocks (weights files are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_info(path: Path) -> dict:

@@ -1,5 +1,6 @@
-"""Out-of-distribution detection with a dual encoder: zero-shot scores and their metrics."""
+"""Out-of-distribution detection with a dual encoder: zero-shot scores, their metrics, the library entry."""
 
+from mmsphere.ood.evaluate import OodEvaluation, SetScores, default_temperature, evaluate_ood
 from mmsphere.ood.metrics import CONVENTIONS, METRIC_KEYS, mean_metrics, ood_metrics, roc_curve
 from mmsphere.ood.scores import (
     DEFAULT_TEMPERATURE,
@@ -17,9 +18,13 @@ __all__ = [
     "CONVENTIONS",
     "DEFAULT_TEMPERATURE",
     "METRIC_KEYS",
+    "OodEvaluation",
     "SCORES",
+    "SetScores",
     "cosine_logits",
+    "default_temperature",
     "energy_score",
+    "evaluate_ood",
     "maxlogit_score",
     "mcm_score",
     "mean_metrics",

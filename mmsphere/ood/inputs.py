@@ -64,6 +64,22 @@ def read_templates(path: str | os.PathLike | None) -> list[str]:
     return templates
 
 
+def parse_ood_sets(specs: list[str]) -> dict[str, str]:
+    """``["NAME=DIR_OR_SHARDS", ...]`` -> ``{NAME: DIR_OR_SHARDS}``; names are unique and not 'id'/'mean'."""
+    sets: dict[str, str] = {}
+    for spec in specs:
+        name, separator, location = spec.partition("=")
+        name, location = name.strip(), location.strip()
+        if not separator or not name or not location:
+            raise MmsphereError(f"--ood expects NAME=DIR_OR_SHARDS, got {spec!r}")
+        if name in ("id", "mean"):
+            raise MmsphereError(f"--ood name {name!r} is reserved; choose another name for {location!r}")
+        if name in sets:
+            raise MmsphereError(f"--ood name {name!r} is given twice")
+        sets[name] = location
+    return sets
+
+
 def is_folder(spec: str) -> bool:
     """True when an image-set argument names an existing directory (otherwise it is shard URLs)."""
     return Path(spec).is_dir()

@@ -19,7 +19,7 @@ import torch
 
 from mmsphere.config import load_config
 from mmsphere.models import create_model, load_run
-from mmsphere.ood.cli import encode_image_set, prompt_features
+from mmsphere.ood.evaluate import encode_image_set, prompt_features
 from mmsphere.ood.inputs import DEFAULT_TEMPLATES
 
 

@@ -1,0 +1,81 @@
+"""The files of an OoD evaluation: a per-sample scores CSV, a ROC-curve PNG and a score-histogram PNG."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mmsphere.ood.evaluate import OodEvaluation
+
+
+def write_ood_report(results_path: str | os.PathLike, evaluation: OodEvaluation) -> dict[str, Path]:
+    """Write ``<results>.scores.csv``, ``<results>.roc.png`` and ``<results>.hist.png`` beside the results JSON."""
+    from mmsphere.eval.report import sibling
+
+    return {
+        "scores_csv": write_scores_csv(sibling(results_path, ".scores.csv"), evaluation),
+        "roc_png": plot_roc(sibling(results_path, ".roc.png"), evaluation),
+        "histogram_png": plot_histogram(sibling(results_path, ".hist.png"), evaluation),
+    }
+
+
+def write_scores_csv(path: Path, evaluation: OodEvaluation) -> Path:
+    """One row per image: set, name (path or key), folder class, score, predicted class."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["set", "is_id", "name", "class", "score", "predicted_class"])
+        for set_name, values in evaluation.per_sample.items():
+            for name, label, score, guess in zip(values.names, values.labels, values.scores, values.predicted):
+                writer.writerow([set_name, int(set_name == "id"), name, label or "", repr(float(score)), guess])
+    return path
+
+
+def plot_roc(path: Path, evaluation: OodEvaluation) -> Path:
+    """ROC curve of every OoD set against the ID set, FPR@95 marked."""
+    from matplotlib.figure import Figure
+
+    from mmsphere.ood.metrics import roc_curve
+
+    positive = evaluation.positive
+    figure = Figure(figsize=(5.5, 5), layout="constrained")
+    axes = figure.subplots()
+    id_scores = evaluation.per_sample["id"].scores
+    for name, values in evaluation.per_sample.items():
+        if name == "id":
+            continue
+        false_positive_rate, true_positive_rate, _ = roc_curve(id_scores, values.scores, positive)
+        metrics = evaluation.metrics[name]
+        line, = axes.plot(false_positive_rate, true_positive_rate,
+                          label=f"{name}: AUROC {metrics['AUROC']:.3f}, FPR95 {metrics['FPR95']:.3f}")
+        axes.plot([metrics["FPR95"]], [0.95], "o", color=line.get_color())
+    axes.plot([0, 1], [0, 1], ":", color="grey", linewidth=1)
+    axes.axhline(0.95, color="grey", linewidth=0.5)
+    positive_name = "ID" if positive == "id" else "OoD"
+    axes.set(xlabel=f"false positive rate ({'OoD' if positive == 'id' else 'ID'} accepted as {positive_name})",
+             ylabel=f"true positive rate ({positive_name} detected)", xlim=(0, 1), ylim=(0, 1.01),
+             title=f"{evaluation.score} (T={evaluation.temperature:.4g}), positive = {positive_name}")
+    axes.legend(loc="lower right", fontsize="small")
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def plot_histogram(path: Path, evaluation: OodEvaluation) -> Path:
+    """Score distributions of the ID set and every OoD set on shared bins (higher = more ID)."""
+    from matplotlib.figure import Figure
+
+    every_score = np.concatenate([values.scores for values in evaluation.per_sample.values()])
+    bins = np.histogram_bin_edges(every_score, bins=50)
+    figure = Figure(figsize=(6.5, 4), layout="constrained")
+    axes = figure.subplots()
+    for name, values in evaluation.per_sample.items():
+        axes.hist(values.scores, bins=bins, density=True, histtype="step" if name != "id" else "stepfilled",
+                  alpha=0.5 if name == "id" else 1.0, label=f"{name} (n={len(values.scores)})")
+    axes.set(xlabel=f"{evaluation.score} score (higher = more in-distribution)", ylabel="density",
+             title=f"{evaluation.score} scores, T={evaluation.temperature:.4g}")
+    axes.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+    return path
