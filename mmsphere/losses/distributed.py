@@ -174,22 +174,12 @@ class _AllGather(torch.autograd.Function):
         return torch.cat(_gather(tangent, ctx.sizes), dim=0)
 
 
-class _AllGatherLocalGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
-        rank = dist.get_rank()
-        ctx.sizes = sizes
-        ctx.start = sum(sizes[:rank])
-        ctx.stop = ctx.start + sizes[rank]
-        return torch.cat(_gather(tensor, sizes), dim=0)
+class _AllGatherLocalGrad(_AllGather):
+    """The same gather and tangents; backward keeps this rank's rows only, with no traffic."""
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return grad[ctx.start:ctx.stop], None
-
-    @staticmethod
-    def jvp(ctx, tangent: Tensor, _sizes: None) -> Tensor:  # type: ignore[override]
-        return torch.cat(_gather(tangent, ctx.sizes), dim=0)
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from benchmarks.memory import peak_mb
 from mmsphere.config import config_from_dict
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
@@ -73,26 +74,9 @@ def make_runner(variant: str, args):
     return step
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
 def measure_memory(variant: str, args) -> float:
     """Peak memory (MB) of building one variant and running ``--steps`` steps, in this fresh process."""
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # resets VmHWM to the current resident set
-    before = _status_mb("VmRSS")
-    step = make_runner(variant, args)
-    for index in range(args.steps):
-        step(index)
-    if args.device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _status_mb("VmHWM") - before
+    return peak_mb(lambda: make_runner(variant, args), args.steps, args.device)
 
 
 def main(argv: list[str]) -> int:

@@ -19,6 +19,7 @@ import time
 import open_clip
 import torch
 
+from benchmarks.memory import peak_mb
 from mmsphere.config import config_from_dict
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
@@ -97,30 +98,13 @@ def make_runner(variant: str, model_name: str, batch: int, device: str):
     return step
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
 def measure_memory(variant: str, args) -> float:
     """Peak memory (MB) of building one variant and running ``steps`` steps, in this (fresh) process.
 
     CPU: growth of the peak resident set (VmHWM, reset through /proc/self/clear_refs) over the
     resident set after the imports, so torch's own import footprint is not counted.
     """
-    if args.device != "cuda":
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # resets VmHWM to the current resident set
-    before = _status_mb("VmRSS")
-    step = make_runner(variant, args.model, args.batch, args.device)
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for index in range(args.steps):
-        step(index)
-    if args.device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _status_mb("VmHWM") - before
+    return peak_mb(lambda: make_runner(variant, args.model, args.batch, args.device), args.steps, args.device)
 
 
 def main(argv: list[str]) -> int:
