@@ -7,11 +7,9 @@ sit below their caller.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,11 +26,11 @@ from mmsphere.train.checkpoint import list_checkpoints, load_checkpoint, save_ch
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 from mmsphere.train.preflight import check_data_sources, check_output_dir, write_run_config
 from mmsphere.train.run_log import RunLog, check_trackers
+from mmsphere.train.step import optimization_step
 from mmsphere.weighting import MetaWeighting
 
 logger = logging.getLogger(__name__)
 
-MAX_LOG_LOGIT_SCALE = math.log(100.0)
 
 
 class NonFiniteLossError(MmsphereError, RuntimeError):
@@ -104,7 +102,6 @@ def train(config: Config) -> dict[str, Any]:
 
     log = RunLog(output_dir, accelerator, config)  # starts the train.report_to trackers
     nonfinite_in_row, nonfinite_total, meta_skipped = 0, 0, 0
-    running_statistics = _running_statistics(network)
     samples_seen, started = 0, time.time()
     progress = tqdm(total=config.train.max_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="train", unit="step", dynamic_ncols=True)
@@ -114,29 +111,21 @@ def train(config: Config) -> dict[str, Any]:
         group_ids = batch_group_ids(batch, config, accelerator.device)
         step_seed = config.seed * 1_000_003 + step  # same draws on every rank and every micro-batch
 
-        meta_result = None
+        meta_inputs = meta_group_ids = None
         if weighting is not None and step % config.meta.interval == 0:
             _, meta_batch = next(meta_batches)
-            meta_result = weighting.meta_step(inputs, model_inputs(meta_batch, accelerator.device),
-                                              virtual_lr=config.meta.virtual_lr or weighting.group_rates(optimizer),
-                                              train_group_ids=group_ids,
-                                              meta_group_ids=batch_group_ids(meta_batch, config, accelerator.device))
-            if meta_result.skipped:
-                meta_skipped += 1
-                logger.warning("non-finite value in the meta iteration at step %d: WeightNet not updated", step)
-
-        saved_statistics = {name: buffer.clone() for name, buffer in running_statistics.items()}
-        result = train_step(model, objective, inputs, accelerator, config, weighting=weighting, group_ids=group_ids,
-                            seed=step_seed)
-
-        if not _finite_everywhere(result.loss):
+            meta_inputs = model_inputs(meta_batch, accelerator.device)
+            meta_group_ids = batch_group_ids(meta_batch, config, accelerator.device)
+        outcome = optimization_step(model, network, objective, optimizer, scheduler, accelerator, config, inputs,
+                                    seed=step_seed, weighting=weighting, meta_inputs=meta_inputs,
+                                    group_ids=group_ids, meta_group_ids=meta_group_ids)
+        result, meta_result = outcome.output, outcome.meta
+        if meta_result is not None and meta_result.skipped:
+            meta_skipped += 1
+            logger.warning("non-finite value in the meta iteration at step %d: WeightNet not updated", step)
+        if outcome.skipped:
             nonfinite_in_row += 1
             nonfinite_total += 1
-            optimizer.zero_grad(set_to_none=True)
-            # the skipped forward already folded its (non-finite) batch statistics into BatchNorm
-            with torch.no_grad():
-                for name, buffer in running_statistics.items():
-                    buffer.copy_(saved_statistics[name])
             logger.warning("non-finite loss at step %d: step skipped (%d in a row)", step, nonfinite_in_row)
             if nonfinite_in_row >= config.train.max_nonfinite_steps:
                 raise NonFiniteLossError(
@@ -144,13 +133,6 @@ def train(config: Config) -> dict[str, Any]:
                     f"checkpoint is {list_checkpoints(output_dir)[-1] if list_checkpoints(output_dir) else 'none'}")
             continue
         nonfinite_in_row = 0
-        if config.train.grad_clip is not None:
-            accelerator.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            network.log_logit_scale.clamp_(0.0, MAX_LOG_LOGIT_SCALE)
         step += 1
         samples_seen += config.train.batch_size
         progress.update(1)
@@ -243,14 +225,6 @@ def local_batch_size(global_batch: int, world_size: int, accum_freq: int = 1, ke
     return local
 
 
-def _running_statistics(network: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The BatchNorm buffers a forward in train mode updates (running mean/var, batches tracked)."""
-    return {f"{module_name}.{name}" if module_name else name: buffer
-            for module_name, module in network.named_modules()
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-            for name, buffer in module.named_buffers(recurse=False) if buffer is not None}
-
-
 def _resume_streams(streams: dict[str, Any], position: dict[str, Any] | None, next_epoch: int) -> None:
     """Put this process's data streams back where the checkpoint left them (finite shards: at the very next batch).
 
@@ -305,71 +279,6 @@ def batch_group_ids(batch: dict[str, Any], config: Config, device: torch.device)
     ids = [int.from_bytes(hashlib.blake2b(str(group).encode(), digest_size=8).digest(), "little") >> 1
            for group in batch["group"]]
     return torch.tensor(ids, dtype=torch.long, device=device)
-
-
-# ------------------------------------------------------------------------------------------
-# one optimisation step
-
-
-def train_step(model, objective, inputs: dict[str, torch.Tensor], accelerator: Accelerator, config: Config,
-               *, weighting: MetaWeighting | None = None, group_ids: torch.Tensor | None = None, seed: int):
-    """Forward and backward of one global batch: features → objective terms → weights → reduced loss.
-
-    With ``accum_freq > 1`` the features of every micro-batch are first computed without grad and
-    cached; each micro-batch is then re-encoded with grad and its slice replaces the cached one
-    (open_clip's ``--accum-freq``), so the loss always sees the whole batch. The logit scale (and
-    bias) carry grad in the first micro-batch only, so their gradient is counted once.
-    """
-    accum = config.train.accum_freq
-    if accum == 1:
-        with accelerator.autocast():
-            result = weighted_loss(objective, model(**inputs), weighting, group_ids, config, seed)
-        if _finite_everywhere(result.loss):
-            accelerator.backward(result.loss)
-        return result
-
-    micro_inputs = _split(inputs, accum)
-    with torch.no_grad(), accelerator.autocast():
-        cached = [model(**micro) for micro in micro_inputs]
-    result = None
-    for index, micro in enumerate(micro_inputs):
-        sync = contextlib.nullcontext() if index == accum - 1 else accelerator.no_sync(model)
-        with sync:
-            with accelerator.autocast():
-                outputs = model(**micro)
-                features = {name: torch.cat([out[name] for out in cached[:index]] + [outputs[name]]
-                                            + [out[name] for out in cached[index + 1:]])
-                            for name in ("image_features", "text_features")}
-                for name in ("logit_scale", "logit_bias"):
-                    if name in outputs:
-                        features[name] = outputs[name] if index == 0 else outputs[name].detach()
-                micro_result = weighted_loss(objective, features, weighting, group_ids, config, seed)
-            if not _finite_everywhere(micro_result.loss):
-                return micro_result
-            accelerator.backward(micro_result.loss)
-        result = result or micro_result
-    return result
-
-
-def weighted_loss(objective, features: dict[str, torch.Tensor], weighting: MetaWeighting | None,
-                  group_ids: torch.Tensor | None, config: Config, seed: int):
-    """The objective's per-sample losses, weighted by the WeightNet (if any) and reduced."""
-    evaluated = objective.evaluate(**features, group_ids=group_ids, seed=seed)
-    weights = weighting.weights(evaluated.per_sample) if weighting is not None else None
-    return objective.reduce(evaluated, weights, config.meta.normalize)
-
-
-def _split(inputs: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    chunks = {name: tensor.chunk(parts) for name, tensor in inputs.items()}
-    return [{name: chunks[name][index] for name in inputs} for index in range(parts)]
-
-
-def _finite_everywhere(loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every process (all must skip a step together)."""
-    flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
 
 
 def _skipped_everywhere(counts: dict[str, int]) -> dict[str, int]:

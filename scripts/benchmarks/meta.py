@@ -25,7 +25,8 @@ from mmsphere.config import config_from_dict
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
 from mmsphere.weighting import MetaWeighting
-from mmsphere.train.loop import build_accelerator, train_step
+from mmsphere.train.loop import build_accelerator
+from mmsphere.train.step import optimization_step
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 
 VARIANTS = ("no_meta", "second_order", "jvp")
@@ -63,13 +64,8 @@ def make_runner(variant: str, args):
     inputs, meta_inputs = video_batch(1), video_batch(2)
 
     def step(index: int) -> None:
-        if weighting is not None:
-            weighting.meta_step(inputs, meta_inputs, virtual_lr=weighting.group_rates(optimizer))
-        train_step(model, objective, inputs, accelerator, config, weighting=weighting,
-                   seed=index)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimization_step(model, network, objective, optimizer, scheduler, accelerator, config, inputs, seed=index,
+                          weighting=weighting, meta_inputs=meta_inputs if weighting else None)
 
     return step
 

@@ -24,7 +24,8 @@ from mmsphere.config import config_from_dict
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
 from mmsphere.weighting import MetaWeighting
-from mmsphere.train.loop import build_accelerator, train_step
+from mmsphere.train.loop import build_accelerator
+from mmsphere.train.step import optimization_step
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 
 # meta_every_N: a meta iteration every N steps (meta.gradient jvp); *_second_order: the reference path
@@ -86,14 +87,9 @@ def make_runner(variant: str, model_name: str, batch: int, device: str):
     meta_inputs = {"text": meta_text, "images": meta_images}
 
     def step(index: int) -> None:
-        if weighting is not None and index % config.meta.interval == 0:
-            weighting.meta_step(inputs, meta_inputs, virtual_lr=scheduler.get_last_lr()[0])
-        train_step(model, objective, inputs, accelerator, config, weighting=weighting, seed=index)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            network.log_logit_scale.clamp_(0, 4.6052)
+        due = weighting is not None and index % config.meta.interval == 0
+        optimization_step(model, network, objective, optimizer, scheduler, accelerator, config, inputs, seed=index,
+                          weighting=weighting, meta_inputs=meta_inputs if due else None)
 
     return step
 

@@ -28,6 +28,7 @@ from mmsphere.losses import Objective
 from mmsphere.models import create_model, load_run
 from mmsphere.train import loop
 from mmsphere.train.optim import build_optimizer, cosine_schedule
+from mmsphere.train.step import optimization_step
 from mmsphere.weighting import MetaWeighting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -134,7 +135,7 @@ def equivalence_step(scenario: Scenario, out: Path, rank: int, world_size: int, 
     network = create_model(config.model).double()
     objective = Objective(config.loss)
     optimizer = build_optimizer(network, config)
-    cosine_schedule(optimizer, 0, 10)
+    scheduler = cosine_schedule(optimizer, 0, 10)
     model, optimizer = accelerator.prepare(network, optimizer)
     weighting = None
     if config.meta.enabled:
@@ -148,14 +149,11 @@ def equivalence_step(scenario: Scenario, out: Path, rank: int, world_size: int, 
         batch, meta_batch = (_global_batch(modality, generator) for _ in range(2))
         rows = slice(rank * local, (rank + 1) * local)
         inputs = {name: tensor[rows] for name, tensor in batch.items()}
-        if weighting is not None:
-            weighting.meta_step(inputs, {name: tensor[rows] for name, tensor in meta_batch.items()},
-                                virtual_lr=weighting.group_rates(optimizer))
-        result = loop.train_step(model, objective, inputs, accelerator, config,
-                                 weighting=weighting, seed=7)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(result.terms["total"].item())
+        meta_inputs = {name: tensor[rows] for name, tensor in meta_batch.items()} if weighting else None
+        outcome = optimization_step(model, network, objective, optimizer, scheduler, accelerator, config, inputs,
+                                    seed=7, weighting=weighting, meta_inputs=meta_inputs)
+        assert not outcome.skipped
+        losses.append(outcome.output.terms["total"].item())
     if rank == 0:
         torch.save({"losses": losses,
                     "parameters": {name: p.detach().clone() for name, p in network.named_parameters()},

@@ -17,7 +17,8 @@ from mmsphere.config import config_from_dict
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
 from mmsphere.weighting import MetaWeighting
-from mmsphere.train.loop import build_accelerator, local_batch_size, train_step
+from mmsphere.train.loop import build_accelerator, local_batch_size
+from mmsphere.train.step import optimization_step
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 
 GLOBAL_BATCH = 8
@@ -29,7 +30,7 @@ def one_step(accelerator, out: str, meta: bool, local_loss: bool) -> None:
         "data": {"train": [{"urls": "unused.tar", "modality": "image"}], "meta": {"urls": "unused.tar", "modality": "image"}},
         "loss": {"terms": {"angular_margin": 1.0, "m2mix": 0.5, "calibrated_uniformity": 0.5, "cma": 0.1},
                  "local_loss": local_loss},
-        "meta": {"enabled": meta, "params": "heads", "hidden": 8, "lr": 0.05},
+        "meta": {"enabled": meta, "params": "heads", "hidden": 8, "lr": 0.05, "virtual_lr": 0.5},
         "train": {"batch_size": GLOBAL_BATCH, "lr": 1e-2, "warmup_steps": 0, "max_steps": 10, "cpu": True},
     })
     rank, world_size = accelerator.process_index, accelerator.num_processes
@@ -54,13 +55,11 @@ def one_step(accelerator, out: str, meta: bool, local_loss: bool) -> None:
     inputs = {name: tensor[rows] for name, tensor in batch.items()}
     meta_inputs = {name: tensor[rows] for name, tensor in meta_batch.items()}
 
-    if weighting is not None:
-        weighting.meta_step(inputs, meta_inputs, virtual_lr=0.5)
-    result = train_step(model, objective, inputs, accelerator, config,
-                        weighting=weighting, seed=7)
-    optimizer.step()
+    outcome = optimization_step(model, network, objective, optimizer, scheduler, accelerator, config, inputs,
+                                seed=7, weighting=weighting, meta_inputs=meta_inputs if meta else None)
+    assert not outcome.skipped
     if rank == 0:
-        torch.save({"loss": result.terms["total"].item(),
+        torch.save({"loss": outcome.output.terms["total"].item(),
                     "parameters": {name: p.detach().clone() for name, p in network.named_parameters()},
                     "weight_net": None if weighting is None else weighting.weight_net.state_dict()}, out)
     accelerator.wait_for_everyone()

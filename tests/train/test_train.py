@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-from mmsphere.config import ConfigError, config_from_dict
+from mmsphere.config import ConfigError, DataError, config_from_dict
 from mmsphere.losses import Objective
 from mmsphere.models import create_model, load_run
 from mmsphere.train import train
-from mmsphere.train.loop import build_accelerator, local_batch_size, train_step
+from mmsphere.train.loop import build_accelerator, local_batch_size
+from mmsphere.train.step import train_step
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 
 from .conftest import tiny_config
@@ -57,7 +58,7 @@ def test_existing_run_needs_resume(image_text_shards, tmp_path):
 def test_missing_shards_fail_before_work(image_text_shards, tmp_path):
     raw = tiny_config(image_text_shards, tmp_path / "run")
     raw["data"]["train"][0]["urls"] = str(tmp_path / "nowhere-{000..003}.tar")
-    with pytest.raises(ConfigError, match=r"data.train\[0\].urls=.*4 of 4 shards do not exist"):
+    with pytest.raises(DataError, match=r"data.train\[0\].urls=.*4 of 4 shards do not exist"):
         train(config_from_dict(raw))
     assert not (tmp_path / "run").exists()
 
@@ -69,7 +70,7 @@ def test_empty_meta_set_fails_before_work(image_text_shards, tmp_path):
     tarfile.open(empty, "w").close()
     raw = tiny_config(image_text_shards, tmp_path / "run", meta={"enabled": True})
     raw["data"]["meta"]["urls"] = str(empty)
-    with pytest.raises(ConfigError, match="data.meta.urls=.*holds no samples"):
+    with pytest.raises(DataError, match="data.meta.urls=.*holds no samples"):
         train(config_from_dict(raw))
 
 
