@@ -19,15 +19,8 @@ from typing import Any
 
 import yaml
 
-
-class MmsphereError(Exception):
-    """Base class of the errors mmsphere raises for bad user input."""
-
-
-class ConfigError(MmsphereError, ValueError):
-    """A configuration key is unknown, mistyped or holds an impossible value."""
-
-
+# the error family lives in mmsphere.errors; re-exported here, where it was first defined
+from mmsphere.errors import ConfigError, DataError, MmsphereError  # noqa: F401
 
 
 @dataclass

@@ -102,9 +102,16 @@ def run_demo(out: Path, config_path: str, *, mismatch_fraction: float = 0.2, see
         "timing_s": {"data": data_seconds, "train": train_seconds, "total": time.time() - started},
         "plots": plots,
     }
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(report_markdown(report, config))
+    write_report(out, report, config)
     return report
+
+
+def write_report(out: Path, report: dict[str, Any], config: Config) -> tuple[Path, Path]:
+    """Write ``OUT/metrics.json`` (the whole ``report`` dict) and ``OUT/report.md``; returns both paths."""
+    metrics_path, markdown_path = Path(out) / "metrics.json", Path(out) / "report.md"
+    metrics_path.write_text(json.dumps(report, indent=2))
+    markdown_path.write_text(report_markdown(report, config))
+    return metrics_path, markdown_path
 
 
 def evaluate(model: torch.nn.Module, config: Config, data_meta: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from mmsphere.ablation import OodSets, aggregate, main, mean_and_std, run_ablation, variant_config
+from mmsphere.ablation import OodSets, aggregate, mean_and_std, run_ablation, variant_config
+from mmsphere.ablation.cli import main
 from mmsphere.config import ConfigError, MmsphereError, config_from_dict
 from mmsphere.eval.evaluate import evaluate_retrieval_loader
 from mmsphere.models import load_run

@@ -44,7 +44,7 @@ def is_cli(name: str) -> bool:
 def test_the_walk_sees_the_command_line_and_library_modules():
     modules = package_modules()
     assert {"mmsphere.cli", "mmsphere.eval.cli", "mmsphere.ood.cli", "mmsphere.ood.evaluate",
-            "mmsphere.ablation"} <= set(modules)
+            "mmsphere.ablation", "mmsphere.ablation.cli"} <= set(modules)
     assert all(path.is_file() for path in modules.values())
 
 

@@ -1,17 +1,20 @@
 """Streaming image-text and video-text data: shards, decoding, batches, inspection and the demo set.
 
-The data path, top to bottom: :mod:`.shards` (build shards from a list) -> :mod:`.reader` (shard
+The data path, top to bottom: :mod:`.sample_list` (read a CSV/JSONL/MSR-VTT list) -> :mod:`.shards`
+(check the media, re-encode with :mod:`.reencode` if asked, write tar shards) -> :mod:`.reader` (shard
 URLs, tolerant tar reading) -> :mod:`.samples` / :mod:`.decode` / :mod:`.transforms` (one sample
 to frames and captions) -> :mod:`.pipeline` (streams of batches) ; :mod:`.stats` counts what was
 skipped, :mod:`.inspect` reports on shards and :mod:`.demo` builds the offline demo set.
 """
 
 from mmsphere.data.pipeline import EvalLoader, TrainStream, build_eval_loader, build_train_stream
-from mmsphere.data.shards import ShardSummary, make_shards, read_sample_list, write_shards
+from mmsphere.data.sample_list import ListEntry, read_sample_list
+from mmsphere.data.shards import ShardSummary, make_shards, write_shards
 from mmsphere.data.stats import reset_skipped_counts, skipped_counts
 
 __all__ = [
     "EvalLoader",
+    "ListEntry",
     "ShardSummary",
     "TrainStream",
     "build_eval_loader",

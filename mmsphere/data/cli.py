@@ -6,47 +6,57 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
-from mmsphere.config import MmsphereError
+from mmsphere.cli_errors import ArgumentParser, positive_float, positive_int, run_cli
+from mmsphere.config import ConfigError, DataError
 from mmsphere.data.shards import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, INPUT_SKIP_REASONS, make_shards
 from mmsphere.data.stats import SKIP_REASONS
-
-_ERRORS = (MmsphereError, FileNotFoundError, FileExistsError, ValueError)
 
 
 def make_shards_main(argv: list[str]) -> int:
     """Build webdataset shards from a CSV/JSONL list of media files and captions."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mmsphere make-shards",
         description="Write DIR/shard-%%06d.tar and DIR/sizes.json from a CSV or JSONL list (media path + "
         "caption/captions, optional key/split) or an MSR-VTT 1k-A CSV (with --media-root).",
     )
     parser.add_argument("--input", required=True, help="the sample list (.csv, .tsv or .jsonl)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard at most")
-    parser.add_argument("--maxsize", type=int, default=DEFAULT_MAXSIZE, help="bytes per shard at most")
+    parser.add_argument("--maxcount", type=positive_int, default=DEFAULT_MAXCOUNT,
+                        help="samples per shard at most")
+    parser.add_argument("--maxsize", type=positive_int, default=DEFAULT_MAXSIZE,
+                        help="bytes per shard at most")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in the output folder")
     parser.add_argument("--media-root", default=None, help="folder that relative media paths start from")
-    parser.add_argument("--max-side", type=int, default=None, help="re-encode videos whose longer side exceeds this")
-    parser.add_argument("--max-fps", type=float, default=None, help="re-encode videos faster than this frame rate")
+    parser.add_argument("--max-side", type=positive_int, default=None,
+                        help="re-encode videos whose longer side exceeds this")
+    parser.add_argument("--max-fps", type=positive_float, default=None,
+                        help="re-encode videos faster than this frame rate")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    return run_cli(parser, argv, run_make_shards)
+
+
+def run_make_shards(args: argparse.Namespace) -> int:
+    """Check the paths, write the shards and print what was written and skipped."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = make_shards(
-            args.input,
-            args.out,
-            media_root=args.media_root,
-            maxcount=args.maxcount,
-            maxsize=args.maxsize,
-            overwrite=args.overwrite,
-            max_side=args.max_side,
-            max_fps=args.max_fps,
-            progress=not args.quiet,
-        )
-    except _ERRORS as error:
-        print(f"mmsphere make-shards: error: {error}", file=sys.stderr)
-        return 2
+    if not Path(args.input).is_file():
+        raise DataError(f"--input {args.input!r} does not exist")
+    if args.media_root is not None and not Path(args.media_root).is_dir():
+        raise DataError(f"--media-root {args.media_root!r} is not a directory")
+    if args.max_side is not None and args.max_side < 2:
+        raise ConfigError(f"--max-side={args.max_side} must be >= 2")
+    summary = make_shards(
+        args.input,
+        args.out,
+        media_root=args.media_root,
+        maxcount=args.maxcount,
+        maxsize=args.maxsize,
+        overwrite=args.overwrite,
+        max_side=args.max_side,
+        max_fps=args.max_fps,
+        progress=not args.quiet,
+    )
     written = sum(summary.samples.values())
     for split, paths in summary.shards.items():
         pattern = summary.url_pattern(split)
@@ -68,31 +78,31 @@ def make_shards_main(argv: list[str]) -> int:
 
 def inspect_shards_main(argv: list[str]) -> int:
     """Decode every sample of some shards through the training decode path and report."""
-    from mmsphere.data.inspect import inspect_shards
-
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mmsphere inspect-shards",
         description="Decode every sample exactly as training does; report decoded samples by modality, "
         "skipped samples by reason and frame-count statistics.",
     )
     parser.add_argument("urls", nargs="+",
                         help="shard URLs or patterns (brace patterns, local globs, '::'-joined, pipe:)")
-    parser.add_argument("--frames", type=int, default=8, help="frames per clip, T (default 8)")
-    parser.add_argument("--size", type=int, default=224, help="image size after resize and crop (default 224)")
+    parser.add_argument("--frames", type=positive_int, default=8, help="frames per clip, T (default 8)")
+    parser.add_argument("--size", type=positive_int, default=224, help="image size after resize and crop (default 224)")
     parser.add_argument("--modality", choices=("video", "image"), default=None, help="expect only this modality")
     parser.add_argument("--fast", action="store_true", help="use the fast keyframe decoding of training")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    return run_cli(parser, argv, run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Decode every sample and print the report (or one JSON object)."""
+    from mmsphere.data.inspect import inspect_shards
+
     level = logging.ERROR if args.json else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = inspect_shards(
-            args.urls, frames=args.frames, image_size=args.size, modality=args.modality, fast=args.fast,
-            progress=not args.json,
-        )
-    except _ERRORS as error:
-        print(f"mmsphere inspect-shards: error: {error}", file=sys.stderr)
-        return 2
+    report = inspect_shards(
+        args.urls, frames=args.frames, image_size=args.size, modality=args.modality, fast=args.fast,
+        progress=not args.json,
+    )
     summary = report.to_dict()
     if args.json:
         print(json.dumps(summary))

@@ -76,7 +76,7 @@ def inspect_shards(
     progress: bool = True,
 ) -> InspectReport:
     """Push every sample of ``urls`` through the training decode path (tar reader -> :func:`decode_samples`)."""
-    shard_urls = check_shards(urls, "inspect-shards")
+    shard_urls = check_shards(urls, "shards to inspect")
     options = DecodeOptions(
         frames=frames,
         image_size=image_size,

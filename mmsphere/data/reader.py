@@ -23,6 +23,7 @@ from webdataset.gopen import gopen
 
 from mmsphere.data.samples import KNOWN_EXTENSIONS, RawSample, split_member_name
 from mmsphere.data.stats import SkipCounter
+from mmsphere.errors import ConfigError, DataError, MmsphereError
 
 
 DEFAULT_MAX_MEMBER_BYTES = 2 << 30
@@ -37,14 +38,14 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """Every shard URL of a webdataset pattern (``::``-joined, brace-expanded, local globs) or list of patterns.
 
     A local path with glob characters becomes the files it matches, sorted, so every process sees
-    the same list; a glob that matches no file raises ``ValueError`` naming it. ``pipe:`` commands
-    and ``scheme://`` URLs are never globbed.
+    the same list; a glob that matches no file raises :class:`DataError` (a ``ValueError``) naming
+    it. ``pipe:`` commands and ``scheme://`` URLs are never globbed.
     """
     patterns = [urls] if isinstance(urls, str) else list(urls)
     expanded: list[str] = []
     for pattern in patterns:
         if not isinstance(pattern, str):
-            raise ValueError(f"shard URL {pattern!r} must be a string")
+            raise ConfigError(f"shard URL {pattern!r} must be a string")
         for url in wds.shardlists.expand_urls(pattern):
             if url.strip():
                 expanded.extend(_glob_local(url))
@@ -58,7 +59,7 @@ def _glob_local(url: str) -> list[str]:
         return [url]
     matches = sorted(path for path in glob.glob(url, recursive=True) if Path(path).is_file())
     if not matches:
-        raise ValueError(f"shard pattern {url!r} names no shard (no file matches the glob)")
+        raise DataError(f"shard pattern {url!r} names no shard (no file matches the glob)")
     return matches
 
 
@@ -68,16 +69,16 @@ def is_local(url: str) -> bool:
 
 
 def check_shards(urls: str | Sequence[str], what: str) -> list[str]:
-    """Expand ``urls`` and fail fast when it names nothing or a local shard that does not exist."""
+    """Expand ``urls``; raise :class:`DataError` when it names nothing or a local shard that does not exist."""
     try:
         expanded = expand_urls(urls)
-    except ValueError as error:
-        raise ValueError(f"{what}: {error}") from None
+    except MmsphereError as error:
+        raise type(error)(f"{what}: {error}") from None
     if not expanded:
-        raise ValueError(f"{what}: shard pattern {urls!r} names no shard")
+        raise DataError(f"{what}: shard pattern {urls!r} names no shard")
     missing = [url for url in expanded if is_local(url) and not Path(url).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise DataError(
             f"{what}: shard {missing[0]!r} does not exist ({len(missing)} of {len(expanded)} shards of "
             f"{urls!r} are missing)"
         )

@@ -1,13 +1,9 @@
-"""The shard builder: a CSV or JSONL list of media files and captions -> webdataset tar shards.
+"""The shard builder: sample-list entries -> checked media -> webdataset tar shards.
 
-List formats (relative media paths resolve against ``media_root`` if given, else the list's folder):
-
-* JSONL: one object per line with a media path under ``path`` (or ``media``, ``video``, ``image``,
-  ``file``), ``caption`` (string) or ``captions`` (list of strings), optional ``key`` and ``split``;
-* CSV (``,``, ``;`` or tab separated, with a header): the same columns, ``captions`` as a JSON list;
-* the MSR-VTT 1k-A CSV of CLIP4Clip (``key,vid_key,video_id,sentence``, also ``;``-separated):
-  recognised by its ``video_id`` and ``sentence`` columns, videos at ``MEDIA_ROOT/<video_id>.mp4``,
-  rows of the same video merged into one sample with several captions.
+:func:`make_shards` reads a list (:mod:`mmsphere.data.sample_list`: CSV, JSONL or the MSR-VTT
+1k-A CSV) and hands its entries to :func:`write_shards`, which checks that every media file
+exists and opens as an image or a video, re-encodes videos above ``max_side``/``max_fps``
+(:mod:`mmsphere.data.reencode`) and writes the tars.
 
 Output: ``OUT/shard-000000.tar``, ... and ``OUT/sizes.json`` (shard file name -> samples), or one
 such folder per ``split`` value (``OUT/<split>/``). A sample is ``KEY.<ext>`` holding the media
@@ -18,36 +14,34 @@ with fixed tar metadata, so the same list gives byte-identical shards.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
 import os
-import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import av
 from PIL import Image
 from tqdm import tqdm
 
-from mmsphere.config import MmsphereError
+from mmsphere.config import ConfigError
 from mmsphere.data.decode import IMAGE_FORMATS
+from mmsphere.data.reencode import ReencodeError, reencode_video
+from mmsphere.data.sample_list import ListEntry, SkippedInput, read_sample_list
 from mmsphere.data.samples import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
-MEDIA_COLUMNS = ("path", "media", "video", "image", "file")
 SHARD_PATTERN = "shard-%06d.tar"
 SIZES_FILE = "sizes.json"
 DEFAULT_MAXCOUNT = 1000
 DEFAULT_MAXSIZE = 1 << 30
 
-# Why an input line did not become a sample.
+# Why an input line did not become a sample: the list reader's reasons and the media checks'.
 INPUT_SKIP_REASONS = {
     "missing": "the media file does not exist",
     "unreadable": "the media file cannot be read or is not a decodable image/video",
@@ -56,28 +50,6 @@ INPUT_SKIP_REASONS = {
     "bad_line": "the line cannot be parsed or lacks the media path",
     "duplicate_key": "the key was already used by an earlier line",
 }
-_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
-
-
-@dataclass
-class ListEntry:
-    """One sample to write: its key, media file, captions and (optional) split."""
-
-    key: str
-    media: Path
-    captions: list[str]
-    split: str = ""
-    where: str = ""  # "list.csv:12", for messages
-    group: str = ""  # samples sharing a group are positives of each other (loss.positives: group)
-
-
-@dataclass
-class SkippedInput:
-    """An input line or file left out, and why."""
-
-    reason: str
-    where: str
-    detail: str = ""
 
 
 @dataclass
@@ -132,141 +104,6 @@ def make_shards(
 
 
 # --------------------------------------------------------------------------------------------
-# reading lists
-
-
-def read_sample_list(
-    path: str | Path, *, media_root: str | Path | None = None
-) -> tuple[list[ListEntry], list[SkippedInput]]:
-    """Parse a CSV/JSONL/MSR-VTT list into entries; lines that cannot be used are returned as skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sample list {str(path)!r} does not exist")
-    if media_root is not None and not Path(media_root).is_dir():
-        raise FileNotFoundError(f"media root {str(media_root)!r} is not a directory")
-    base = Path(media_root) if media_root is not None else path.parent
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise MmsphereError(f"sample list {str(path)!r} is not UTF-8 text: {error}") from None
-    if suffix in (".jsonl", ".json"):
-        rows = _jsonl_rows(text, path)
-    elif suffix in (".csv", ".tsv"):
-        rows = _csv_rows(text, path, media_root)
-    else:
-        raise MmsphereError(f"sample list {str(path)!r}: unknown format {suffix!r}; use .csv, .tsv or .jsonl")
-    entries: list[ListEntry] = []
-    skipped: list[SkippedInput] = []
-    keys: dict[str, str] = {}
-    for where, row in rows:
-        if isinstance(row, SkippedInput):
-            skipped.append(row)
-            continue
-        entry = _entry_from_row(row, base, where)
-        if isinstance(entry, SkippedInput):
-            skipped.append(entry)
-        elif entry.key in keys:
-            skipped.append(SkippedInput("duplicate_key", where, f"key {entry.key!r} already used at {keys[entry.key]}"))
-        else:
-            keys[entry.key] = where
-            entries.append(entry)
-    return entries, skipped
-
-
-def _jsonl_rows(text: str, path: Path) -> Iterable[tuple[str, dict | SkippedInput]]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        where = f"{path.name}:{number}"
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            yield where, SkippedInput("bad_line", where, f"not JSON: {error}")
-            continue
-        if not isinstance(row, dict):
-            yield where, SkippedInput("bad_line", where, "not a JSON object")
-            continue
-        yield where, row
-
-
-def _csv_rows(text: str, path: Path, media_root: str | Path | None) -> Iterable[tuple[str, dict | SkippedInput]]:
-    lines = text.splitlines()
-    if not lines:
-        raise MmsphereError(f"sample list {str(path)!r} is empty")
-    header = lines[0]
-    delimiter = max(",;\t", key=header.count) if any(mark in header for mark in ",;\t") else ","
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-    columns = [name.strip() for name in reader.fieldnames or []]
-    reader.fieldnames = columns
-    msrvtt = "video_id" in columns and "sentence" in columns
-    if msrvtt:
-        if media_root is None:
-            raise MmsphereError(
-                f"{str(path)!r} is an MSR-VTT list (video_id, sentence): pass --media-root, the folder "
-                f"holding video*.mp4"
-            )
-        yield from _msrvtt_rows(reader, path)
-        return
-    if not any(name in columns for name in MEDIA_COLUMNS):
-        raise MmsphereError(
-            f"sample list {str(path)!r} has no media column: expected one of {', '.join(MEDIA_COLUMNS)} "
-            f"(found: {', '.join(columns) or 'nothing'})"
-        )
-    for number, row in enumerate(reader, start=2):
-        where = f"{path.name}:{number}"
-        if "captions" in row and row["captions"]:
-            try:
-                row["captions"] = json.loads(row["captions"])
-            except json.JSONDecodeError:
-                yield where, SkippedInput("bad_line", where, "the captions column must be a JSON list of strings")
-                continue
-        yield where, row
-
-
-def _msrvtt_rows(reader: csv.DictReader, path: Path) -> Iterable[tuple[str, dict]]:
-    videos: dict[str, dict] = {}
-    for number, row in enumerate(reader, start=2):
-        video_id = (row.get("video_id") or "").strip()
-        where = f"{path.name}:{number}"
-        if not video_id:
-            continue
-        item = videos.setdefault(
-            video_id, {"key": video_id, "path": f"{video_id}.mp4", "captions": [], "where": where}
-        )
-        item["captions"].append(row.get("sentence") or "")
-    for item in videos.values():
-        yield item.pop("where"), item
-
-
-def _entry_from_row(row: dict, base: Path, where: str) -> ListEntry | SkippedInput:
-    media_value = next((row[name] for name in MEDIA_COLUMNS if row.get(name)), None)
-    if not isinstance(media_value, str) or not media_value.strip():
-        return SkippedInput("bad_line", where, f"no media path (columns {', '.join(MEDIA_COLUMNS)})")
-    captions = row.get("captions")
-    if captions is None or captions == "":
-        captions = [row.get("caption")] if row.get("caption") is not None else []
-    if not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
-        return SkippedInput("bad_line", where, "captions must be a list of strings and caption a string")
-    captions = [caption.strip() for caption in captions if caption.strip()]
-    if not captions:
-        return SkippedInput("no_caption", where)
-    media = Path(media_value.strip()).expanduser()
-    if not media.is_absolute():
-        media = base / media
-    key = str(row.get("key") or "").strip() or media.stem
-    split = str(row.get("split") or "").strip()
-    if split and not _SPLIT_NAME.match(split):
-        return SkippedInput("bad_line", where, f"split {split!r} must be letters, digits, '_', '-' (and '/')")
-    group = row.get("group")
-    if group is not None and not isinstance(group, (str, int)):
-        return SkippedInput("bad_line", where, "group must be a string or an integer")
-    # webdataset's key ends at the first dot of the member name
-    return ListEntry(re.sub(r"[^A-Za-z0-9_\-]", "_", key), media, captions, split, where,
-                     "" if group is None else str(group).strip())
-
-
-# --------------------------------------------------------------------------------------------
 # writing shards
 
 
@@ -318,7 +155,7 @@ def _prepare_folder(folder: Path, overwrite: bool) -> None:
     if (folder / SIZES_FILE).exists():
         existing.append(folder / SIZES_FILE)
     if existing and not overwrite:
-        raise FileExistsError(
+        raise ConfigError(
             f"{str(folder)!r} already holds shards ({existing[0].name}, {len(existing)} file(s)); "
             f"pass --overwrite (overwrite=True) to replace them"
         )
@@ -344,7 +181,7 @@ def _add_entry(
                     extension, media = "mp4", reencoded
         else:
             media = _check_image(entry.media)
-    except _Unusable as problem:
+    except (_Unusable, ReencodeError) as problem:
         return SkippedInput("unreadable", entry.where, f"{entry.media}: {problem}")
     if len(entry.captions) == 1 and not entry.group:
         caption = ("txt", entry.captions[0].encode("utf-8"))
@@ -386,47 +223,6 @@ def _check_image(path: Path) -> Path:
     except Exception as error:
         raise _Unusable(f"{type(error).__name__}: {error}") from None
     return path
-
-
-def reencode_video(path: str | Path, *, max_side: int | None = None, max_fps: float | None = None) -> bytes | None:
-    """H.264 re-encode of a video whose longer side exceeds ``max_side`` or frame rate exceeds ``max_fps``.
-
-    Returns the new MP4 bytes (video only, CRF 23), or None when the video is within both limits.
-    """
-    try:
-        with av.open(str(path)) as source:
-            stream = source.streams.video[0]
-            width, height = stream.codec_context.width, stream.codec_context.height
-            rate = stream.average_rate or stream.guessed_rate
-            too_big = max_side is not None and max(width, height) > max_side
-            too_fast = max_fps is not None and rate is not None and rate > max_fps
-            if not (too_big or too_fast):
-                return None
-            scale = max_side / max(width, height) if too_big else 1.0
-            new_width, new_height = (max(2, int(round(side * scale / 2)) * 2) for side in (width, height))
-            new_rate = Fraction(max_fps).limit_denominator(1001) if too_fast else Fraction(rate)
-            output = io.BytesIO()
-            with av.open(output, "w", format="mp4") as target:
-                encoder = target.add_stream("libx264", rate=new_rate)
-                encoder.width, encoder.height, encoder.pix_fmt = new_width, new_height, "yuv420p"
-                encoder.options = {"crf": "23", "preset": "veryfast"}
-                next_time, written = 0.0, 0
-                for frame in source.decode(stream):
-                    time = frame.time if frame.time is not None else written / float(new_rate)
-                    if too_fast and time + 1e-6 < next_time:
-                        continue
-                    next_time += 1.0 / float(new_rate)
-                    scaled = frame.reformat(width=new_width, height=new_height, format="yuv420p")
-                    scaled.pts = written
-                    scaled.time_base = Fraction(1) / new_rate
-                    for packet in encoder.encode(scaled):
-                        target.mux(packet)
-                    written += 1
-                for packet in encoder.encode():
-                    target.mux(packet)
-            return output.getvalue()
-    except Exception as error:
-        raise _Unusable(f"re-encoding failed: {type(error).__name__}: {error}") from None
 
 
 class _ShardWriter:

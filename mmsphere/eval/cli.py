@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmsphere.config import MmsphereError
+from mmsphere.cli_errors import ArgumentParser, non_negative_int, positive_float, positive_int, run_cli
+from mmsphere.config import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
-
-ERRORS = (MmsphereError, ValueError, FileNotFoundError)
 
 
 def main(argv: list[str]) -> int:
     """Evaluate a run directory (or an open_clip model) on retrieval shards or a media list."""
-    parser = argparse.ArgumentParser(prog="mmsphere eval-retrieval", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="mmsphere eval-retrieval", description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", metavar="URLS",
@@ -32,41 +30,47 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--media-root", metavar="DIR", help="folder the media paths of --list are relative to")
     parser.add_argument("--modality", choices=("video", "image"), default="video")
     parser.add_argument("--frames", type=int, default=12, help="frames per video, sampled uniformly (default 12)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in this process)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--workers", type=non_negative_int, default=0,
+                        help="decoding processes (default 0: in this process)")
     parser.add_argument("--out", default="retrieval_results.json", help="results JSON (default %(default)s)")
     parser.add_argument("--save-sim", metavar="SIM.npy", help="write the caption x video similarity matrix and its keys")
     parser.add_argument("--dsl", action="store_true", help="add dual-softmax (DSL) post-processed rows, labelled as such")
-    parser.add_argument("--dsl-temperature", type=float, help="DSL temperature (default: 1 / the model's logit scale)")
-    parser.add_argument("--chunk-size", type=int, help="query rows scored at once (default: ~16M scores per chunk)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--dsl-temperature", type=positive_float,
+                        help="DSL temperature (default: 1 / the model's logit scale)")
+    parser.add_argument("--chunk-size", type=positive_int,
+                        help="query rows scored at once (default: ~16M scores per chunk)")
+    return run_cli(parser, argv, lambda args: run_evaluation(args, argv))
+
+
+def run_evaluation(args: argparse.Namespace, argv: list[str]) -> int:
+    """Check the arguments, load the model, evaluate, print the table and write the results JSON."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.list is None and args.media_root is not None:
+        raise ConfigError("--media-root goes with --list, not with --data")
+    if args.frames < 1:
+        raise ConfigError(f"--frames={args.frames} must be >= 1")
+    if args.save_sim is not None and Path(args.save_sim).suffix != ".npy":
+        raise ConfigError(f"--save-sim {args.save_sim!r} must end in .npy (numpy's format, np.load reads it)")
+    if args.list is not None and not Path(args.list).is_file():
+        raise DataError(f"--list {args.list!r} does not exist")
+    if args.media_root is not None and not Path(args.media_root).is_dir():
+        raise DataError(f"--media-root {args.media_root!r} is not a directory")
+    from mmsphere.eval.evaluate import evaluate_retrieval
+    from mmsphere.models.run_dir import load_dual_encoder
 
-    try:
-        if args.list is None and args.media_root is not None:
-            raise MmsphereError("--media-root goes with --list, not with --data")
-        if args.frames < 1:
-            raise MmsphereError(f"--frames={args.frames} must be >= 1")
-        if args.save_sim is not None and Path(args.save_sim).suffix != ".npy":
-            raise MmsphereError(f"--save-sim {args.save_sim!r} must end in .npy (numpy's format, np.load reads it)")
-        from mmsphere.eval.evaluate import evaluate_retrieval
-        from mmsphere.models.run_dir import load_dual_encoder
-
-        model, model_identity = load_dual_encoder(args.run, args.model, args.pretrained, args.device)
-        if args.data is not None:
-            data: Any = args.data
-            data_identity = {"urls": args.data}
-        else:
-            data, data_identity = list_batches(model, args.list, args.media_root, modality=args.modality,
-                                               frames=args.frames, batch_size=args.batch_size, workers=args.workers)
-        results = evaluate_retrieval(
-            model, data, modality=args.modality, frames=args.frames, batch_size=args.batch_size,
-            workers=args.workers, dsl=args.dsl, dsl_temperature=args.dsl_temperature, chunk_size=args.chunk_size,
-            save_sim=args.save_sim,
-        )
-    except ERRORS as error:
-        print(f"eval-retrieval: error: {error}", file=sys.stderr)
-        return 2
+    model, model_identity = load_dual_encoder(args.run, args.model, args.pretrained, args.device)
+    if args.data is not None:
+        data: Any = args.data
+        data_identity = {"urls": args.data}
+    else:
+        data, data_identity = list_batches(model, args.list, args.media_root, modality=args.modality,
+                                           frames=args.frames, batch_size=args.batch_size, workers=args.workers)
+    results = evaluate_retrieval(
+        model, data, modality=args.modality, frames=args.frames, batch_size=args.batch_size,
+        workers=args.workers, dsl=args.dsl, dsl_temperature=args.dsl_temperature, chunk_size=args.chunk_size,
+        save_sim=args.save_sim,
+    )
 
     from mmsphere.eval.report import versions, write_json
 

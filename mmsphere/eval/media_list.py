@@ -1,6 +1,6 @@
 """Evaluation batches straight from a media list (CSV/JSONL, or the MSR-VTT 1k-A CSV), without shards.
 
-The list is parsed by :func:`mmsphere.data.read_sample_list` (rows of one video merged into one
+The list is parsed by :func:`mmsphere.data.sample_list.read_sample_list` (rows of one video merged into one
 sample with all of its captions) and every file goes through the data package's single decode
 path, so the frames are exactly those that shards of the same files would give.
 """
@@ -18,6 +18,11 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset
 
 from mmsphere.config import MmsphereError
+from mmsphere.data.decode import DecodeError
+from mmsphere.data.pipeline import collate_eval
+from mmsphere.data.sample_list import read_sample_list
+from mmsphere.data.samples import DecodeOptions, RawSample, decode_sample
+from mmsphere.data.stats import add_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +33,6 @@ class MediaListLoader:
     def __init__(self, list_file: str | os.PathLike, media_root: str | os.PathLike | None, *, modality: str,
                  frames: int, image_size: int, image_mean: tuple[float, float, float],
                  image_std: tuple[float, float, float], batch_size: int, workers: int = 0) -> None:
-        from mmsphere.data.samples import DecodeOptions
-        from mmsphere.data.shards import read_sample_list
-
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if workers < 0:
@@ -52,9 +54,6 @@ class MediaListLoader:
         return (len(self.entries) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from mmsphere.data.pipeline import collate_eval
-        from mmsphere.data.stats import add_skipped
-
         loader = DataLoader(_ListDataset(self.entries, self.options), batch_size=self.batch_size,
                             num_workers=self.workers, collate_fn=_keep_as_list)
         for items in loader:
@@ -81,9 +80,6 @@ class _ListDataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> Any:
-        from mmsphere.data.decode import DecodeError
-        from mmsphere.data.samples import RawSample, decode_sample
-
         entry = self.entries[index]
         media = Path(entry.media)
         try:

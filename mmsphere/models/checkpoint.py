@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from mmsphere.config import MmsphereError
+from mmsphere.config import DataError, MmsphereError
 
 SHOWN_KEYS = 5  # offending keys named in a mismatch message
 DATA_PARALLEL_PREFIX = "module."
@@ -26,7 +26,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` or torch checkpoint, unwrapped from ``state_dict`` and ``module.``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
+        raise DataError(f"checkpoint file {str(path)!r} does not exist")
     try:
         if path.suffix == ".safetensors":
             checkpoint = load_file(str(path), device="cpu")

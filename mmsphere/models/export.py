@@ -34,7 +34,8 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 import mmsphere
-from mmsphere.config import ConfigError, MmsphereError, ModelConfig
+from mmsphere.cli_errors import ArgumentParser, run_cli
+from mmsphere.config import ConfigError, DataError, MmsphereError, ModelConfig
 from mmsphere.models.dual_encoder import DualEncoder
 from mmsphere.models.factory import resolve_architecture
 from mmsphere.models.run_dir import load_run
@@ -55,7 +56,6 @@ CLIP_PREFIX = "clip."
 INTERPOLATION = "bicubic"
 RESIZE_MODE = "shortest"
 TOKENIZER_PROBE = ["a photo of a dog playing in the snow", "Two people: one RED car!"]
-ERRORS = (MmsphereError, ValueError, OSError)
 
 
 def export_run(
@@ -96,7 +96,7 @@ def load_temporal_head(directory: str | os.PathLike) -> nn.Module:
     directory = Path(directory)
     config_path = directory / TEMPORAL_CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f"{str(directory)!r} has no {TEMPORAL_CONFIG_FILE}; is it an mmsphere export?")
+        raise DataError(f"{str(directory)!r} has no {TEMPORAL_CONFIG_FILE}; is it an mmsphere export?")
     try:
         config = json.loads(config_path.read_text())
         model_config = ModelConfig(
@@ -112,7 +112,7 @@ def load_temporal_head(directory: str | os.PathLike) -> nn.Module:
     if any(True for _ in head.parameters()):
         weights = directory / TEMPORAL_WEIGHTS_FILE
         if not weights.is_file():
-            raise FileNotFoundError(f"{str(directory)!r} has no {TEMPORAL_WEIGHTS_FILE} for its "
+            raise DataError(f"{str(directory)!r} has no {TEMPORAL_WEIGHTS_FILE} for its "
                                     f"{model_config.temporal_head} temporal head")
         load_model(head, str(weights), strict=True)
     return head.eval()
@@ -374,7 +374,7 @@ def _readme(
 
 def main(argv: list[str] | None = None) -> int:
     """``mmsphere export RUN_DIR --out DIR [--format open_clip] [--force]``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mmsphere export",
         description="Write a run's towers in open_clip's local-directory layout "
                     "(open_clip.create_model_and_transforms('local-dir:DIR'), CLIP_benchmark), "
@@ -383,13 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to write (new or empty)")
     parser.add_argument("--format", choices=FORMATS, default="open_clip", help="export format (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace a previous export in --out")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return run_cli(parser, sys.argv[1:] if argv is None else argv, run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Export the run and print where it went and how to load it."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        files = export_run(args.run, args.out, format=args.format, force=args.force)
-    except ERRORS as error:
-        print(f"export: error: {error}", file=sys.stderr)
-        return 2
+    files = export_run(args.run, args.out, format=args.format, force=args.force)
     print(f"exported {args.run} to {args.out}: {', '.join(files)}")
     print(f"load it with open_clip.create_model_and_transforms('local-dir:{args.out}'); see {files[README_FILE]}")
     return 0

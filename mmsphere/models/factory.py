@@ -22,7 +22,7 @@ import torch
 from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 from torch import nn
 
-from mmsphere.config import ConfigError, MmsphereError, ModelConfig
+from mmsphere.config import ConfigError, DataError, MmsphereError, ModelConfig
 from mmsphere.models.checkpoint import check_compatible, read_state_dict, shapes_of
 from mmsphere.models.dual_encoder import DualEncoder
 
@@ -113,7 +113,7 @@ def resolve_architecture(name: str) -> str:
 
 def _register_json(path: Path) -> str:
     if not path.is_file():
-        raise FileNotFoundError(f"model.name: architecture config file {str(path)!r} does not exist")
+        raise DataError(f"model.name: architecture config file {str(path)!r} does not exist")
     try:
         architecture = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -218,7 +218,7 @@ def resolve_pretrained(pretrained: str | None, architecture: str) -> tuple[str, 
     if pretrained.lower() in (tag.lower() for tag in tags):
         return "tag", pretrained
     if os.sep in pretrained or "/" in pretrained or path.suffix in CHECKPOINT_SUFFIXES:
-        raise FileNotFoundError(f"model.pretrained: checkpoint {pretrained!r} does not exist")
+        raise DataError(f"model.pretrained: checkpoint {pretrained!r} does not exist")
     known = f"its tags: {', '.join(tags)}" if tags else "it has no open_clip tags"
     raise ConfigError(
         f"model.pretrained={pretrained!r} is neither an existing file or directory nor an open_clip tag "
@@ -229,7 +229,7 @@ def resolve_pretrained(pretrained: str | None, architecture: str) -> tuple[str, 
 def _directory_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]]:
     checkpoint = next((directory / name for name in DIRECTORY_CHECKPOINTS if (directory / name).is_file()), None)
     if checkpoint is None:
-        raise FileNotFoundError(
+        raise DataError(
             f"model.pretrained: directory {str(directory)!r} holds none of {', '.join(DIRECTORY_CHECKPOINTS)}"
         )
     config_path = directory / DIRECTORY_CONFIG

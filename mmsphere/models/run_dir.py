@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 import mmsphere
-from mmsphere.config import Config, ConfigError, MmsphereError, ModelConfig, config_to_dict, load_config, save_config
+from mmsphere.config import Config, ConfigError, DataError, MmsphereError, ModelConfig, config_to_dict, load_config, save_config
 from mmsphere.models.checkpoint import check_compatible, tensor_shapes
 from mmsphere.models.dual_encoder import DualEncoder
 from mmsphere.models.factory import build_dual_encoder, create_model
@@ -83,10 +83,10 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     """Restore the dual encoder of a run directory (in eval mode); its full config is ``.run_config``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
+        raise DataError(f"run directory {str(run_dir)!r} does not exist")
     for name in (INFO_FILE, CONFIG_FILE, WEIGHTS_FILE):
         if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"run directory {str(run_dir)!r} has no {name}; is it a finished mmsphere run?")
+            raise DataError(f"run directory {str(run_dir)!r} has no {name}; is it a finished mmsphere run?")
     info = _read_info(run_dir / INFO_FILE)
     try:
         config = load_config(run_dir / CONFIG_FILE)

@@ -71,7 +71,7 @@ class TransformerTemporalHead(nn.Module):
         """``frame_features [B, T, D]``, ``frame_mask [B, T]`` bool -> ``[B, D]`` (not normalised)."""
         frames = frame_features.shape[1]
         if frames > self.max_frames:
-            raise ValueError(
+            raise ConfigError(
                 f"the transformer temporal head takes at most model.max_frames={self.max_frames} frames, "
                 f"got frames of shape {tuple(frame_features.shape)}"
             )

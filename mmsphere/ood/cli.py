@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmsphere.config import MmsphereError
+from mmsphere.cli_errors import ArgumentParser, non_negative_int, positive_int, run_cli
+from mmsphere.config import ConfigError
 
 if TYPE_CHECKING:
     from mmsphere.ood.evaluate import OodEvaluation
 
 logger = logging.getLogger(__name__)
-
-ERRORS = (MmsphereError, ValueError, FileNotFoundError)
 
 
 def main(argv: list[str]) -> int:
@@ -27,7 +25,7 @@ def main(argv: list[str]) -> int:
     from mmsphere.eval.cli import add_model_arguments
     from mmsphere.ood.scores import SCORES
 
-    parser = argparse.ArgumentParser(prog="mmsphere score-ood", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="mmsphere score-ood", description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     parser.add_argument("--id", required=True, metavar="DIR_OR_SHARDS", help="in-distribution images")
     parser.add_argument("--ood", required=True, action="append", metavar="NAME=DIR_OR_SHARDS",
@@ -40,18 +38,17 @@ def main(argv: list[str]) -> int:
                         help="logits = cosine / T (default: 1 for mcm, 0.01 for neglabel, 1/logit_scale otherwise)")
     parser.add_argument("--positive", choices=("id", "ood"), default="id",
                         help="FPR@95 convention: id (MCM/CMA, default) or ood (OpenOOD v1.5)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument("--out", default="ood_results.json",
                         help="results JSON; the CSV and PNGs go beside it (default %(default)s)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_cli(parser, argv, lambda args: run_scoring(args, argv))
 
-    try:
-        results, evaluation = score_ood(args)
-    except ERRORS as error:
-        print(f"score-ood: error: {error}", file=sys.stderr)
-        return 2
+
+def run_scoring(args: argparse.Namespace, argv: list[str]) -> int:
+    """Score, print the table and write the results JSON, the per-sample CSV and the plots."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    results, evaluation = score_ood(args)
 
     from mmsphere.eval.report import versions, write_json
     from mmsphere.ood.report import write_ood_report
@@ -75,12 +72,12 @@ def score_ood(args: argparse.Namespace) -> tuple[dict[str, Any], OodEvaluation]:
     # inputs are read and checked before the model loads, so a typo fails in a second
     ood_sets = parse_ood_sets(args.ood)
     if args.score == "neglabel" and args.neg_labels is None:
-        raise MmsphereError("--score neglabel needs --neg-labels FILE (negative labels, one per line)")
+        raise ConfigError("--score neglabel needs --neg-labels FILE (negative labels, one per line)")
     if args.score != "neglabel" and args.neg_labels is not None:
-        raise MmsphereError(f"--neg-labels is only used by --score neglabel, not by --score {args.score}")
+        raise ConfigError(f"--neg-labels is only used by --score neglabel, not by --score {args.score}")
     prompts = read_prompts(args.classes, args.templates, args.neg_labels, args.score)
     if args.temperature is not None and not args.temperature > 0:
-        raise MmsphereError(f"--temperature={args.temperature} must be > 0")
+        raise ConfigError(f"--temperature={args.temperature} must be > 0")
 
     model, model_identity = load_dual_encoder(args.run, args.model, args.pretrained, args.device)
     evaluation = evaluate_ood(model, args.id, ood_sets, prompts.classes, prompts.templates, score=args.score,

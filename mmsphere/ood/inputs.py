@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmsphere.config import MmsphereError
+from mmsphere.config import DataError, MmsphereError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def read_names(path: str | os.PathLike, what: str) -> list[str]:
     """Names, one per line, from a label file; blank lines, duplicates and an empty file are errors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
+        raise DataError(f"{what} file {str(path)!r} does not exist")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
@@ -89,7 +89,7 @@ def list_image_folder(root: str | os.PathLike) -> list[tuple[Path, str | None]]:
     """``(path, class)`` of every image under ``root``, sorted; class is the sub-folder (None at top level)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+        raise DataError(f"image folder {str(root)!r} does not exist")
     found = []
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:

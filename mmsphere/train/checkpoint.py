@@ -18,6 +18,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from mmsphere.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
@@ -47,7 +49,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         return checkpoints[-1] if checkpoints else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint (no {STATE_FILE})")
+        raise DataError(f"train.resume={resume!r} is not a complete checkpoint (no {STATE_FILE})")
     return path
 
 

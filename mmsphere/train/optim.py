@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from mmsphere.config import Config
+from mmsphere.config import Config, ConfigError
 
 
 def _no_weight_decay(name: str, parameter: nn.Parameter) -> bool:
@@ -26,7 +26,7 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
         decay = not _no_weight_decay(name, parameter)
         groups.setdefault((lr, decay), []).append(parameter)
     if not groups:
-        raise ValueError("every parameter is frozen: nothing to train (model.freeze_image, model.freeze_text, model.trainable?)")
+        raise ConfigError("every parameter is frozen: nothing to train (model.freeze_image, model.freeze_text, model.trainable?)")
     param_groups = [
         {"params": params, "lr": lr, "weight_decay": config.train.weight_decay if decay else 0.0}
         for (lr, decay), params in groups.items()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-from mmsphere.config import Config, ConfigError, save_config
+from mmsphere.config import Config, ConfigError, DataError, save_config
 from mmsphere.data.reader import expand_urls, is_local
 from mmsphere.train.checkpoint import checkpoint_dir, resolve_resume
 
@@ -16,7 +16,7 @@ def local_shard_paths(urls: str) -> list[str] | None:
     """The files a local shard pattern names (brace patterns, globs, ``::``-joined); None for remote/pipe URLs.
 
     Expanded by :func:`mmsphere.data.reader.expand_urls`, exactly as the data pipeline will; a glob
-    that matches nothing raises ``ValueError``.
+    that matches nothing raises :class:`DataError`.
     """
     if not all(is_local(part.strip()) for part in urls.split("::")):
         return None
@@ -24,7 +24,11 @@ def local_shard_paths(urls: str) -> list[str] | None:
 
 
 def check_data_sources(config: Config) -> None:
-    """Every local shard pattern names existing files; the meta set is non-empty when meta weighting is on."""
+    """Every local shard pattern names existing files; the meta set is non-empty when meta weighting is on.
+
+    Missing or empty shards raise :class:`DataError` naming the config key; a config without sources
+    is a :class:`ConfigError`.
+    """
     named = [(f"data.train[{index}]", source) for index, source in enumerate(config.data.train)]
     named += [(key, source) for key, source in (("data.meta", config.data.meta), ("data.val", config.data.val))
               if source is not None]
@@ -33,18 +37,18 @@ def check_data_sources(config: Config) -> None:
     for key, source in named:
         try:
             paths = local_shard_paths(source.urls)
-        except ValueError as error:
-            raise ConfigError(f"{key}.urls={source.urls!r}: {error}") from None
+        except DataError as error:
+            raise DataError(f"{key}.urls={source.urls!r}: {error}") from None
         if paths is None:
             continue
         missing = [path for path in paths if not Path(path).is_file()]
         if missing:
-            raise ConfigError(f"{key}.urls={source.urls!r}: {len(missing)} of {len(paths)} shards do not exist "
+            raise DataError(f"{key}.urls={source.urls!r}: {len(missing)} of {len(paths)} shards do not exist "
                               f"(first: {missing[0]})")
     if config.meta.enabled and config.data.meta is not None:
         paths = local_shard_paths(config.data.meta.urls)
         if paths is not None and not any(_has_members(path) for path in paths):
-            raise ConfigError(f"data.meta.urls={config.data.meta.urls!r} holds no samples, but meta.enabled=true "
+            raise DataError(f"data.meta.urls={config.data.meta.urls!r} holds no samples, but meta.enabled=true "
                               f"needs a clean meta set")
 
 

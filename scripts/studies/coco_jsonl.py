@@ -3,8 +3,11 @@
 One row per image: ``{"key": "coco<image id>", "path": <image file>, "captions": [...]}``, images in
 the order of the annotation file, captions in annotation order.
 
-    python scripts/studies/coco_jsonl.py --annotations ../shared/data/coco_mini/annotations/captions_val2017.json \
-        --images ../shared/data/coco_mini/val2017 --out runs/coco_mini/val2017.jsonl
+    python scripts/studies/coco_jsonl.py --split val --out runs/coco_mini/val2017.jsonl [--data-root DATA_ROOT]
+
+reads ``DATA_ROOT/coco_mini/annotations/captions_val2017.json`` and ``DATA_ROOT/coco_mini/val2017/``
+(``DATA_ROOT`` defaults to the shared data folder beside the repository, ``<repo>/../shared/data``);
+``--annotations`` and ``--images`` name other files instead.
 """
 
 from __future__ import annotations
@@ -13,13 +16,23 @@ import argparse
 import json
 from pathlib import Path
 
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--annotations", required=True, help="captions_*.json")
-    parser.add_argument("--images", required=True, help="the folder holding the images")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+                        help="the shared data folder holding coco_mini/ (default: %(default)s)")
+    parser.add_argument("--split", choices=("train", "val"), help="the coco_mini split under --data-root")
+    parser.add_argument("--annotations", help="captions_*.json (default: from --data-root and --split)")
+    parser.add_argument("--images", help="the folder holding the images (default: from --data-root and --split)")
     parser.add_argument("--out", required=True, help="JSONL file to write")
     args = parser.parse_args()
+    if args.split is None and (args.annotations is None or args.images is None):
+        parser.error("give --split (with --data-root) or both --annotations and --images")
+    coco = args.data_root / "coco_mini"
+    args.annotations = args.annotations or coco / "annotations" / f"captions_{args.split}2017.json"
+    args.images = args.images or coco / f"{args.split}2017"
     annotations = json.loads(Path(args.annotations).read_text())
     captions: dict[int, list[str]] = {}
     for annotation in annotations["annotations"]:

@@ -1,7 +1,8 @@
 """Tables and plots of REPORT.md from the studies' ``ablation.json`` files (nothing is retrained).
 
-Writes ``scripts/studies/figures/{noisy_pairs,coco,cifar_ood,cma_sweep,temporal}.png`` and prints every table
-as markdown; a study whose results are missing is skipped with a note.
+Writes ``scripts/studies/figures/{noisy_pairs,coco,cifar_ood,cma_sweep,temporal}.png`` (the one folder of REPORT.md's figures
+that REPORT.md's images point to) and prints every table as markdown; a study whose results are missing is
+skipped with a note.
 
     python scripts/studies/figures.py --runs runs/study --out scripts/studies/figures
 """
@@ -18,6 +19,8 @@ from matplotlib.figure import Figure
 
 from mmsphere.ablation import format_mean_std, plot_ablation
 
+# one folder for every figure of REPORT.md; not beside it: the repository's top-level layout is fixed
+REPORT_FIGURES = Path(__file__).resolve().parent / "figures"
 NOISE_LEVELS = ("00", "20", "40")
 R1 = (("t2v/R@1", "text→video R@1"), ("v2t/R@1", "video→text R@1"))
 
@@ -272,7 +275,7 @@ def temporal(runs: Path, out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/study", help="the studies' output folder")
-    parser.add_argument("--out", default="scripts/studies/figures", help="where the PNGs go")
+    parser.add_argument("--out", default=str(REPORT_FIGURES), help="where the PNGs go (default: %(default)s)")
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

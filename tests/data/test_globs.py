@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mmsphere.cli import main as mmsphere_main
-from mmsphere.config import ConfigError, DataConfig, SourceConfig, config_from_dict
+from mmsphere.config import DataConfig, DataError, SourceConfig, config_from_dict
 from mmsphere.data import build_eval_loader, build_train_stream
 from mmsphere.data.reader import check_shards, expand_urls
 from mmsphere.train.preflight import check_data_sources
@@ -130,5 +130,5 @@ def test_the_training_preflight_expands_globs_like_the_pipeline(tmp_path, media)
 
     check_data_sources(config(str(tmp_path / "img-*.tar")))
     check_data_sources(config(f"{tmp_path}/img-0.tar::{tmp_path}/img-[1].tar"))
-    with pytest.raises(ConfigError, match=r"data\.train\[0\]\.urls=.*: shard pattern .*gone-\*\.tar' names no shard"):
+    with pytest.raises(DataError, match=r"data\.train\[0\]\.urls=.*: shard pattern .*gone-\*\.tar' names no shard"):
         check_data_sources(config(str(tmp_path / "gone-*.tar")))

@@ -12,7 +12,8 @@ import webdataset as wds
 
 from mmsphere.cli import main as mmsphere_main
 from mmsphere.config import MmsphereError
-from mmsphere.data.shards import make_shards, read_sample_list
+from mmsphere.data.sample_list import read_sample_list
+from mmsphere.data.shards import make_shards
 
 
 def read_with_webdataset(pattern: str) -> dict[str, dict]:

@@ -131,7 +131,7 @@ def test_bad_input_fails_with_one_clear_message(arguments, message, run_dir, vid
     assert main([*arguments(run_dir, video_shards, tmp_path), "--out", str(out)]) == 2
     # the message is the last line; progress bars may precede it on stderr
     error = capsys.readouterr().err.rstrip("\n").split("\n")[-1].split("\r")[-1]
-    assert error.startswith("eval-retrieval: error:") and message in error
+    assert error.startswith("mmsphere eval-retrieval: error:") and message in error
     assert not out.exists()
 
 

@@ -161,5 +161,5 @@ def test_bad_input_fails_with_one_clear_message(change, message, run_dir, image_
     assert main([item for pair in arguments.items() for item in pair]) == 2
     # the message is the last line; progress bars may precede it on stderr
     error = capsys.readouterr().err.rstrip("\n").split("\n")[-1].split("\r")[-1]
-    assert error.startswith("score-ood: error:") and message in error
+    assert error.startswith("mmsphere score-ood: error:") and message in error
     assert not (tmp_path / "ood.json").exists()

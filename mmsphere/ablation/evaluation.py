@@ -1,0 +1,123 @@
+"""How the ablation judges one trained run: retrieval and geometry, OoD detection, and its learned sample weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmsphere.config import Config, MmsphereError
+from mmsphere.demo import weight_separation
+from mmsphere.eval.evaluate import evaluate_retrieval_loader
+from mmsphere.ood.evaluate import encode_image_set
+from mmsphere.ood.evaluate import evaluate_ood as evaluate_ood_sets
+from mmsphere.ood.inputs import DEFAULT_TEMPLATES
+from mmsphere.train.preflight import local_shard_paths
+
+OOD_SCORES = ("mcm", "msp", "maxlogit", "energy")  # NegLabel needs negative labels: not offered here
+
+
+@dataclasses.dataclass
+class OodSets:
+    """ID and OoD image sets (folders or image shards) and the ID class names of the zero-shot classifier."""
+
+    id_images: str
+    ood_images: dict[str, str]
+    classes: list[str]
+    templates: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    scores: tuple[str, ...] = ("mcm", "energy")
+    positive: str = "id"  # FPR@95 convention (DESIGN §4)
+
+    def check(self) -> None:
+        """Raise naming the first impossible field; local folders and shards must exist."""
+        if not self.ood_images:
+            raise MmsphereError("OoD evaluation needs at least one OoD image set (--ood NAME=DIR_OR_SHARDS)")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise MmsphereError(f"OoD evaluation needs at least 2 distinct ID classes, got {self.classes}")
+        unknown = [score for score in self.scores if score not in OOD_SCORES]
+        if unknown or not self.scores:
+            raise MmsphereError(f"OoD scores {unknown or '(none)'} are not available here; choose from {OOD_SCORES}")
+        if self.positive not in ("id", "ood"):
+            raise MmsphereError(f"positive={self.positive!r} must be 'id' or 'ood'")
+        for name, spec in [("id", self.id_images), *self.ood_images.items()]:
+            if Path(spec).is_dir():
+                continue
+            try:
+                paths = local_shard_paths(spec)
+            except ValueError:  # a glob that matches no file
+                paths = [spec]
+            if paths is not None and not all(Path(path).is_file() for path in paths):
+                raise FileNotFoundError(f"OoD image set {name}={spec!r} is neither a folder nor existing shards")
+
+
+def evaluation_settings(ood: OodSets | None, mismatched_keys: set[str] | None) -> dict[str, Any]:
+    """What a run's evaluation depended on besides its config (a saved result is reused only under the same)."""
+    keys_digest = None
+    if mismatched_keys:
+        keys_digest = hashlib.sha256("\n".join(sorted(mismatched_keys)).encode()).hexdigest()
+    settings = {"ood": None if ood is None else dataclasses.asdict(ood), "mismatched_keys_sha256": keys_digest}
+    return json.loads(json.dumps(settings))  # as it reads back from the saved file (tuples become lists)
+
+
+@torch.inference_mode()
+def evaluate_model(model: torch.nn.Module, config: Config, *, ood: OodSets | None = None,
+                   batch_size: int | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Flat metrics (``t2v/R@1``, ``geometry/...``, ``ood/<score>/<set>/AUROC``) and the per-sample OoD scores."""
+    batch_size = batch_size or config.train.batch_size
+    metrics = evaluate_retrieval_loader(model, config.data.val.urls, modality=config.data.val.modality,
+                                        frames=config.data.frames, batch_size=batch_size, progress=False)
+    metrics = {key: float(value) for key, value in metrics.items()}
+    scores: dict[str, np.ndarray] = {}
+    if ood is not None:
+        ood_metrics_found, scores = evaluate_ood(model, ood, batch_size=batch_size)
+        metrics.update(ood_metrics_found)
+    return metrics, scores
+
+
+def evaluate_ood(model: torch.nn.Module, ood: OodSets, *,
+                 batch_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """OoD metrics per score and set (and their mean over sets), plus the scores as ``{"<score>/<set>": [N]}``."""
+    # every image is encoded once, then scored by each score (at its default temperature)
+    features = {name: encode_image_set(model, spec, batch_size, 0, name)[0]
+                for name, spec in [("id", ood.id_images), *ood.ood_images.items()]}
+    metrics: dict[str, float] = {}
+    scores: dict[str, np.ndarray] = {}
+    for score in ood.scores:
+        evaluation = evaluate_ood_sets(model, features["id"], {name: features[name] for name in ood.ood_images},
+                                       ood.classes, ood.templates, score=score, positive=ood.positive)
+        scores.update({f"{score}/{name}": values.scores for name, values in evaluation.per_sample.items()})
+        for set_name, values in evaluation.metrics.items():
+            metrics.update({f"ood/{score}/{set_name}/{key}": float(value) for key, value in values.items()})
+    return metrics, scores
+
+
+def evaluate_weights(run_dir: str | os.PathLike, mismatched_keys: set[str]) -> dict[str, float]:
+    """``weights/auroc_clean_vs_mismatched`` and the mean weights of a run's ``sample_weights.jsonl`` ({} if none)."""
+    separation = weight_separation(Path(run_dir) / "sample_weights.jsonl", mismatched_keys)
+    if separation is None:
+        return {}
+    return {f"weights/{key}": float(value) for key, value in separation.items() if key != "per_key"}
+
+
+def read_mismatched_keys(path: str | os.PathLike) -> set[str]:
+    """Keys of mismatched pairs from a demo ``meta.json`` (``mismatched_keys``), a JSON list or one key per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mismatched-keys file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise MmsphereError(f"{str(path)!r} is not valid JSON: {error}") from None
+        keys = content.get("mismatched_keys") if isinstance(content, dict) else content
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+            raise MmsphereError(f"{str(path)!r} must hold a list of keys or an object with 'mismatched_keys'")
+        return set(keys)
+    return {line.strip() for line in text.splitlines() if line.strip()}

@@ -1,0 +1,111 @@
+"""The ablation's variants, read from the term registry: variant names -> config overrides -> run configs."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from mmsphere.config import Config, ConfigError, config_from_dict, config_to_dict
+from mmsphere.losses.terms import TERMS
+
+BASELINE_TERM = "angular_margin"  # the contrastive term the techniques are added to (MAMA's)
+# older command-line spellings of two variants
+ALIASES = {"margin": "angular_margin", "calunif": "calibrated_uniformity"}
+ZERO_SHOT = "zero-shot"  # the model before fine-tuning, as each seed initialises it
+
+
+def known_variants() -> dict[str, dict[str, Any]]:
+    """The variants, read from the term registry (data, not code): every registered term and meta weighting.
+
+    A contrastive term alone; any other term at its default weight on top of the baseline's
+    angular margin; ``meta``: the baseline with meta weighting; ``all``: every non-contrastive
+    term and meta weighting on the baseline. A term that needs the SigLIP bias gets the model's.
+    """
+    baseline = {BASELINE_TERM: TERMS[BASELINE_TERM].default_weight}
+    extras = {name: term.default_weight for name, term in TERMS.items() if not term.contrastive}
+    found: dict[str, dict[str, Any]] = {}
+    for name, term in TERMS.items():
+        terms = {name: term.default_weight} if term.contrastive else {**baseline, name: term.default_weight}
+        found[name] = {"loss.terms": terms, "meta.enabled": False}
+        if term.needs_logit_bias:
+            found[name]["model.init_logit_bias"] = -10.0
+    found["meta"] = {"loss.terms": dict(baseline), "meta.enabled": True}
+    found["all"] = {"loss.terms": {**baseline, **extras}, "meta.enabled": True}
+    return found
+
+
+def checked_variants(names: Sequence[str]) -> list[str]:
+    """The variant names in order; unknown, malformed or repeated names are an error."""
+    names = [name.strip() for name in names]
+    known = known_variants()
+    unknown = [name for name in names if _canonical(name.partition("@")[0]) not in known]
+    if unknown or not names:
+        raise ConfigError(f"unknown variant(s) {unknown or '(none given)'}; known: {', '.join(known)} "
+                          f"(a non-contrastive term also as NAME@WEIGHT)")
+    for name in names:
+        variant_overrides(name)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"variant(s) {repeated} are listed more than once")
+    return names
+
+
+def checked_seeds(seeds: Sequence[int]) -> list[int]:
+    """Distinct integer seeds, at least one."""
+    seeds = list(seeds)
+    if not seeds or any(isinstance(seed, bool) or not isinstance(seed, int) for seed in seeds):
+        raise ConfigError(f"seeds={seeds} must be one or more integers")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds={seeds} holds repeats")
+    return seeds
+
+
+def variant_overrides(variant: str) -> dict[str, Any]:
+    """The config overrides of a variant (see :func:`known_variants`), or of ``TERM@WEIGHT`` with that weight."""
+    name, at, weight_text = variant.partition("@")
+    known = known_variants()
+    if _canonical(name) not in known:
+        raise ConfigError(f"unknown variant {variant!r}; known: {', '.join(known)}")
+    name = _canonical(name)
+    overrides = copy.deepcopy(known[name])
+    if at:
+        if name not in TERMS or TERMS[name].contrastive:
+            extras = [term for term, term_class in TERMS.items() if not term_class.contrastive]
+            raise ConfigError(f"variant {variant!r}: only the terms added to the baseline ({', '.join(extras)}) "
+                              "take @WEIGHT (the weight of the one term they add)")
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            raise ConfigError(f"variant {variant!r}: weight {weight_text!r} is not a number") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"variant {variant!r}: weight {weight_text!r} must be a finite number > 0")
+        overrides["loss.terms"][name] = weight
+    return overrides
+
+
+def variant_config(base: Config, variant: str, seed: int, output_dir: str | os.PathLike) -> Config:
+    """``base`` with the variant's overrides, ``seed`` and ``output_dir``; resumes the run it finds there."""
+    raw = config_to_dict(base)
+    for key, value in variant_overrides(variant).items():
+        section, _, name = key.partition(".")
+        raw[section][name] = value
+    raw.update(output_dir=str(output_dir), seed=seed)
+    raw["train"]["resume"] = "latest"  # an interrupted study continues from the last checkpoint
+    try:
+        return config_from_dict(raw)
+    except ConfigError as error:
+        raise ConfigError(f"variant {variant!r}: {error}") from None
+
+
+def seeded_config(base: Config, seed: int, output_dir: str | os.PathLike) -> Config:
+    """``base`` unchanged but for ``seed`` and ``output_dir``: the ``zero-shot`` row's config."""
+    raw = config_to_dict(base)
+    raw.update(output_dir=str(output_dir), seed=seed)
+    return config_from_dict(raw)
+
+
+def _canonical(name: str) -> str:
+    return ALIASES.get(name, name)
