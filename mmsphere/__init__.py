@@ -6,12 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # import cycle: every submodule imports this package first; `import mmsphere` stays light
     from mmsphere.config import Config
 
 
 def load(run_dir: str, device: str = "cpu") -> Any:
     """Restore the trained dual encoder saved in a run directory (``model.safetensors`` + ``config.yaml``)."""
+    # import cycle: mmsphere.models imports this package; lazy also keeps `import mmsphere` free of torch
     from mmsphere.models import load_run
 
     return load_run(run_dir, device=device)
@@ -19,6 +20,7 @@ def load(run_dir: str, device: str = "cpu") -> Any:
 
 def train(config: "Config") -> Any:
     """Fine-tune from a :class:`~mmsphere.config.Config`; returns the training summary."""
+    # import cycle: mmsphere.train imports this package; lazy also keeps `import mmsphere` free of torch
     from mmsphere.train import train as _train
 
     return _train(config)

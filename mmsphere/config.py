@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import difflib
-import math
 import re
 import types
 import typing
@@ -417,7 +416,7 @@ def validate(config: Config) -> None:
             importlib.import_module(module)  # registers the user's own terms
         except ImportError as error:
             raise ConfigError(f"loss.imports: cannot import {module!r} ({error})") from None
-    # the term registry needs torch; this module stays importable without it until a config is checked
+    # import cycle: mmsphere.losses.objective/terms import mmsphere.config; also keeps this module free of torch
     from mmsphere.losses.objective import legacy_fields
     from mmsphere.losses.terms import TERMS, resolve_terms
 

@@ -21,7 +21,12 @@ import numpy as np
 import torch
 
 from mmsphere.config import Config, load_config
+from mmsphere.data.demo import build_demo_data
+from mmsphere.eval.evaluate import evaluate_retrieval
+from mmsphere.ood.evaluate import evaluate_ood
+from mmsphere.ood.metrics import auroc
 from mmsphere.plotting import line_plot, pyplot
+from mmsphere.train import train
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +44,6 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.data_only:
-        from mmsphere.data.demo import build_demo_data
-
         data_meta = build_demo_data(Path(args.out) / "data", seed=args.seed, mismatch_fraction=args.mismatch,
                                     overwrite=True, progress=True)
         print(f"{len(data_meta['mismatched_keys'])} mismatched pairs; data: {Path(args.out) / 'data'}")
@@ -55,9 +58,8 @@ def main(argv: list[str]) -> int:
 def run_demo(out: Path, config_path: str, *, mismatch_fraction: float = 0.2, seed: int = 0,
              overrides: list[str] | None = None) -> dict[str, Any]:
     """Build the data, evaluate, fine-tune, evaluate again; returns everything ``metrics.json`` holds."""
-    from mmsphere.data.demo import build_demo_data
+    # lazy: mmsphere.models imports open_clip (seconds); keeps `mmsphere demo --help` and mmsphere.ablation fast
     from mmsphere.models import create_model, load_run
-    from mmsphere.train import train
 
     started = time.time()
     data_dir, run_dir = out / "data", out / "run"
@@ -116,9 +118,6 @@ def write_report(out: Path, report: dict[str, Any], config: Config) -> tuple[Pat
 
 def evaluate(model: torch.nn.Module, config: Config, data_meta: dict[str, Any]) -> dict[str, Any]:
     """Text–video retrieval on the validation clips and MCM OoD detection on the digit images."""
-    from mmsphere.eval.evaluate import evaluate_retrieval
-    from mmsphere.ood.evaluate import evaluate_ood
-
     model.eval()
     splits = data_meta["splits"]
     retrieval = evaluate_retrieval(model, splits["val"]["urls"], modality="video", frames=config.data.frames,
@@ -135,8 +134,6 @@ def weight_separation(path: Path, mismatched: set[str]) -> dict[str, Any] | None
     A pair's weight is its mean over the second half of training, when the WeightNet has had
     time to learn; pairs seen only in the first half are left out.
     """
-    from mmsphere.ood.metrics import auroc
-
     if not path.is_file() or not mismatched:
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines()]

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the non-interactive Agg backend."""
-    import matplotlib
+    import matplotlib  # lazy: a slow import, needed only when a run draws a plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -95,6 +95,7 @@ def inspect_shards_main(argv: list[str]) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Decode every sample and print the report (or one JSON object)."""
+    # lazy: inspect imports open_clip (seconds), which `--help` and make-shards do not need
     from mmsphere.data.inspect import inspect_shards
 
     level = logging.ERROR if args.json else logging.WARNING

@@ -15,6 +15,9 @@ import torch
 
 from mmsphere.cli_errors import ArgumentParser, non_negative_int, positive_float, positive_int, run_cli
 from mmsphere.config import ConfigError, DataError
+from mmsphere.eval.evaluate import evaluate_retrieval
+from mmsphere.eval.media_list import MediaListLoader
+from mmsphere.eval.report import format_table, versions, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def run_evaluation(args: argparse.Namespace, argv: list[str]) -> int:
         raise DataError(f"--list {args.list!r} does not exist")
     if args.media_root is not None and not Path(args.media_root).is_dir():
         raise DataError(f"--media-root {args.media_root!r} is not a directory")
-    from mmsphere.eval.evaluate import evaluate_retrieval
+    # lazy: run_dir imports open_clip via mmsphere.models (seconds); keeps `--help` fast
     from mmsphere.models.run_dir import load_dual_encoder
 
     model, model_identity = load_dual_encoder(args.run, args.model, args.pretrained, args.device)
@@ -71,8 +74,6 @@ def run_evaluation(args: argparse.Namespace, argv: list[str]) -> int:
         workers=args.workers, dsl=args.dsl, dsl_temperature=args.dsl_temperature, chunk_size=args.chunk_size,
         save_sim=args.save_sim,
     )
-
-    from mmsphere.eval.report import versions, write_json
 
     results["data"].update(data_identity, frames=args.frames if args.modality == "video" else 1)
     results = {"model": model_identity, **results, "versions": versions(), "command": ["eval-retrieval", *argv]}
@@ -96,7 +97,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def list_batches(model: Any, list_file: str, media_root: str | None, *, modality: str, frames: int, batch_size: int,
                  workers: int) -> tuple[Any, dict[str, Any]]:
     """Evaluation batches of a media list (CSV/JSONL or the MSR-VTT 1k-A CSV) and its identity."""
-    from mmsphere.eval.media_list import MediaListLoader
+    # lazy: run_dir imports open_clip via mmsphere.models (seconds); keeps `--help` fast
     from mmsphere.models.run_dir import file_sha256
 
     batches = MediaListLoader(list_file, media_root, modality=modality, frames=frames, image_size=model.image_size,
@@ -110,8 +111,6 @@ def list_batches(model: Any, list_file: str, media_root: str | None, *, modality
 
 def format_results(results: dict[str, Any]) -> str:
     """The terminal report: metrics table (DSL rows labelled), set sizes, tie rule and geometry."""
-    from mmsphere.eval.report import format_table
-
     labels = {"t2v": "t2v (text->video)", "v2t": "v2t (video->text)",
               "t2v_dsl": "t2v + DSL post-processing", "v2t_dsl": "v2t + DSL post-processing"}
     rows = []

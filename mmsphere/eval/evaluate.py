@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from mmsphere.config import MmsphereError
+from mmsphere.data import build_eval_loader
+from mmsphere.data.stats import skipped_counts
 from mmsphere.eval.encode import EncodedEvalSet, encode_eval_set
 from mmsphere.eval.geometry import geometry_diagnostics
 from mmsphere.eval.report import sibling, write_json
@@ -150,8 +152,6 @@ def _eval_batches(model: torch.nn.Module, data: str | Iterable[dict[str, Any]], 
                   batch_size: int, workers: int) -> Iterable[dict[str, Any]]:
     if not isinstance(data, str):
         return data
-    from mmsphere.data import build_eval_loader
-
     if modality not in ("video", "image"):
         raise ValueError(f"modality={modality!r} must be 'video' or 'image'")
     return build_eval_loader(
@@ -167,6 +167,4 @@ def _eval_batches(model: torch.nn.Module, data: str | Iterable[dict[str, Any]], 
 
 
 def _skipped_counts() -> dict[str, int]:
-    from mmsphere.data.stats import skipped_counts
-
     return skipped_counts()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mmsphere.eval.retrieval import ArrayLike
+from mmsphere.losses.functional import alignment
 
 # the pairwise pass keeps about four fp64 temporaries of one chunk alive: 2**22 elements each
 # bounds it near 128 MB whatever the set size
@@ -44,8 +45,6 @@ def geometry_diagnostics(
     describes image i). Angles are in degrees; the negative angle averages every non-matching
     (image, caption) pair.
     """
-    from mmsphere.losses.functional import alignment
-
     images = checked_features(image_features, "image_features")
     texts = checked_features(text_features, "text_features")
     if images.shape[1] != texts.shape[1]:

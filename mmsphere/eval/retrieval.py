@@ -281,7 +281,7 @@ def topk_search(
     virtual machines one thread can be the fastest, see BENCHMARKS.md).
     Returns ``(scores [Q, k] float32, indices [Q, k] int64)``, best first.
     """
-    import faiss
+    import faiss  # lazy: a slow import (native library), needed only for top-k search
 
     queries = _features_for_faiss(query_features, "query_features")
     gallery = _features_for_faiss(gallery_features, "gallery_features")

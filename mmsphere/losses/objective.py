@@ -27,7 +27,6 @@ on every rank, so all ranks take the same decision on a non-finite step.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Callable
 

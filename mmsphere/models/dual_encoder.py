@@ -8,18 +8,14 @@ keyword arguments of the objective: ``image_features``, ``text_features`` and ``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from mmsphere.config import ConfigError, ModelConfig
+from mmsphere.config import Config, ConfigError, ModelConfig
 from mmsphere.models.temporal import build_temporal_head
-
-if TYPE_CHECKING:
-    from mmsphere.config import Config
 
 TOWERS = ("image", "text", "temporal", "logit_scale")
 META_PARAMETER_MODES = ("all", "last_blocks", "heads")

@@ -20,6 +20,7 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+from open_clip.pretrained import download_pretrained_from_hf
 from torch import nn
 
 from mmsphere.config import ConfigError, DataError, MmsphereError, ModelConfig
@@ -237,8 +238,6 @@ def _directory_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def _download_hf_hub(model_id: str) -> tuple[Path, dict[str, Any]]:
-    from open_clip.pretrained import download_pretrained_from_hf
-
     try:
         checkpoint = download_pretrained_from_hf(model_id)
         config_path = download_pretrained_from_hf(model_id, filename=DIRECTORY_CONFIG)

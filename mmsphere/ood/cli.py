@@ -9,22 +9,23 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mmsphere.cli_errors import ArgumentParser, non_negative_int, positive_int, run_cli
 from mmsphere.config import ConfigError
-
-if TYPE_CHECKING:
-    from mmsphere.ood.evaluate import OodEvaluation
+from mmsphere.eval.cli import add_model_arguments
+from mmsphere.eval.report import format_table, versions, write_json
+from mmsphere.ood.evaluate import OodEvaluation, evaluate_ood, read_prompts
+from mmsphere.ood.inputs import parse_ood_sets
+from mmsphere.ood.metrics import METRIC_KEYS
+from mmsphere.ood.report import write_ood_report
+from mmsphere.ood.scores import SCORES
 
 logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str]) -> int:
     """Score an ID image set against one or more OoD sets with a zero-shot classifier over --classes."""
-    from mmsphere.eval.cli import add_model_arguments
-    from mmsphere.ood.scores import SCORES
-
     parser = ArgumentParser(prog="mmsphere score-ood", description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     parser.add_argument("--id", required=True, metavar="DIR_OR_SHARDS", help="in-distribution images")
@@ -50,9 +51,6 @@ def run_scoring(args: argparse.Namespace, argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     results, evaluation = score_ood(args)
 
-    from mmsphere.eval.report import versions, write_json
-    from mmsphere.ood.report import write_ood_report
-
     results.update(versions=versions(), command=["score-ood", *argv])
     outputs = write_ood_report(args.out, evaluation)
     results["outputs"] = {name: str(path) for name, path in outputs.items()}
@@ -65,9 +63,8 @@ def run_scoring(args: argparse.Namespace, argv: list[str]) -> int:
 
 def score_ood(args: argparse.Namespace) -> tuple[dict[str, Any], OodEvaluation]:
     """The arguments checked, the model loaded and :func:`evaluate_ood` run; the results JSON without outputs."""
+    # lazy: run_dir imports open_clip via mmsphere.models (seconds); keeps `--help` fast
     from mmsphere.models.run_dir import load_dual_encoder
-    from mmsphere.ood.evaluate import evaluate_ood, read_prompts
-    from mmsphere.ood.inputs import parse_ood_sets
 
     # inputs are read and checked before the model loads, so a typo fails in a second
     ood_sets = parse_ood_sets(args.ood)
@@ -106,9 +103,6 @@ def score_ood(args: argparse.Namespace) -> tuple[dict[str, Any], OodEvaluation]:
 
 def format_results(results: dict[str, Any]) -> str:
     """The terminal report: per-set and mean metrics (percent) with the convention."""
-    from mmsphere.eval.report import format_table
-    from mmsphere.ood.metrics import METRIC_KEYS
-
     rows = []
     for name, metrics in results["metrics"].items():
         count = results["ood"][name]["num_samples"] if name != "mean" else ""

@@ -18,7 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mmsphere.config import MmsphereError
-from mmsphere.ood.inputs import read_names, read_templates
+from mmsphere.data.stats import skipped_counts
+from mmsphere.eval.encode import encode_texts
+from mmsphere.ood.inputs import image_batches, read_names, read_templates
 from mmsphere.ood.metrics import CONVENTIONS, mean_metrics, ood_metrics
 from mmsphere.ood.scores import DEFAULT_TEMPERATURE, SCORES, cosine_logits, ood_score
 
@@ -199,8 +201,6 @@ def image_set_features(model: Any, data: ImageSet, set_name: str, batch_size: in
 @torch.inference_mode()
 def prompt_features(model: Any, names: list[str], templates: list[str]) -> torch.Tensor:
     """Zero-shot class embeddings (CLIP prompt ensembling): mean of the unit-norm template embeddings, renormalised."""
-    from mmsphere.eval.encode import encode_texts
-
     prompts = [template.format(name) for name in names for template in templates]
     features = encode_texts(model, prompts).view(len(names), len(templates), -1).mean(dim=1)
     return torch.nn.functional.normalize(features, dim=1)
@@ -210,9 +210,6 @@ def prompt_features(model: Any, names: list[str], templates: list[str]) -> torch
 def encode_image_set(model: Any, spec: str, batch_size: int, workers: int,
                      set_name: str) -> tuple[torch.Tensor, list[str], list[str | None], dict[str, int]]:
     """Unit-norm features, sample names, folder classes and skip counts of an image folder or image shards."""
-    from mmsphere.data.stats import skipped_counts
-    from mmsphere.ood.inputs import image_batches
-
     device = next(model.parameters()).device
     skipped: dict[str, int] = {}
     before = skipped_counts()

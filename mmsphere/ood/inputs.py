@@ -18,6 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmsphere.config import DataError, MmsphereError
+from mmsphere.data import build_eval_loader
+from mmsphere.data.decode import DecodeError, decode_image
+from mmsphere.data.transforms import to_model_frames
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +123,6 @@ class _ImageFolderDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str | None] | tuple[None, str, str]:
-        from mmsphere.data.decode import DecodeError, decode_image
-        from mmsphere.data.transforms import to_model_frames
-
         path, label = self.items[index]
         try:
             pixels = decode_image(path.read_bytes())
@@ -166,8 +166,6 @@ def image_batches(
                 yield ImageBatch(torch.stack([image for image, _, _ in good]), [name for _, name, _ in good],
                                  [label for _, _, label in good])
         return
-    from mmsphere.data import build_eval_loader
-
     for batch in build_eval_loader(spec, "image", frames=1, image_size=image_size, image_mean=image_mean,
                                    image_std=image_std, batch_size=batch_size, workers=workers):
         yield ImageBatch(batch["frames"][:, 0], list(batch["key"]), [None] * len(batch["key"]))

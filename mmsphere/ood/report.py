@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mmsphere.eval.report import sibling
 from mmsphere.ood.evaluate import OodEvaluation
+from mmsphere.ood.metrics import roc_curve
 
 
 def write_ood_report(results_path: str | os.PathLike, evaluation: OodEvaluation) -> dict[str, Path]:
     """Write ``<results>.scores.csv``, ``<results>.roc.png`` and ``<results>.hist.png`` beside the results JSON."""
-    from mmsphere.eval.report import sibling
-
     return {
         "scores_csv": write_scores_csv(sibling(results_path, ".scores.csv"), evaluation),
         "roc_png": plot_roc(sibling(results_path, ".roc.png"), evaluation),
@@ -36,9 +36,7 @@ def write_scores_csv(path: Path, evaluation: OodEvaluation) -> Path:
 
 def plot_roc(path: Path, evaluation: OodEvaluation) -> Path:
     """ROC curve of every OoD set against the ID set, FPR@95 marked."""
-    from matplotlib.figure import Figure
-
-    from mmsphere.ood.metrics import roc_curve
+    from matplotlib.figure import Figure  # lazy: matplotlib is a slow import, needed only when plotting
 
     positive = evaluation.positive
     figure = Figure(figsize=(5.5, 5), layout="constrained")
@@ -65,7 +63,7 @@ def plot_roc(path: Path, evaluation: OodEvaluation) -> Path:
 
 def plot_histogram(path: Path, evaluation: OodEvaluation) -> Path:
     """Score distributions of the ID set and every OoD set on shared bins (higher = more ID)."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib is a slow import, needed only when plotting
 
     every_score = np.concatenate([values.scores for values in evaluation.per_sample.values()])
     bins = np.histogram_bin_edges(every_score, bins=50)

@@ -8,6 +8,7 @@ import logging
 
 from mmsphere.cli_errors import ArgumentParser, run_cli
 from mmsphere.config import load_config
+from mmsphere.train import train
 
 
 def main(argv: list[str] | None) -> int:
@@ -22,7 +23,5 @@ def run_training(args: argparse.Namespace) -> int:
     """Load and validate the config, then train and print the summary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config, args.overrides)
-    from mmsphere.train import train
-
     print(json.dumps(train(config), indent=2))
     return 0

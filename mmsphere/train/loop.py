@@ -22,6 +22,9 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_s
 from tqdm.auto import tqdm
 
 from mmsphere.config import Config, ConfigError, MmsphereError
+from mmsphere.data import build_train_stream, stats
+from mmsphere.eval.evaluate import evaluate_retrieval_loader
+from mmsphere.losses import Objective
 from mmsphere.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 from mmsphere.train.preflight import check_data_sources, check_output_dir, write_run_config
@@ -39,8 +42,7 @@ class NonFiniteLossError(MmsphereError, RuntimeError):
 
 def train(config: Config) -> dict[str, Any]:
     """Fine-tune the dual encoder described by ``config``; returns the run summary."""
-    from mmsphere.data import build_train_stream, stats
-    from mmsphere.losses import Objective
+    # lazy: mmsphere.models imports open_clip (seconds); `mmsphere train --help` imports this package
     from mmsphere.models import create_model, save_run
 
     # a caller that set up torch.distributed itself (a test harness, a sweep over runs) keeps its
@@ -295,8 +297,6 @@ def _skipped_everywhere(counts: dict[str, int]) -> dict[str, int]:
 
 def validate(network: torch.nn.Module, config: Config, accelerator: Accelerator) -> dict[str, float]:
     """Retrieval metrics on the validation stream (main process; others wait)."""
-    from mmsphere.eval.evaluate import evaluate_retrieval_loader
-
     metrics: dict[str, float] = {}
     if accelerator.is_main_process:
         was_training = network.training

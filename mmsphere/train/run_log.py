@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+from accelerate.utils import LoggerType, gather_object
 
 from mmsphere.config import Config, ConfigError, config_to_dict
 
@@ -29,9 +30,6 @@ _PACKAGES = {"aim": '"aim<4"'}  # accelerate's AimTracker needs aim 3.x
 
 def check_trackers(names: Sequence[str], key: str = "train.report_to") -> None:
     """Raise :class:`ConfigError` for a tracker accelerate does not know (closest name suggested) or lacks."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-    from accelerate.utils import LoggerType
-
     known = sorted(LOGGER_TYPE_TO_CLASS)
     installed = {str(tracker) for tracker in get_available_trackers()}
     for index, name in enumerate(names):

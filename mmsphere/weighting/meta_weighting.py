@@ -8,6 +8,7 @@ import torch
 
 from mmsphere.config import Config
 from mmsphere.losses import Objective
+from mmsphere.plotting import line_plot  # imports matplotlib only when a plot is drawn
 from mmsphere.weighting.meta import MetaStepResult, meta_step
 from mmsphere.weighting.weight_net import WeightNet
 
@@ -51,8 +52,6 @@ class MetaWeighting:
 
     def plot_curve(self, path: Path, max_loss: float) -> None:
         """Save the learned weighting curve ℓ → V(ℓ) as a PNG."""
-        from mmsphere.plotting import line_plot  # matplotlib only when a run ends
-
         device = next(self.weight_net.parameters()).device
         losses = torch.linspace(0.0, max(max_loss, 1e-3) * 1.1, 200, device=device)
         with torch.no_grad():
