@@ -56,7 +56,6 @@ def test_weight_net_matches_formula():
     w2, b2 = net.output.weight[0], net.output.bias[0]
     expected = torch.stack([torch.sigmoid((w2 * torch.relu(w1 * loss + b1)).sum() + b2) for loss in losses])
     assert torch.allclose(net(losses).double(), expected)
-    assert ((net(losses) > 0) & (net(losses) < 1)).all()
 
 
 def test_weight_net_rejects_bad_shape():
@@ -118,7 +117,18 @@ def test_meta_gradient_matches_finite_differences(names):
     for name, parameter in model.named_parameters():  # the virtual step never touches the model
         assert torch.equal(parameter.detach(), model_before[name])
         assert parameter.grad is None
-    assert 0 < result.weight_mean < 1
+    # the reported mean weight is that of the WeightNet (before its update) on the train batch's losses
+    outputs = model(**train_inputs)
+    _, per_sample = weighted_contrastive(outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
+                                         None)
+    theta_params, offset = {}, 0
+    for name, parameter in weight_net.named_parameters():
+        theta_params[name] = theta[offset:offset + parameter.numel()].view_as(parameter)
+        offset += parameter.numel()
+    from torch.func import functional_call
+
+    expected_mean = functional_call(weight_net, theta_params, (per_sample.detach(),)).mean().item()
+    assert result.weight_mean == pytest.approx(expected_mean, rel=1e-9)
 
 
 def test_meta_step_rejects_unknown_parameter():
