@@ -41,7 +41,7 @@ def make_runner(variant: str, args):
         "loss": {"terms": {"angular_margin": 1.0}},
         "meta": {"enabled": variant != "no_meta", "interval": 1, "params": args.params,
                  "gradient": "jvp" if variant == "no_meta" else variant},
-        "train": {"batch_size": args.clips, "lr": 1e-5, "warmup_steps": 0, "max_steps": 10**6,
+        "train": {"batch_size": args.clips, "lr": 1e-5, "warmup_steps": 0, "max_steps": 10**6, "grad_clip": None,
                   "cpu": args.device == "cpu", "precision": "no"},
     })
     network = create_model(config.model).to(args.device)
