@@ -68,6 +68,10 @@ class DataConfig:
     fast_decode: bool = False  # seek to the nearest keyframe instead of exact decoding (train only)
     random_offset: bool = False  # random-offset segments instead of linspace frames (train only)
     epoch_samples: int = 10000  # length of a virtual epoch, in samples per process
+    # frozen trunks (model.trainable=heads): encode each sample once into a feature cache next to the
+    # shards and train, validate and evaluate the heads from it (mmsphere.cache; `mmsphere cache`)
+    feature_cache: bool = False
+    feature_cache_dir: str | None = None  # None = beside each shard folder, in features/<fingerprint>/
 
 
 @dataclass

@@ -38,6 +38,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmsphere.cache.samples import CachedRaw, CachedSample, cached_reader
+from mmsphere.cache.store import FeatureCache
 from mmsphere.config import ConfigError, DataConfig, MmsphereError, SourceConfig
 from mmsphere.data.reader import check_shards, read_tar_samples, resampled_shards, shuffled, split_shards, stream_seed
 from mmsphere.data.decode import DecodeError
@@ -62,6 +64,7 @@ class _Source:
     weight: float
     urls: tuple[str, ...]
     options: DecodeOptions
+    cache: FeatureCache | None = None  # read trunk features from here instead of decoding
 
 
 def build_train_stream(
@@ -79,6 +82,7 @@ def build_train_stream(
     epoch: int = 0,
     split: str = "train",
     skipped: SkipTally | None = None,
+    feature_caches: dict[str, FeatureCache] | None = None,
 ) -> TrainStream:
     """One rank's stream of homogeneous training batches, interleaving ``sources`` by weight.
 
@@ -86,6 +90,9 @@ def build_train_stream(
     "caption", "group", "skipped"}`` (images: ``T = 1``; ``group``: each sample's group id). ``split`` names the stream (``"train"``,
     ``"meta"``) and enters its seeds, so two streams over the same shards draw differently.
     ``skipped``: where this run's skip counts go (besides the process-wide totals).
+    ``feature_caches``: per modality, a feature cache to read instead of decoding; the batches of such
+    a source hold ``image_trunk [B,...]`` (images) or ``frame_trunk [B,T,...]`` + ``frame_mask``, and
+    ``text_trunk [B,...]`` instead of pixels and tokens, the same samples and captions otherwise.
     """
     if not sources:
         raise ConfigError(f"{split} stream: no data source given (data.train is empty?)")
@@ -124,7 +131,8 @@ def build_train_stream(
             fast=data.fast_decode,
             random_offset=data.random_offset,
         )
-        resolved.append(_Source(name, source.modality, float(source.weight), tuple(urls), options))
+        cache = (feature_caches or {}).get(source.modality)
+        resolved.append(_Source(name, source.modality, float(source.weight), tuple(urls), options, cache))
     return TrainStream(
         resolved,
         tokenizer=tokenizer,
@@ -304,6 +312,7 @@ class _TrainDataset(IterableDataset):
                 batch = collate_train(
                     [item.sample for item in numbered],
                     [item.caption for item in numbered],
+                    [item.choice for item in numbered],
                     source=source.name,
                     modality=source.modality,
                     tokenizer=stream.tokenizer,
@@ -325,10 +334,11 @@ class _TrainDataset(IterableDataset):
         ids = (stream.seed, stream.split, self.epoch, stream.rank, worker, index)
         shuffle_rng = random.Random(stream_seed(*ids, "shuffle"))
         decoder = _Decoder(source.options, counter, stream_seed(*ids, "decode"), stream_seed(*ids, "captions"))
+        reader = cached_reader(source.cache) if source.cache is not None else read_tar_samples
         if stream.resampled:
             guard = _StallGuard(source, len(source.urls), stream.shuffle_buffer, counter)
             shards = functools.partial(resampled_shards, source.urls, stream_seed(*ids, "shards"))
-            raws = _raw_pipeline(shards, counter, stream.shuffle_buffer, shuffle_rng, guard)
+            raws = _raw_pipeline(shards, counter, stream.shuffle_buffer, shuffle_rng, guard, reader)
             decoded = (decoder(raw, position) for position, raw in enumerate(raws, 1))
             yield from guard.count_decoded(item for item in decoded if item is not None)
             return
@@ -338,7 +348,7 @@ class _TrainDataset(IterableDataset):
             order = shuffled(source.urls, stream_seed(stream.seed, stream.split, self.epoch, repetition, index))
             mine = split_shards(order, stream.rank, stream.world_size, worker, num_workers)
             passed_over, decoded = position < skip, 0
-            for raw in _raw_pipeline(mine, counter, stream.shuffle_buffer, shuffle_rng):
+            for raw in _raw_pipeline(mine, counter, stream.shuffle_buffer, shuffle_rng, reader=reader):
                 position += 1
                 if position <= skip:
                     continue
@@ -359,8 +369,9 @@ class _Numbered:
     """A decoded sample, its caption for this epoch, and how many raw samples its source had given up to it."""
 
     position: int
-    sample: Sample
+    sample: Sample | CachedSample
     caption: str
+    choice: int  # the caption's index among the sample's captions
 
 
 class _Decoder:
@@ -376,10 +387,13 @@ class _Decoder:
         self.decode_seed = decode_seed
         self.caption_seed = caption_seed
 
-    def __call__(self, raw: RawSample, position: int) -> _Numbered | None:
+    def __call__(self, raw: RawSample | CachedRaw, position: int) -> _Numbered | None:
         rng = np.random.default_rng([self.decode_seed, position]) if self.options.random_offset else None
         try:
-            sample = decode_sample(raw, self.options, rng)
+            if isinstance(raw, CachedRaw):
+                sample = raw.decode(self.options.modality)
+            else:
+                sample = decode_sample(raw, self.options, rng)
         except DecodeError as error:
             self.counter.record(error.reason, key=raw.key, url=raw.url, detail=error.detail)
             return None
@@ -387,7 +401,7 @@ class _Decoder:
         if len(sample.captions) > 1:
             # random.Random seeds from an int in microseconds; a numpy generator takes ~40 µs
             choice = random.Random((self.caption_seed << 64) | position).randrange(len(sample.captions))
-        return _Numbered(position, sample, sample.captions[choice])
+        return _Numbered(position, sample, sample.captions[choice], choice)
 
 
 class _StallGuard:
@@ -431,13 +445,14 @@ def _raw_pipeline(
     shuffle_buffer: int,
     shuffle_rng: random.Random,
     guard: _StallGuard | None = None,
+    reader: Callable[..., Iterator] = read_tar_samples,
 ) -> wds.DataPipeline:
-    """Shards -> tolerant tar reader -> shuffle buffer: raw samples, not decoded (cheap to replay on resume)."""
+    """Shards -> tolerant tar reader (or a feature cache's reader) -> shuffle buffer: raw samples, not decoded."""
     # DataPipeline would splice a list argument in as stages: hand it a callable that yields URLs
     first = shards if callable(shards) else functools.partial(iter, list(shards))
     return wds.DataPipeline(
         first,
-        functools.partial(read_tar_samples, counter=counter, on_shard_end=guard.shard_done if guard else None),
+        functools.partial(reader, counter=counter, on_shard_end=guard.shard_done if guard else None),
         guard.count_raw if guard else None,
         wds.shuffle(shuffle_buffer, initial=min(SHUFFLE_INITIAL, shuffle_buffer), rng=shuffle_rng)
         if shuffle_buffer > 1
@@ -446,15 +461,29 @@ def _raw_pipeline(
 
 
 def collate_train(
-    samples: list[Sample],
+    samples: list[Sample] | list[CachedSample],
     captions: list[str],
+    choices: list[int],
     *,
     source: str,
     modality: str,
     tokenizer: Tokenizer,
     skipped: dict[str, int],
 ) -> dict:
-    """Stack decoded samples into a training batch with the caption drawn for each, tokenised."""
+    """Stack decoded samples into a training batch with the caption drawn for each, tokenised (or its text trunk features)."""
+    if samples and isinstance(samples[0], CachedSample):
+        visual = "image_trunk" if modality == "image" else "frame_trunk"
+        return {
+            "key": [sample.key for sample in samples],
+            "source": source,
+            "modality": modality,
+            visual: torch.stack([sample.trunk for sample in samples]),
+            "frame_mask": torch.stack([sample.frame_mask for sample in samples]),
+            "text_trunk": torch.stack([sample.caption_trunk[choice] for sample, choice in zip(samples, choices)]),
+            "caption": list(captions),
+            "group": [sample.group for sample in samples],
+            "skipped": skipped,
+        }
     return {
         "key": [sample.key for sample in samples],
         "source": source,
@@ -478,12 +507,15 @@ def build_eval_loader(
     image_std: Sequence[float],
     batch_size: int,
     workers: int = 0,
+    feature_cache: FeatureCache | None = None,
 ) -> EvalLoader:
     """Every sample of the shards once, decoded exactly, with all of its captions (not tokenised).
 
     Batches: ``{"key", "modality", "frames" [B,T,3,H,W], "frame_mask" [B,T], "captions": list[list[str]],
     "skipped"}``; the last batch may be smaller. Shards are read in order (with workers, each worker
-    reads every ``workers``-th shard).
+    reads every ``workers``-th shard). With ``feature_cache``, ``image_trunk [B,...]`` or
+    ``frame_trunk [B,T,...]`` replace ``frames``, and ``caption_trunk`` holds each sample's text
+    trunk features ``[n_captions, ...]``.
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality={modality!r} must be one of {MODALITIES}")
@@ -501,17 +533,19 @@ def build_eval_loader(
         image_std=tuple(image_std),
         modality=modality,
     )
-    return EvalLoader(shard_urls, options, batch_size, min(workers, len(shard_urls)))
+    return EvalLoader(shard_urls, options, batch_size, min(workers, len(shard_urls)), feature_cache)
 
 
 class EvalLoader:
     """Iterable over evaluation batches (see :func:`build_eval_loader`)."""
 
-    def __init__(self, urls: list[str], options: DecodeOptions, batch_size: int, workers: int):
+    def __init__(self, urls: list[str], options: DecodeOptions, batch_size: int, workers: int,
+                 feature_cache: FeatureCache | None = None):
         self.urls = urls
         self.options = options
         self.batch_size = batch_size
         self.workers = workers
+        self.feature_cache = feature_cache
 
     def __iter__(self) -> Iterator[dict]:
         yield from _deliver(_EvalDataset(self), self.workers)
@@ -527,14 +561,36 @@ class _EvalDataset(IterableDataset):
         worker, num_workers = _worker_info()
         counter = SkipCounter()
         shards = split_shards(loader.urls, 0, 1, worker, num_workers)
-        samples = decode_samples(read_tar_samples(shards, counter), loader.options, counter)
+        if loader.feature_cache is not None:
+            samples = _cached_samples(cached_reader(loader.feature_cache)(shards, counter), loader.options.modality,
+                                      counter)
+        else:
+            samples = decode_samples(read_tar_samples(shards, counter), loader.options, counter)
         while batch := list(itertools.islice(samples, loader.batch_size)):
             yield collate_eval(batch, modality=loader.options.modality, skipped=counter.drain())
         yield SkipReport(counter.drain())
 
 
-def collate_eval(samples: list[Sample], *, modality: str, skipped: dict[str, int]) -> dict:
+def _cached_samples(raws: Iterable[CachedRaw], modality: str, counter: SkipCounter) -> Iterator[CachedSample]:
+    for raw in raws:
+        try:
+            yield raw.decode(modality)
+        except DecodeError as error:
+            counter.record(error.reason, key=raw.key, url=raw.url, detail=error.detail)
+
+
+def collate_eval(samples: list[Sample] | list[CachedSample], *, modality: str, skipped: dict[str, int]) -> dict:
     """Stack decoded samples into an evaluation batch, keeping every caption."""
+    if samples and isinstance(samples[0], CachedSample):
+        return {
+            "key": [sample.key for sample in samples],
+            "modality": modality,
+            "image_trunk" if modality == "image" else "frame_trunk": torch.stack([sample.trunk for sample in samples]),
+            "frame_mask": torch.stack([sample.frame_mask for sample in samples]),
+            "captions": [list(sample.captions) for sample in samples],
+            "caption_trunk": [sample.caption_trunk for sample in samples],
+            "skipped": skipped,
+        }
     return {
         "key": [sample.key for sample in samples],
         "modality": modality,

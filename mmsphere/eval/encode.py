@@ -73,6 +73,7 @@ def encode_eval_set(
     captions: list[str] = []
     caption_to_video: list[int] = []
     image_features: list[torch.Tensor] = []
+    caption_trunks: list[torch.Tensor] = []  # from a feature cache: the text trunk features of ``captions``
     modality = None
     try:
         for batch in tqdm(batches, desc=f"{description} (visual)", unit="batch", disable=not progress):
@@ -95,11 +96,17 @@ def encode_eval_set(
                 caption_to_video.extend([len(keys)] * len(sample_captions))
                 keys.append(key)
                 captions.extend(sample_captions)
+            caption_trunks.extend(batch.get("caption_trunk", []))
             image_features.append(features)
         if not keys:
             raise MmsphereError("the evaluation set produced no sample (empty, or every sample was skipped)")
-        text_features = encode_texts(model, captions, batch_size=text_batch_size, progress=progress,
-                                     description=f"{description} (text)")
+        if caption_trunks:
+            text_trunk = torch.cat(caption_trunks)
+            text_features = torch.cat([model.encode_text_trunk(text_trunk[start:start + text_batch_size].to(device))
+                                       .float().cpu() for start in range(0, len(text_trunk), text_batch_size)])
+        else:
+            text_features = encode_texts(model, captions, batch_size=text_batch_size, progress=progress,
+                                         description=f"{description} (text)")
     finally:
         model.train(was_training)
     return EncodedEvalSet(
@@ -118,6 +125,10 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _encode_visual(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    if "image_trunk" in batch:
+        return model.encode_image_trunk(batch["image_trunk"].to(device)).float().cpu()
+    if "frame_trunk" in batch:
+        return model.encode_video_trunk(batch["frame_trunk"].to(device), batch["frame_mask"].to(device)).float().cpu()
     frames = batch["frames"].to(device, non_blocking=True)
     if batch["modality"] == "image":
         features = model.encode_image(frames[:, 0])

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmsphere.cache.store import FeatureCache
 from mmsphere.config import MmsphereError
 from mmsphere.data import build_eval_loader
 from mmsphere.data.stats import skipped_counts
@@ -44,6 +45,7 @@ def evaluate_retrieval(
     chunk_size: int | None = None,
     save_sim: str | os.PathLike | None = None,
     progress: bool = True,
+    feature_cache: FeatureCache | None = None,
 ) -> dict[str, Any]:
     """Text→video and video→text retrieval metrics, geometry diagnostics and set sizes (DESIGN §4).
 
@@ -51,6 +53,7 @@ def evaluate_retrieval(
     evaluation batches, or an already encoded set. ``dsl`` adds dual-softmax rows
     (``dsl_temperature`` ``None`` = 1 / the model's logit scale). ``save_sim`` writes the
     ``[captions, videos]`` similarity matrix (``.npy``) and ``<stem>.keys.json`` beside it.
+    ``feature_cache``: read the shards' trunk features from it instead of decoding (frozen trunks).
     Returns a JSON-ready dict.
     """
     if save_sim is not None and Path(save_sim).suffix != ".npy":
@@ -59,7 +62,8 @@ def evaluate_retrieval(
     if isinstance(data, EncodedEvalSet):
         encoded = data
     else:
-        batches = _eval_batches(model, data, modality=modality, frames=frames, batch_size=batch_size, workers=workers)
+        batches = _eval_batches(model, data, modality=modality, frames=frames, batch_size=batch_size, workers=workers,
+                                feature_cache=feature_cache)
         encoded = encode_eval_set(model, batches, progress=progress)
     if dsl and dsl_temperature is None:
         dsl_temperature = 1.0 / float(model.log_logit_scale.detach().exp())
@@ -138,10 +142,11 @@ def evaluate_retrieval_loader(
     batch_size: int = 16,
     workers: int = 0,
     progress: bool = False,
+    feature_cache: FeatureCache | None = None,
 ) -> dict[str, float]:
     """Flat ``{"t2v/R@1": ..., "geometry/alignment": ...}`` metrics of a shard set, for training-time validation."""
     results = evaluate_retrieval(model, urls, modality=modality, frames=frames, batch_size=batch_size,
-                                 workers=workers, progress=progress)
+                                 workers=workers, progress=progress, feature_cache=feature_cache)
     flat = {f"{direction}/{name}": value for direction, values in results["metrics"].items()
             for name, value in values.items()}
     flat.update({f"geometry/{name}": value for name, value in results["geometry"].items()})
@@ -149,7 +154,7 @@ def evaluate_retrieval_loader(
 
 
 def _eval_batches(model: torch.nn.Module, data: str | Iterable[dict[str, Any]], *, modality: str, frames: int,
-                  batch_size: int, workers: int) -> Iterable[dict[str, Any]]:
+                  batch_size: int, workers: int, feature_cache: FeatureCache | None = None) -> Iterable[dict[str, Any]]:
     if not isinstance(data, str):
         return data
     if modality not in ("video", "image"):
@@ -163,6 +168,7 @@ def _eval_batches(model: torch.nn.Module, data: str | Iterable[dict[str, Any]], 
         image_std=model.image_std,
         batch_size=batch_size,
         workers=workers,
+        feature_cache=feature_cache,
     )
 
 

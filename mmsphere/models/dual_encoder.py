@@ -7,7 +7,8 @@ keyword arguments of the objective: ``image_features``, ``text_features`` and ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ class DualEncoder(nn.Module):
         self.image_std = tuple(float(value) for value in image_std)
         self.context_length = context_length
         self.run_config: Config | None = None  # set by load_run
-        heads = self._head_prefixes()
+        heads = self.head_prefixes()
         for name, parameter in self.named_parameters():
             tower = self.tower_of(name)
             if (tower == "image" and config.freeze_image) or (tower == "text" and config.freeze_text):
@@ -106,32 +107,49 @@ class DualEncoder(nn.Module):
 
     def forward(
         self,
-        text: torch.Tensor,
+        text: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
         frames: torch.Tensor | None = None,
         frame_mask: torch.Tensor | None = None,
+        *,
+        text_trunk: torch.Tensor | None = None,
+        image_trunk: torch.Tensor | None = None,
+        frame_trunk: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Features of a batch of pairs: ``image_features``, ``text_features`` and the multiplier ``logit_scale``.
 
-        Pass exactly one of ``images [B, 3, H, W]`` or ``frames [B, T, 3, H, W]`` (+ ``frame_mask``).
+        Pass one text input (``text [B, L]`` token ids, or ``text_trunk``) and one visual input
+        (``images [B, 3, H, W]``, ``frames [B, T, 3, H, W]`` + ``frame_mask``, or their trunk
+        features ``image_trunk [B, ...]`` / ``frame_trunk [B, T, ...]`` + ``frame_mask`` from a
+        feature cache: then only the heads run).
         """
-        if (images is None) == (frames is None):
-            raise ValueError("pass exactly one of images [B, 3, H, W] or frames [B, T, 3, H, W]")
-        if images is not None and frame_mask is not None:
-            raise ValueError("frame_mask goes with frames, not with images")
-        visual = images if images is not None else frames
-        if text.ndim >= 1 and visual.ndim >= 1 and text.shape[0] != visual.shape[0]:
+        if (text is None) == (text_trunk is None):
+            raise ValueError("pass exactly one of text [B, L] or text_trunk [B, ...]")
+        visuals = {"images": images, "frames": frames, "image_trunk": image_trunk, "frame_trunk": frame_trunk}
+        given = [name for name, value in visuals.items() if value is not None]
+        if len(given) != 1:
+            raise ValueError("pass exactly one of images [B, 3, H, W], frames [B, T, 3, H, W], image_trunk or "
+                             f"frame_trunk; got {given or 'none'}")
+        visual_name = given[0]
+        if frame_mask is not None and visual_name not in ("frames", "frame_trunk"):
+            raise ValueError(f"frame_mask goes with frames or frame_trunk, not with {visual_name}")
+        visual, textual = visuals[visual_name], text if text is not None else text_trunk
+        if textual.ndim >= 1 and visual.ndim >= 1 and textual.shape[0] != visual.shape[0]:
             raise ValueError(
-                f"text of shape {tuple(text.shape)} and {'images' if images is not None else 'frames'} "
+                f"{'text' if text is not None else 'text_trunk'} of shape {tuple(textual.shape)} and {visual_name} "
                 f"of shape {tuple(visual.shape)} must hold the same number of samples"
             )
         if images is not None:
             image_features = self.encode_image(images)
-        else:
+        elif frames is not None:
             image_features = self.encode_video(frames, frame_mask)
+        elif image_trunk is not None:
+            image_features = self.encode_image_trunk(image_trunk)
+        else:
+            image_features = self.encode_video_trunk(frame_trunk, frame_mask)
         outputs = {
             "image_features": image_features,
-            "text_features": self.encode_text(text),
+            "text_features": self.encode_text(text) if text is not None else self.encode_text_trunk(text_trunk),
             "logit_scale": self.clip.logit_scale.exp(),
         }
         if getattr(self.clip, "logit_bias", None) is not None:
@@ -139,6 +157,93 @@ class DualEncoder(nn.Module):
             # parameter itself: DDP marks a parameter returned as-is ready twice under accumulation
             outputs["logit_bias"] = self.clip.logit_bias.clone()
         return outputs
+
+    # ----------------------------------------------------------------------------------------
+    # trunks and heads: the split a feature cache relies on (mmsphere.cache)
+
+    @torch.no_grad()
+    def image_trunk_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` -> what the image tower computes before its projection head."""
+        self._check_images(images, "images", expected_dim=4)
+        with self._heads_bypassed():
+            return self.clip.encode_image(images)
+
+    @torch.no_grad()
+    def text_trunk_features(self, text: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, L]`` -> what the text tower computes before its projection head."""
+        self._check_text(text)
+        with self._heads_bypassed():
+            return self.clip.encode_text(text)
+
+    def encode_image_trunk(self, image_trunk: torch.Tensor) -> torch.Tensor:
+        """Image trunk features ``[B, ...]`` -> unit-norm image features ``[B, D]`` (the head only)."""
+        return _normalize(self._apply_head("image", image_trunk))
+
+    def encode_video_trunk(self, frame_trunk: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Frame trunk features ``[B, T, ...]`` with ``frame_mask [B, T]`` -> unit-norm ``[B, D]``."""
+        if frame_trunk.ndim < 3:
+            raise ValueError(f"frame_trunk must have shape [B, T, ...], got {tuple(frame_trunk.shape)}")
+        batch, length = frame_trunk.shape[:2]
+        frame_mask = self._checked_frame_mask(frame_mask, frame_trunk)
+        frame_features = _normalize(self._apply_head("image", frame_trunk.flatten(0, 1))).view(batch, length, -1)
+        return _normalize(self.temporal(frame_features, frame_mask))
+
+    def encode_text_trunk(self, text_trunk: torch.Tensor) -> torch.Tensor:
+        """Text trunk features ``[B, ...]`` -> unit-norm text features ``[B, D]`` (the head only)."""
+        return _normalize(self._apply_head("text", text_trunk))
+
+    def trunk_parameter_names(self) -> list[str]:
+        """Names of the image and text tower parameters outside the projection heads (the trunks)."""
+        heads = self.head_prefixes()
+        return [name for name, _ in self.named_parameters() if self.tower_of(name) in ("image", "text")
+                and not any(_under(name, prefix) for prefix in heads)]
+
+    def head_slots(self) -> dict[str, tuple[nn.Module, str]]:
+        """Per tower (``image``, ``text``), the module owning its projection head and the attribute's name."""
+        if not hasattr(self, "_head_slot_paths"):
+            # found once, on the module's own parameters: under torch.func.functional_call (meta step) the
+            # heads are plain tensors, no longer recognisable as parameters
+            self._head_slot_paths = self._find_head_slots()
+        return {tower: (self.get_submodule(owner), name) for tower, (owner, name) in self._head_slot_paths.items()}
+
+    def _find_head_slots(self) -> dict[str, tuple[str, str]]:
+        image = [name for name in IMAGE_HEAD_NAMES if _has_parameters(self.clip.visual, name)]
+        slots: dict[str, tuple[str, str]] = {}
+        if image:
+            slots["image"] = ("clip.visual", image[0])
+        if _has_parameters(self.clip, "text_projection"):
+            slots["text"] = ("clip", "text_projection")
+        else:
+            text_tower = getattr(self.clip, "text", None)
+            names = [name for name in TEXT_HEAD_NAMES if isinstance(text_tower, nn.Module)
+                     and _has_parameters(text_tower, name)]
+            if names:
+                slots["text"] = ("clip.text", names[0])
+        for tower in ("image", "text"):
+            if tower not in slots:
+                raise ValueError(f"the {tower} tower of this model has no projection head with parameters "
+                                 f"({', '.join(IMAGE_HEAD_NAMES if tower == 'image' else TEXT_HEAD_NAMES)}): "
+                                 "its trunk and head cannot be split")
+        return slots
+
+    def _apply_head(self, tower: str, trunk: torch.Tensor) -> torch.Tensor:
+        owner, name = self.head_slots()[tower]
+        head = getattr(owner, name)
+        # open_clip applies a parameter head as a right matrix product (pooled @ proj), a module head by calling it
+        return head(trunk) if isinstance(head, nn.Module) else trunk @ head
+
+    @contextlib.contextmanager
+    def _heads_bypassed(self) -> Iterator[None]:
+        """Within the block, each tower returns its head's input: a parameter head is None, a module head Identity."""
+        saved = [(owner, name, getattr(owner, name)) for owner, name in self.head_slots().values()]
+        try:
+            for owner, name, head in saved:
+                # open_clip skips a parameter head that is None (`if self.proj is not None`)
+                setattr(owner, name, nn.Identity() if isinstance(head, nn.Module) else None)
+            yield
+        finally:
+            for owner, name, head in saved:
+                setattr(owner, name, head)
 
     # ----------------------------------------------------------------------------------------
     # parameter groups
@@ -172,14 +277,15 @@ class DualEncoder(nn.Module):
         trainable = [name for name, parameter in self.named_parameters() if parameter.requires_grad]
         if mode == "all":
             return trainable
-        prefixes = ["temporal"] + self._head_prefixes()
+        prefixes = ["temporal"] + self.head_prefixes()
         if mode == "last_blocks":
             for stack_name, stack in self._block_stacks().values():
                 for index in range(max(0, len(stack) - last_blocks), len(stack)):
                     prefixes.append(f"{stack_name}.{index}")
         return [name for name in trainable if any(_under(name, prefix) for prefix in prefixes)]
 
-    def _head_prefixes(self) -> list[str]:
+    def head_prefixes(self) -> list[str]:
+        """Parameter-name prefixes of the projection heads of both towers (what trains with model.trainable=heads)."""
         prefixes = [f"clip.visual.{name}" for name in IMAGE_HEAD_NAMES if _has_parameters(self.clip.visual, name)]
         if _has_parameters(self.clip, "text_projection"):
             prefixes.append("clip.text_projection")

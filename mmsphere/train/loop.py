@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
+from mmsphere.cache import FeatureCache, build_config_caches
 from mmsphere.config import Config, ConfigError, MmsphereError
 from mmsphere.data import build_train_stream, stats
 from mmsphere.eval.evaluate import evaluate_retrieval_loader
@@ -73,6 +74,12 @@ def train(config: Config) -> dict[str, Any]:
     # the scheduler is not prepared: accelerate would step it once per process
     accelerator.register_for_checkpointing(scheduler)
     network = accelerator.unwrap_model(model)
+    feature_caches = val_cache = None
+    if config.data.feature_cache:
+        # frozen trunks: each process encodes its share of the missing shards, then all read every shard
+        feature_caches, val_cache = build_config_caches(network, config, rank=rank, world_size=world_size,
+                                                        progress=accelerator.is_main_process)
+        accelerator.wait_for_everyone()
 
     weighting = MetaWeighting(config, network, objective) if config.meta.enabled else None
     if weighting is not None:
@@ -88,7 +95,7 @@ def train(config: Config) -> dict[str, Any]:
 
     stream_kwargs = dict(image_size=network.image_size, image_mean=network.image_mean,
                          image_std=network.image_std, tokenizer=network.tokenizer,
-                         rank=rank, world_size=world_size, seed=config.seed)
+                         rank=rank, world_size=world_size, seed=config.seed, feature_caches=feature_caches)
     # skips are counted per run: a process that trains several times (the ablation tool) or also
     # validates must not report another run's skips
     skipped = stats.SkipTally()
@@ -155,7 +162,7 @@ def train(config: Config) -> dict[str, Any]:
             log.metrics(record)
             progress.set_postfix(loss=f"{result.terms['total'].item():.3f}", samples_s=f"{rate:.1f}")
         if config.data.val is not None and config.train.val_every and step % config.train.val_every == 0:
-            log.metrics({"step": step, **validate(network, config, accelerator)})
+            log.metrics({"step": step, **validate(network, config, accelerator, val_cache)})
         if step % config.train.checkpoint_every == 0 or step == config.train.max_steps:
             save_checkpoint(accelerator, output_dir, step, {"data_epoch": data_epoch},
                             data_position={name: stream.state_dict() for name, stream in data_streams.items()},
@@ -168,7 +175,7 @@ def train(config: Config) -> dict[str, Any]:
                "skipped_samples": _skipped_everywhere(skipped.counts()),
                "wall_time_s": time.time() - started}
     if config.data.val is not None:
-        summary["validation"] = validate(network, config, accelerator)
+        summary["validation"] = validate(network, config, accelerator, val_cache)
         log.metrics({"step": step, **summary["validation"]})
     if accelerator.is_main_process:
         save_run(network, config, output_dir)
@@ -257,7 +264,13 @@ def _epochs(stream) -> Iterator[tuple[int, dict]]:
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """The keyword arguments of the dual encoder for one batch (an image is a one-frame video)."""
+    """The keyword arguments of the dual encoder for one batch (an image is a one-frame video; a cached batch: trunk features)."""
+    if "text_trunk" in batch:
+        inputs = {"text_trunk": batch["text_trunk"].to(device, non_blocking=True)}
+        if batch["modality"] == "image":
+            return {**inputs, "image_trunk": batch["image_trunk"].to(device, non_blocking=True)}
+        return {**inputs, "frame_trunk": batch["frame_trunk"].to(device, non_blocking=True),
+                "frame_mask": batch["frame_mask"].to(device, non_blocking=True)}
     text = batch["text"].to(device, non_blocking=True)
     if batch["modality"] == "image":
         return {"text": text, "images": batch["frames"][:, 0].to(device, non_blocking=True)}
@@ -295,14 +308,16 @@ def _skipped_everywhere(counts: dict[str, int]) -> dict[str, int]:
 # validation (the run's logs and trackers: mmsphere/train/run_log.py)
 
 
-def validate(network: torch.nn.Module, config: Config, accelerator: Accelerator) -> dict[str, float]:
-    """Retrieval metrics on the validation stream (main process; others wait)."""
+def validate(network: torch.nn.Module, config: Config, accelerator: Accelerator,
+             feature_cache: FeatureCache | None = None) -> dict[str, float]:
+    """Retrieval metrics on the validation stream (main process; others wait), from ``feature_cache`` if given."""
     metrics: dict[str, float] = {}
     if accelerator.is_main_process:
         was_training = network.training
         network.eval()
         results = evaluate_retrieval_loader(network, config.data.val.urls, modality=config.data.val.modality,
-                                            frames=config.data.frames, batch_size=config.train.batch_size)
+                                            frames=config.data.frames, batch_size=config.train.batch_size,
+                                            feature_cache=feature_cache)
         network.train(was_training)
         metrics = {f"val/{name}": value for name, value in results.items() if isinstance(value, (int, float))}
     accelerator.wait_for_everyone()

@@ -1,0 +1,234 @@
+"""Build a feature cache: decode every sample of a source once and run it through the frozen trunks.
+
+Resumable at shard granularity: a shard whose feature file is complete (written atomically, with
+this cache's fingerprint) is not encoded again. Several processes split the shards between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from mmsphere.cache.store import FeatureCache, ShardFeatures, make_cache, write_shard_features
+from mmsphere.config import Config, ConfigError, DataConfig
+from mmsphere.data.decode import DecodeError
+from mmsphere.data.reader import check_shards, read_tar_samples
+from mmsphere.data.samples import DecodeOptions, decode_sample
+from mmsphere.data.stats import SkipCounter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildReport:
+    """What one call of :func:`build_feature_cache` did."""
+
+    shards_built: int = 0
+    shards_found: int = 0  # already complete: not encoded again
+    samples: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def check_cacheable(model: torch.nn.Module, data: DataConfig) -> None:
+    """Raise a :class:`ConfigError` naming the key when the trunks' outputs are not a pure function of each sample."""
+    trainable = [name for name in model.trunk_parameter_names() if dict(model.named_parameters())[name].requires_grad]
+    if trainable:
+        raise ConfigError(f"data.feature_cache=true needs frozen tower trunks (model.trainable=heads, or "
+                          f"model.freeze_image and model.freeze_text); {len(trainable)} trunk parameters train, "
+                          f"e.g. {trainable[0]!r}")
+    if data.random_offset:
+        raise ConfigError("data.feature_cache=true needs data.random_offset=false: the cache holds one fixed frame "
+                          "sampling per video")
+    model.head_slots()  # raises when a tower has no separable projection head
+
+
+def trunk_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the trunks' weights and buffers (names, shapes, dtypes, values): everything of the towers but the heads."""
+    heads = model.head_prefixes()
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("clip.") or name in ("clip.logit_scale", "clip.logit_bias"):
+            continue
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in heads):
+            continue  # a head trains; the cache holds its input
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(value.shape)}|{value.dtype}|".encode())
+        if value.numel():
+            digest.update(value.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_for(model: torch.nn.Module, data: DataConfig, modality: str, *, digest: str | None = None,
+              image_size: int | None = None) -> FeatureCache:
+    """The feature cache of ``model``'s trunks for sources of ``modality`` decoded as ``data`` says.
+
+    ``image_size``: overrides ``data.image_size`` (evaluation decodes at the model's own size).
+    """
+    tokenizer = model.tokenizer
+    probe = tokenizer(["a photo of a dog.", "a video of two cats playing"])
+    identity = {
+        "trunk_sha256": digest or trunk_digest(model),
+        "model": model.config.name,
+        "modality": modality,
+        "frames": data.frames if modality == "video" else 1,
+        "image_size": image_size or (data.image_size if data.image_size is not None else model.image_size),
+        "image_mean": list(model.image_mean),
+        "image_std": list(model.image_std),
+        "fast_decode": bool(data.fast_decode),
+        "context_length": model.context_length,
+        "tokenizer": f"{type(tokenizer).__name__}:{hashlib.sha256(probe.numpy().tobytes()).hexdigest()[:16]}",
+    }
+    return make_cache(identity, data.feature_cache_dir)
+
+
+def config_caches(model: torch.nn.Module, config: Config) -> tuple[dict[str, FeatureCache], FeatureCache | None]:
+    """The caches a run reads: per modality of its training (and meta) sources, and its validation set's."""
+    digest = trunk_digest(model)
+    sources = list(config.data.train) + ([config.data.meta] if config.meta.enabled and config.data.meta else [])
+    train = {modality: cache_for(model, config.data, modality, digest=digest)
+             for modality in sorted({source.modality for source in sources})}
+    val = None
+    if config.data.val is not None:
+        # validation decodes at the model's own input size (mmsphere.train.loop.validate)
+        val = cache_for(model, config.data, config.data.val.modality, digest=digest, image_size=model.image_size)
+    return train, val
+
+
+def build_config_caches(model: torch.nn.Module, config: Config, *, rank: int = 0, world_size: int = 1,
+                        progress: bool = True) -> tuple[dict[str, FeatureCache], FeatureCache | None]:
+    """Build what is missing of every cache a run reads (this process's share of the shards); returns the caches."""
+    check_cacheable(model, config.data)
+    train, val = config_caches(model, config)
+    jobs = [(source.name or f"train{index}", train[source.modality], source.urls)
+            for index, source in enumerate(config.data.train)]
+    if config.meta.enabled and config.data.meta is not None:
+        jobs.append((config.data.meta.name or "meta", train[config.data.meta.modality], config.data.meta.urls))
+    if val is not None:
+        jobs.append((config.data.val.name or "val", val, config.data.val.urls))
+    for name, cache, urls in jobs:
+        report = build_feature_cache(model, cache, urls, batch_size=config.train.batch_size, rank=rank,
+                                     world_size=world_size, progress=progress, description=f"feature cache {name}")
+        if report.shards_built:
+            logger.info("feature cache %s: encoded %d shard(s), %d samples (%d already cached; skipped: %s) into %s",
+                        name, report.shards_built, report.samples, report.shards_found, report.skipped or "none",
+                        cache.directory_for(check_shards(urls, name)[0]))
+    return train, val
+
+
+def decode_options(cache: FeatureCache) -> DecodeOptions:
+    """How the samples behind ``cache`` are decoded (its identity says)."""
+    identity = cache.identity
+    return DecodeOptions(frames=identity["frames"], image_size=identity["image_size"],
+                         image_mean=tuple(identity["image_mean"]), image_std=tuple(identity["image_std"]),
+                         modality=identity["modality"], fast=identity["fast_decode"])
+
+
+@torch.no_grad()
+def build_feature_cache(
+    model: torch.nn.Module,
+    cache: FeatureCache,
+    urls: str | Sequence[str],
+    *,
+    batch_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    description: str = "feature cache",
+) -> BuildReport:
+    """Encode every shard of ``urls`` not yet in ``cache`` (this process: every ``world_size``-th from ``rank``)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    shards = check_shards(urls, description)
+    report = BuildReport()
+    mine = shards[rank::world_size]
+    todo = [url for url in mine if not cache.has(url)]
+    report.shards_found = len(mine) - len(todo)
+    if not todo:
+        return report
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(todo, desc=description, unit="shard", disable=not progress, dynamic_ncols=True)
+        for url in bar:
+            cache.write_description(url)
+            features, counts = _encode_shard(model, url, decode_options(cache), batch_size)
+            write_shard_features(cache.path_for(url), features, cache.fingerprint)
+            report.shards_built += 1
+            report.samples += features.trunk.shape[0]
+            for reason, count in counts.items():
+                report.skipped[reason] = report.skipped.get(reason, 0) + count
+            bar.set_postfix(samples=report.samples)
+    finally:
+        model.train(was_training)
+    return report
+
+
+def _encode_shard(model: torch.nn.Module, url: str, options: DecodeOptions,
+                  batch_size: int) -> tuple[ShardFeatures, dict[str, int]]:
+    """The features of one shard and its skip counts (reader and decode)."""
+    reader_counter, decode_counter = SkipCounter(), SkipCounter()
+    records: list[dict] = []
+    trunks: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    captions_in_order: list[str] = []
+    offsets = [0]
+    raws = read_tar_samples([url], reader_counter)
+    while chunk := list(itertools.islice(raws, batch_size)):
+        decoded = []
+        for raw in chunk:
+            try:
+                sample = decode_sample(raw, options)
+            except DecodeError as error:
+                decode_counter.record(error.reason, key=raw.key, url=url, detail=error.detail)
+                records.append({"key": raw.key, "skip": error.reason, "detail": error.detail})
+                continue
+            records.append({"key": sample.key, "row": len(offsets) - 1 + len(decoded),
+                            "captions": list(sample.captions), "group": sample.group})
+            decoded.append(sample)
+        for sample in decoded:
+            captions_in_order.extend(sample.captions)
+            offsets.append(offsets[-1] + len(sample.captions))
+        if decoded:
+            trunks.append(_visual_trunk(model, decoded, options.modality))
+            masks.append(torch.stack([sample.frame_mask for sample in decoded]))
+    distinct = list(dict.fromkeys(captions_in_order))
+    row_of = {caption: index for index, caption in enumerate(distinct)}
+    text_trunk = torch.cat([model.text_trunk_features(model.tokenizer(distinct[start:start + batch_size]).to(
+        _device_of(model))).float().cpu() for start in range(0, len(distinct), batch_size)]) if distinct else None
+    if text_trunk is None:
+        # a shard with no decodable sample: empty tensors of the right rank keep the file well-formed
+        text_trunk, trunk = torch.zeros(0, 1), torch.zeros(0, 1)
+        frame_mask = torch.zeros(0, options.frames, dtype=torch.bool) if options.modality == "video" else None
+    else:
+        trunk = torch.cat(trunks)
+        frame_mask = torch.cat(masks) if options.modality == "video" else None
+    features = ShardFeatures(
+        url=url, records=records, reader_skips=dict(reader_counter.totals), trunk=trunk, frame_mask=frame_mask,
+        text_trunk=text_trunk, caption_rows=torch.tensor([row_of[caption] for caption in captions_in_order],
+                                                         dtype=torch.long),
+        caption_offsets=torch.tensor(offsets, dtype=torch.long))
+    counts = dict(reader_counter.totals)
+    for reason, count in decode_counter.totals.items():
+        counts[reason] = counts.get(reason, 0) + count
+    return features, counts
+
+
+def _visual_trunk(model: torch.nn.Module, samples: list, modality: str) -> torch.Tensor:
+    frames = torch.stack([sample.frames for sample in samples]).to(_device_of(model))
+    if modality == "image":
+        return model.image_trunk_features(frames[:, 0]).float().cpu()
+    batch, length = frames.shape[:2]
+    # every frame slot, padded ones too: the uncached video path encodes them as well (the mask drops them)
+    trunk = model.image_trunk_features(frames.flatten(0, 1)).float().cpu()
+    return trunk.view(batch, length, *trunk.shape[1:])
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
