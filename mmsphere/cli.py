@@ -10,6 +10,7 @@ COMMANDS = {
     "train": ("mmsphere.train.cli:main", "fine-tune a dual encoder (also: accelerate launch scripts/train.py)"),
     "eval-retrieval": ("mmsphere.eval.cli:main", "text-video / text-image retrieval evaluation"),
     "score-ood": ("mmsphere.ood.cli:main", "out-of-distribution detection scoring"),
+    "cache": ("mmsphere.cache.cli:main", "encode a config's shards once through frozen trunks (model.trainable=heads)"),
     "make-shards": ("mmsphere.data.cli:make_shards_main", "build webdataset shards from a CSV/JSONL list"),
     "inspect-shards": ("mmsphere.data.cli:inspect_shards_main", "decode every sample of shards and report"),
     "demo": ("mmsphere.demo:main", "build the demo data, fine-tune, evaluate and write a report"),

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python scripts/benchmark.py AREA [options]`` with AREA one of losses, data, train, eval, meta.
+"""Benchmarks: ``python scripts/benchmark.py AREA [options]`` with AREA one of losses, data, train, eval, meta, cache.
 
 Each area lives in ``scripts/benchmarks/AREA.py`` with a ``main(argv) -> int``; figures are ratios
 against a baseline measured in the same run, and go into BENCHMARKS.md with the command.
@@ -8,7 +8,7 @@ import importlib
 import sys
 from pathlib import Path
 
-AREAS = ("losses", "data", "train", "eval", "meta")
+AREAS = ("losses", "data", "train", "eval", "meta", "cache")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in AREAS:

@@ -287,8 +287,13 @@ def test_command_line_errors(study_data, tmp_path, capsys):
     config = tmp_path / "base.yaml"
     config.write_text(yaml.safe_dump(base_raw(study_data)))
     common = ["--config", str(config), "--out", str(tmp_path / "out"), "--variants", "clip"]
+    assert main([*common, "--ood", "other=somewhere", "--classes", study_data["classes"]]) == 2
+    assert "needs --ood-id and --classes; missing --ood-id" in capsys.readouterr().err
     assert main([*common, "--ood-id", "somewhere", "--classes", study_data["classes"]]) == 2
-    assert "needs --ood-id, --ood and --classes; missing --ood" in capsys.readouterr().err
+    assert "OoD image set id='somewhere' is neither a folder nor existing shards" in capsys.readouterr().err
+    assert main([*common, "--ood-id", "somewhere", "--classes", study_data["classes"], "--ood", "o=x",
+                 "--ood-scores", "neglabel"]) == 2
+    assert "the neglabel OoD score needs negative labels (--neg-labels FILE)" in capsys.readouterr().err
     assert main([*common, "--seeds", "0"]) == 2
     assert "--seeds=0 must be >= 1" in capsys.readouterr().err
     assert main([*common, "train.max_step=3"]) == 2

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", metavar="FILE", help="ID class names, one per line")
     parser.add_argument("--templates", metavar="FILE", help="prompt templates with {} (default 'a photo of a {}.')")
     parser.add_argument("--ood-scores", default="mcm,energy", help=f"comma-separated, of {', '.join(OOD_SCORES)}")
+    parser.add_argument("--neg-labels", metavar="FILE", help="negative labels for --ood-scores neglabel, one per line")
     parser.add_argument("--ood-positive", choices=("id", "ood"), default="id", help="FPR@95 convention (default id)")
     parser.add_argument("--mismatched-keys", metavar="FILE",
                         help="keys of mismatched pairs (demo meta.json, JSON list or lines): AUROC of learned weights")
@@ -67,12 +68,14 @@ def _ood_sets(args: argparse.Namespace) -> OodSets | None:
         if args.templates:
             raise MmsphereError("--templates goes with OoD evaluation (--ood-id, --ood and --classes)")
         return None
-    missing = [flag for flag, value in given.items() if value is None]
+    missing = [flag for flag, value in given.items() if value is None and flag != "--ood"]
     if missing:
-        raise MmsphereError(f"OoD evaluation needs --ood-id, --ood and --classes; missing {', '.join(missing)}")
-    return OodSets(id_images=args.ood_id, ood_images=parse_ood_sets(args.ood),
+        raise MmsphereError(f"OoD evaluation (or ID accuracy alone, without --ood) needs --ood-id and --classes; "
+                            f"missing {', '.join(missing)}")
+    return OodSets(id_images=args.ood_id, ood_images=parse_ood_sets(args.ood) if args.ood else {},
                    classes=read_names(args.classes, "classes"), templates=read_templates(args.templates),
-                   scores=tuple(args.ood_scores.split(",")), positive=args.ood_positive)
+                   scores=tuple(args.ood_scores.split(",")), positive=args.ood_positive,
+                   negative_labels=read_names(args.neg_labels, "negative labels") if args.neg_labels else None)
 
 
 if __name__ == "__main__":

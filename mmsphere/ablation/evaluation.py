@@ -12,20 +12,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmsphere.cache import build_feature_cache, cache_for, config_caches
 from mmsphere.config import Config, MmsphereError
+from mmsphere.data import build_eval_loader
 from mmsphere.demo import weight_separation
 from mmsphere.eval.evaluate import evaluate_retrieval_loader
-from mmsphere.ood.evaluate import encode_image_set
+from mmsphere.ood.evaluate import encode_image_set, id_accuracy, prompt_features
 from mmsphere.ood.evaluate import evaluate_ood as evaluate_ood_sets
-from mmsphere.ood.inputs import DEFAULT_TEMPLATES
+from mmsphere.ood.inputs import DEFAULT_TEMPLATES, is_folder
 from mmsphere.train.preflight import local_shard_paths
 
-OOD_SCORES = ("mcm", "msp", "maxlogit", "energy")  # NegLabel needs negative labels: not offered here
+OOD_SCORES = ("mcm", "msp", "maxlogit", "energy", "neglabel")  # neglabel needs OodSets.negative_labels
 
 
 @dataclasses.dataclass
 class OodSets:
-    """ID and OoD image sets (folders or image shards) and the ID class names of the zero-shot classifier."""
+    """ID and OoD image sets (folders or image shards) and the ID class names of the zero-shot classifier.
+
+    Without OoD sets only the ID accuracy (prompt classification) is measured.
+    """
 
     id_images: str
     ood_images: dict[str, str]
@@ -33,16 +38,18 @@ class OodSets:
     templates: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     scores: tuple[str, ...] = ("mcm", "energy")
     positive: str = "id"  # FPR@95 convention (DESIGN §4)
+    negative_labels: list[str] | None = None  # NegLabel's negative label words
 
     def check(self) -> None:
         """Raise naming the first impossible field; local folders and shards must exist."""
-        if not self.ood_images:
-            raise MmsphereError("OoD evaluation needs at least one OoD image set (--ood NAME=DIR_OR_SHARDS)")
+        # no OoD set: only the ID set's prompt-classification accuracy is measured
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise MmsphereError(f"OoD evaluation needs at least 2 distinct ID classes, got {self.classes}")
         unknown = [score for score in self.scores if score not in OOD_SCORES]
         if unknown or not self.scores:
             raise MmsphereError(f"OoD scores {unknown or '(none)'} are not available here; choose from {OOD_SCORES}")
+        if "neglabel" in self.scores and not self.negative_labels:
+            raise MmsphereError("the neglabel OoD score needs negative labels (--neg-labels FILE)")
         if self.positive not in ("id", "ood"):
             raise MmsphereError(f"positive={self.positive!r} must be 'id' or 'ood'")
         for name, spec in [("id", self.id_images), *self.ood_images.items()]:
@@ -68,33 +75,73 @@ def evaluation_settings(ood: OodSets | None, mismatched_keys: set[str] | None) -
 @torch.inference_mode()
 def evaluate_model(model: torch.nn.Module, config: Config, *, ood: OodSets | None = None,
                    batch_size: int | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Flat metrics (``t2v/R@1``, ``geometry/...``, ``ood/<score>/<set>/AUROC``) and the per-sample OoD scores."""
+    """Flat metrics (``t2v/R@1``, ``geometry/...``, ``ood/<score>/<set>/AUROC``) and the per-sample OoD scores.
+
+    With ``data.feature_cache`` the validation shards and image-shard OoD sets are read from (and, where
+    missing, added to) the feature cache of the model's frozen trunks.
+    """
     batch_size = batch_size or config.train.batch_size
+    val_cache = config_caches(model, config)[1] if config.data.feature_cache else None
+    if val_cache is not None:
+        build_feature_cache(model, val_cache, config.data.val.urls, batch_size=batch_size, progress=False)
     metrics = evaluate_retrieval_loader(model, config.data.val.urls, modality=config.data.val.modality,
-                                        frames=config.data.frames, batch_size=batch_size, progress=False)
+                                        frames=config.data.frames, batch_size=batch_size, progress=False,
+                                        feature_cache=val_cache)
     metrics = {key: float(value) for key, value in metrics.items()}
     scores: dict[str, np.ndarray] = {}
     if ood is not None:
-        ood_metrics_found, scores = evaluate_ood(model, ood, batch_size=batch_size)
+        ood_metrics_found, scores = evaluate_ood(model, ood, batch_size=batch_size, config=config)
         metrics.update(ood_metrics_found)
     return metrics, scores
 
 
-def evaluate_ood(model: torch.nn.Module, ood: OodSets, *,
-                 batch_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """OoD metrics per score and set (and their mean over sets), plus the scores as ``{"<score>/<set>": [N]}``."""
+def evaluate_ood(model: torch.nn.Module, ood: OodSets, *, batch_size: int,
+                 config: Config | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """OoD metrics per score and set (and their mean over sets), plus the scores as ``{"<score>/<set>": [N]}``.
+
+    Also ``ood/id_accuracy`` (prompt classification, %) when every ID image has a class: its folder,
+    or for cached image shards its sample's ``group``.
+    """
     # every image is encoded once, then scored by each score (at its default temperature)
-    features = {name: encode_image_set(model, spec, batch_size, 0, name)[0]
-                for name, spec in [("id", ood.id_images), *ood.ood_images.items()]}
+    encoded = {name: _image_set(model, spec, name, batch_size, config)
+               for name, spec in [("id", ood.id_images), *ood.ood_images.items()]}
+    features = {name: values[0] for name, values in encoded.items()}
     metrics: dict[str, float] = {}
     scores: dict[str, np.ndarray] = {}
-    for score in ood.scores:
+    for score in ood.scores if ood.ood_images else ():
         evaluation = evaluate_ood_sets(model, features["id"], {name: features[name] for name in ood.ood_images},
-                                       ood.classes, ood.templates, score=score, positive=ood.positive)
+                                       ood.classes, ood.templates, score=score, positive=ood.positive,
+                                       negative_labels=ood.negative_labels if score == "neglabel" else None)
         scores.update({f"{score}/{name}": values.scores for name, values in evaluation.per_sample.items()})
         for set_name, values in evaluation.metrics.items():
             metrics.update({f"ood/{score}/{set_name}/{key}": float(value) for key, value in values.items()})
+    labels = encoded["id"][1]
+    class_features = prompt_features(model, ood.classes, ood.templates)
+    predicted = (features["id"] @ class_features.T).argmax(dim=1).tolist()
+    accuracy = id_accuracy(labels, [ood.classes[index] for index in predicted], ood.classes)
+    if accuracy is not None:
+        metrics["ood/id_accuracy"] = float(accuracy)
     return metrics, scores
+
+
+def _image_set(model: torch.nn.Module, spec: str, name: str, batch_size: int,
+               config: Config | None) -> tuple[torch.Tensor, list[str | None]]:
+    """Unit-norm features and classes of an image set; image shards from the feature cache when the config has one."""
+    if config is None or not config.data.feature_cache or is_folder(spec):
+        features, _, labels, _ = encode_image_set(model, spec, batch_size, 0, name)
+        return features, labels
+    # decoded as encode_image_set decodes: exactly, at the model's own input size
+    cache = cache_for(model, config.data, "image", image_size=model.image_size, evaluation=True)
+    build_feature_cache(model, cache, spec, batch_size=batch_size, progress=False, description=f"feature cache {name}")
+    features, labels = [], []
+    loader = build_eval_loader(spec, "image", frames=1, image_size=model.image_size, image_mean=model.image_mean,
+                               image_std=model.image_std, batch_size=batch_size, feature_cache=cache)
+    for batch in loader:
+        features.append(model.encode_image_trunk(batch["image_trunk"]).float().cpu())
+        labels.extend(group if group != key else None for group, key in zip(batch["group"], batch["key"]))
+    if not features:
+        raise MmsphereError(f"image set {name}={spec!r} produced no image (every sample was skipped)")
+    return torch.cat(features), labels
 
 
 def evaluate_weights(run_dir: str | os.PathLike, mismatched_keys: set[str]) -> dict[str, float]:

@@ -8,6 +8,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import yaml
+
 from mmsphere.config import Config, ConfigError, config_from_dict, config_to_dict
 from mmsphere.losses.terms import TERMS
 
@@ -41,10 +43,10 @@ def checked_variants(names: Sequence[str]) -> list[str]:
     """The variant names in order; unknown, malformed or repeated names are an error."""
     names = [name.strip() for name in names]
     known = known_variants()
-    unknown = [name for name in names if _canonical(name.partition("@")[0]) not in known]
+    unknown = [name for name in names if _canonical(name.partition(":")[0].partition("@")[0]) not in known]
     if unknown or not names:
         raise ConfigError(f"unknown variant(s) {unknown or '(none given)'}; known: {', '.join(known)} "
-                          f"(a non-contrastive term also as NAME@WEIGHT)")
+                          f"(a non-contrastive term also as NAME@WEIGHT; a term's options as NAME:FIELD=VALUE)")
     for name in names:
         variant_overrides(name)
     repeated = sorted({name for name in names if names.count(name) > 1})
@@ -64,7 +66,10 @@ def checked_seeds(seeds: Sequence[int]) -> list[int]:
 
 
 def variant_overrides(variant: str) -> dict[str, Any]:
-    """The config overrides of a variant (see :func:`known_variants`), or of ``TERM@WEIGHT`` with that weight."""
+    """The config overrides of a variant (see :func:`known_variants`), of ``TERM@WEIGHT`` with that weight, and
+    ``...:FIELD=VALUE[,FIELD=VALUE]`` with those options of the variant's own term (``angular_margin:margin=0.2``,
+    ``siglip:margin=0.1``, ``cma@0.01:...``)."""
+    variant, colon, options_text = variant.partition(":")
     name, at, weight_text = variant.partition("@")
     known = known_variants()
     if _canonical(name) not in known:
@@ -83,6 +88,16 @@ def variant_overrides(variant: str) -> dict[str, Any]:
         if not (math.isfinite(weight) and weight > 0):
             raise ConfigError(f"variant {variant!r}: weight {weight_text!r} must be a finite number > 0")
         overrides["loss.terms"][name] = weight
+    if colon:
+        if name not in TERMS:
+            raise ConfigError(f"variant {variant}:{options_text!r}: only a term's variant takes :FIELD=VALUE options")
+        options: dict[str, Any] = {"weight": overrides["loss.terms"][name]}
+        for item in options_text.split(","):
+            field_name, equals, value_text = item.partition("=")
+            if not equals or not field_name.strip():
+                raise ConfigError(f"variant {variant}:{options_text}: {item!r} is not FIELD=VALUE")
+            options[field_name.strip()] = yaml.safe_load(value_text)
+        overrides["loss.terms"][name] = options
     return overrides
 
 

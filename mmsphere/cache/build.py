@@ -37,7 +37,8 @@ class BuildReport:
 
 def check_cacheable(model: torch.nn.Module, data: DataConfig) -> None:
     """Raise a :class:`ConfigError` naming the key when the trunks' outputs are not a pure function of each sample."""
-    trainable = [name for name in model.trunk_parameter_names() if dict(model.named_parameters())[name].requires_grad]
+    parameters = dict(model.named_parameters())
+    trainable = [name for name in model.trunk_parameter_names() if parameters[name].requires_grad]
     if trainable:
         raise ConfigError(f"data.feature_cache=true needs frozen tower trunks (model.trainable=heads, or "
                           f"model.freeze_image and model.freeze_text); {len(trainable)} trunk parameters train, "
@@ -60,15 +61,16 @@ def trunk_digest(model: torch.nn.Module) -> str:
         value = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tuple(value.shape)}|{value.dtype}|".encode())
         if value.numel():
-            digest.update(value.view(torch.uint8).numpy().tobytes())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
 def cache_for(model: torch.nn.Module, data: DataConfig, modality: str, *, digest: str | None = None,
-              image_size: int | None = None) -> FeatureCache:
+              image_size: int | None = None, evaluation: bool = False) -> FeatureCache:
     """The feature cache of ``model``'s trunks for sources of ``modality`` decoded as ``data`` says.
 
-    ``image_size``: overrides ``data.image_size`` (evaluation decodes at the model's own size).
+    ``evaluation``: decoded as evaluation decodes, exactly (never ``data.fast_decode``) and at
+    ``image_size`` (the model's own input size) instead of ``data.image_size``.
     """
     tokenizer = model.tokenizer
     probe = tokenizer(["a photo of a dog.", "a video of two cats playing"])
@@ -80,7 +82,7 @@ def cache_for(model: torch.nn.Module, data: DataConfig, modality: str, *, digest
         "image_size": image_size or (data.image_size if data.image_size is not None else model.image_size),
         "image_mean": list(model.image_mean),
         "image_std": list(model.image_std),
-        "fast_decode": bool(data.fast_decode),
+        "fast_decode": bool(data.fast_decode) and not evaluation,
         "context_length": model.context_length,
         "tokenizer": f"{type(tokenizer).__name__}:{hashlib.sha256(probe.numpy().tobytes()).hexdigest()[:16]}",
     }
@@ -95,8 +97,9 @@ def config_caches(model: torch.nn.Module, config: Config) -> tuple[dict[str, Fea
              for modality in sorted({source.modality for source in sources})}
     val = None
     if config.data.val is not None:
-        # validation decodes at the model's own input size (mmsphere.train.loop.validate)
-        val = cache_for(model, config.data, config.data.val.modality, digest=digest, image_size=model.image_size)
+        # validation decodes exactly, at the model's own input size (mmsphere.train.loop.validate)
+        val = cache_for(model, config.data, config.data.val.modality, digest=digest, image_size=model.image_size,
+                        evaluation=True)
     return train, val
 
 

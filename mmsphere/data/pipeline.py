@@ -589,6 +589,7 @@ def collate_eval(samples: list[Sample] | list[CachedSample], *, modality: str, s
             "frame_mask": torch.stack([sample.frame_mask for sample in samples]),
             "captions": [list(sample.captions) for sample in samples],
             "caption_trunk": [sample.caption_trunk for sample in samples],
+            "group": [sample.group for sample in samples],
             "skipped": skipped,
         }
     return {
@@ -597,6 +598,7 @@ def collate_eval(samples: list[Sample] | list[CachedSample], *, modality: str, s
         "frames": torch.stack([sample.frames for sample in samples]),
         "frame_mask": torch.stack([sample.frame_mask for sample in samples]),
         "captions": [list(sample.captions) for sample in samples],
+        "group": [sample.group for sample in samples],
         "skipped": skipped,
     }
 

@@ -1,0 +1,270 @@
+"""Tables and plots of REPORT.md §5-§8 (the cached-feature studies) from their ``ablation.json`` files.
+
+Prints every table as markdown (mean ± sample std over seeds, and for each comparison the paired
+difference over the same seeds with the number of seeds where it is positive) and writes
+``scripts/studies/figures/cached_{curves,noisy,duplicates,family,cma}.png``; nothing is retrained.
+A study that has not finished is reported as such.
+
+    python scripts/studies/cached_figures.py --runs runs/study2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+REPORT_FIGURES = Path(__file__).resolve().parent / "figures"
+FAMILY = ("clip", "angular_margin:margin=0.05", "angular_margin:margin=0.1", "angular_margin:margin=0.2", "siglip",
+          "siglip:margin=0.1")
+FAMILY_LABELS = {"clip": "CLIP (InfoNCE)", "angular_margin:margin=0.05": "angular margin 0.05",
+                 "angular_margin:margin=0.1": "angular margin 0.1", "angular_margin:margin=0.2": "angular margin 0.2",
+                 "siglip": "SigLIP", "siglip:margin=0.1": "SigLIP + margin 0.1"}
+CMA_ARMS = (("margin", "0"), ("cma", "0.001"), ("cma@0.01", "0.01"), ("cma@0.1", "0.1"))
+ACCURACY = "ood/id_accuracy"
+OOD_SCORES = (("mcm", "MCM"), ("energy", "Energy"), ("neglabel", "NegLabel"))
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    """An ``ablation.json``, or None when that study has not finished."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def values(results: dict[str, Any], variant: str, key: str, scale: float = 1.0) -> dict[int, float]:
+    """seed -> value of one metric of one variant."""
+    return {run["seed"]: scale * run["metrics"][key] for run in results["runs"]
+            if run["variant"] == variant and run["metrics"].get(key) is not None}
+
+
+def mean_std(per_seed: dict[int, float], decimals: int) -> str:
+    """``mean ± std (n−1)`` of the seeds' values."""
+    if not per_seed:
+        return "–"
+    array = np.array(list(per_seed.values()))
+    spread = f" ± {array.std(ddof=1):.{decimals}f}" if array.size > 1 else ""
+    return f"{array.mean():.{decimals}f}{spread}"
+
+
+def paired(a: dict[int, float], b: dict[int, float], decimals: int) -> str:
+    """Paired difference b − a over the seeds both have: ``mean ± std (k/n > 0)``."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return "–"
+    diff = np.array([b[seed] - a[seed] for seed in seeds])
+    spread = f" ± {diff.std(ddof=1):.{decimals}f}" if diff.size > 1 else ""
+    return f"{diff.mean():+.{decimals}f}{spread} ({int((diff > 0).sum())}/{diff.size} > 0)"
+
+
+def steps_and_time(results: dict[str, Any], variant: str) -> str:
+    """Training steps and the mean loop time of a variant's runs."""
+    runs = [run for run in results["runs"] if run["variant"] == variant]
+    if not runs:
+        return "–"
+    steps = sorted({run["training"].get("steps") for run in runs})
+    seconds = np.mean([run["metrics"].get("time/train_s", np.nan) for run in runs])
+    return f"{'/'.join(str(step) for step in steps)} steps, {seconds:.0f} s"
+
+
+def curve(run_dir: str, key: str = "val/t2v/R@1") -> tuple[list[int], list[float]]:
+    """The validation curve of one run from its ``metrics.jsonl``."""
+    steps, found = [], []
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return steps, found
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            steps.append(record["step"])
+            found.append(record[key])
+    return steps, found
+
+
+def dots(axis, groups: list[tuple[str, dict[int, float]]], ylabel: str) -> None:
+    """Each seed as a dot per arm, with the mean as a bar."""
+    for index, (_, per_seed) in enumerate(groups):
+        points = list(per_seed.values())
+        if points:
+            axis.scatter(np.full(len(points), index) + np.linspace(-0.12, 0.12, len(points)), points, s=14)
+            axis.hlines(np.mean(points), index - 0.3, index + 0.3, color="black")
+    axis.set_xticks(range(len(groups)), [label for label, _ in groups], rotation=35, ha="right", fontsize=7)
+    axis.set_ylabel(ylabel)
+
+
+def noisy(runs: Path, out: Path) -> str:
+    studies = {level: load(runs / f"noisy_{level}" / "ablation.json") for level in ("00", "20", "40")}
+    if any(results is None for results in studies.values()):
+        return "§5 noisy captions: not finished\n"
+    lines = ["| corrupted | meta weighting | class accuracy % | t2v R@1 | v2t R@1 | weight AUROC (clean vs corrupted) "
+             "| steps, loop time |", "|---|---|---|---|---|---|---|"]
+    diffs = ["| corrupted | Δ accuracy (on − off) | Δ t2v R@1 | Δ v2t R@1 |", "|---|---|---|---|"]
+    figure = Figure(figsize=(9, 3.2))
+    axes = figure.subplots(1, 3)
+    for axis, (level, results) in zip(axes, studies.items()):
+        for variant in ("margin", "meta"):
+            auroc = mean_std(values(results, variant, "weights/auroc_clean_vs_mismatched"), 3) if variant == "meta" else "–"
+            lines.append(f"| {int(level)}% | {'on' if variant == 'meta' else 'off'} | "
+                         f"{mean_std(values(results, variant, ACCURACY, 100), 1)} | "
+                         f"{mean_std(values(results, variant, 't2v/R@1'), 1)} | {mean_std(values(results, variant, 'v2t/R@1'), 1)} | "
+                         f"{auroc} | {steps_and_time(results, variant)} |")
+        diffs.append(f"| {int(level)}% | {paired(values(results, 'margin', ACCURACY, 100), values(results, 'meta', ACCURACY, 100), 1)} | "
+                     f"{paired(values(results, 'margin', 't2v/R@1'), values(results, 'meta', 't2v/R@1'), 1)} | "
+                     f"{paired(values(results, 'margin', 'v2t/R@1'), values(results, 'meta', 'v2t/R@1'), 1)} |")
+        dots(axis, [("meta off", values(results, "margin", ACCURACY, 100)),
+                    ("meta on", values(results, "meta", ACCURACY, 100))], "class accuracy (%)")
+        axis.set_title(f"{int(level)}% corrupted captions", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out / "cached_noisy.png", dpi=120)
+    return "\n".join(lines + [""] + diffs) + "\n"
+
+
+def ood_row(results: dict[str, Any], variant: str) -> str:
+    cells = [mean_std(values(results, variant, ACCURACY, 100), 1)]
+    for score, _ in OOD_SCORES:
+        cells.append(mean_std(values(results, variant, f"ood/{score}/cifar_ood/AUROC"), 3))
+        cells.append(mean_std(values(results, variant, f"ood/{score}/cifar_ood/FPR95", 100), 1))
+    cells.append(mean_std(values(results, variant, "t2v/R@1"), 1))
+    return " | ".join(cells)
+
+
+OOD_HEADER = ("ID accuracy % | MCM AUROC | MCM FPR@95 % | Energy AUROC | Energy FPR@95 % | NegLabel AUROC | "
+              "NegLabel FPR@95 % | t2v R@1")
+
+
+def duplicates(runs: Path, out: Path) -> str:
+    arms = {(batch, positives): load(runs / "duplicates" / f"b{batch}_{positives}" / "ablation.json")
+            for batch in (64, 256) for positives in ("diagonal", "group")}
+    if any(results is None for results in arms.values()):
+        return "§6 duplicates: not finished\n"
+    lines = [f"| batch | positives | CMA | {OOD_HEADER} | steps, loop time |", "|---|---|---|" + "---|" * 10]
+    diffs = ["| batch | CMA | Δ ID accuracy (group − diagonal) | Δ MCM AUROC | Δ Energy AUROC | Δ NegLabel AUROC |",
+             "|---|---|---|---|---|---|"]
+    groups = []
+    for (batch, positives), results in arms.items():
+        for variant in ("margin", "cma"):
+            lines.append(f"| {batch} | {positives} | {'λ=0.001' if variant == 'cma' else '–'} | {ood_row(results, variant)} | "
+                         f"{steps_and_time(results, variant)} |")
+            groups.append((f"b{batch} {positives}{' +CMA' if variant == 'cma' else ''}",
+                           values(results, variant, "ood/mcm/cifar_ood/AUROC")))
+    for batch in (64, 256):
+        for variant in ("margin", "cma"):
+            diagonal, group = arms[(batch, "diagonal")], arms[(batch, "group")]
+            cells = [paired(values(diagonal, variant, ACCURACY, 100), values(group, variant, ACCURACY, 100), 1)]
+            cells += [paired(values(diagonal, variant, f"ood/{score}/cifar_ood/AUROC"),
+                             values(group, variant, f"ood/{score}/cifar_ood/AUROC"), 3) for score, _ in OOD_SCORES]
+            diffs.append(f"| {batch} | {'λ=0.001' if variant == 'cma' else '–'} | " + " | ".join(cells) + " |")
+    figure = Figure(figsize=(6, 3.4))
+    dots(figure.subplots(), groups, "MCM AUROC (ID = positive)")
+    figure.tight_layout()
+    figure.savefig(out / "cached_duplicates.png", dpi=120)
+    return "\n".join(lines + [""] + diffs) + "\n"
+
+
+def family(runs: Path, out: Path) -> str:
+    text = []
+    figure = Figure(figsize=(10, 3.6))
+    axes = figure.subplots(1, 2)
+    for axis, (task, key, label, scale) in zip(axes, (("cifar", ACCURACY, "ID accuracy %", 100),
+                                                     ("coco", "t2v/R@1", "t2v R@1", 1))):
+        arms = {positives: load(runs / f"family_{task}" / positives / "ablation.json") for positives in ("diagonal", "group")}
+        if any(results is None for results in arms.values()):
+            text.append(f"§7 loss family on {task}: not finished\n")
+            continue
+        if task == "cifar":
+            lines = [f"| loss | positives | {OOD_HEADER} |", "|---|---|" + "---|" * 8]
+        else:
+            lines = ["| loss | positives | t2v R@1 | t2v R@5 | v2t R@1 | v2t R@5 |", "|---|---|---|---|---|---|"]
+        groups = []
+        for variant in FAMILY:
+            for positives, results in arms.items():
+                if task == "cifar":
+                    row = ood_row(results, variant)
+                else:
+                    row = " | ".join(mean_std(values(results, variant, metric), 1)
+                                     for metric in ("t2v/R@1", "t2v/R@5", "v2t/R@1", "v2t/R@5"))
+                lines.append(f"| {FAMILY_LABELS[variant]} | {positives} | {row} |")
+                groups.append((f"{FAMILY_LABELS[variant]} {positives[0]}", values(results, variant, key, scale)))
+        baseline = values(arms["diagonal"], "clip", key, scale)
+        lines += ["", f"| loss | Δ {label} vs CLIP diagonal (diagonal) | Δ (group) |", "|---|---|---|"]
+        for variant in FAMILY:
+            lines.append(f"| {FAMILY_LABELS[variant]} | {paired(baseline, values(arms['diagonal'], variant, key, scale), 1)} | "
+                         f"{paired(baseline, values(arms['group'], variant, key, scale), 1)} |")
+        text.append(f"**{task}**\n\n" + "\n".join(lines) + "\n")
+        dots(axis, groups, label)
+        axis.set_title(task, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out / "cached_family.png", dpi=120)
+    return "\n".join(text)
+
+
+def cma(runs: Path, out: Path) -> str:
+    results = load(runs / "cma_weight" / "ablation.json")
+    if results is None:
+        return "§8 CMA weight: not finished\n"
+    lines = [f"| λ | {OOD_HEADER} |", "|---|" + "---|" * 8]
+    diffs = ["| λ | Δ MCM AUROC vs λ=0 | Δ Energy AUROC | Δ NegLabel AUROC | Δ ID accuracy |", "|---|---|---|---|---|"]
+    for variant, weight in CMA_ARMS:
+        lines.append(f"| {weight} | {ood_row(results, variant)} |")
+        if variant != "margin":
+            cells = [paired(values(results, "margin", f"ood/{score}/cifar_ood/AUROC"),
+                            values(results, variant, f"ood/{score}/cifar_ood/AUROC"), 3) for score, _ in OOD_SCORES]
+            cells.append(paired(values(results, "margin", ACCURACY, 100), values(results, variant, ACCURACY, 100), 1))
+            diffs.append(f"| {weight} | " + " | ".join(cells) + " |")
+    figure = Figure(figsize=(8, 3.2))
+    axes = figure.subplots(1, 3)
+    for axis, (score, name) in zip(axes, OOD_SCORES):
+        dots(axis, [(f"λ={weight}", values(results, variant, f"ood/{score}/cifar_ood/AUROC")) for variant, weight in CMA_ARMS],
+             f"{name} AUROC")
+    figure.tight_layout()
+    figure.savefig(out / "cached_cma.png", dpi=120)
+    return "\n".join(lines + [""] + diffs) + "\n"
+
+
+def curves(runs: Path, out: Path) -> str:
+    """Validation t2v R@1 against the step for the baseline arm of every study, each seed a line."""
+    panels = [("noisy 0% (meta off)", runs / "noisy_00", "margin"), ("noisy 40% (meta on)", runs / "noisy_40", "meta"),
+              ("CIFAR prompts b64", runs / "duplicates" / "b64_diagonal", "margin"),
+              ("CIFAR prompts b256", runs / "duplicates" / "b256_diagonal", "margin"),
+              ("COCO CLIP", runs / "family_coco" / "diagonal", "clip"),
+              ("COCO SigLIP", runs / "family_coco" / "diagonal", "siglip")]
+    figure = Figure(figsize=(12, 3.2))
+    axes = figure.subplots(1, len(panels))
+    notes = []
+    for axis, (title, study, variant) in zip(axes, panels):
+        results = load(study / "ablation.json")
+        axis.set_title(title, fontsize=8)
+        axis.set_xlabel("step", fontsize=8)
+        if results is None:
+            continue
+        finals = []
+        for run in results["runs"]:
+            if run["variant"] == variant:
+                steps, found = curve(run["run_dir"])
+                axis.plot(steps, found, linewidth=0.8)
+                if len(found) >= 3:
+                    finals.append(found[-1] - max(found[:-1][-3:]))
+        if finals:
+            notes.append(f"{title}: last validation point minus the best of the three before it: "
+                         f"{np.mean(finals):+.2f} R@1 (mean over seeds)")
+    axes[0].set_ylabel("val t2v R@1")
+    figure.tight_layout()
+    figure.savefig(out / "cached_curves.png", dpi=120)
+    return "\n".join(notes) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs/study2"))
+    parser.add_argument("--out", type=Path, default=REPORT_FIGURES)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for title, section in (("§5 noisy captions", noisy), ("§6 duplicates as negatives vs multi-positive", duplicates),
+                           ("§7 loss family", family), ("§8 CMA weight", cma), ("convergence", curves)):
+        print(f"## {title}\n\n{section(args.runs, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

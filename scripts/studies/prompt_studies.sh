@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The cached-feature studies of REPORT.md §5-§8: CIFAR-10 class prompts (noisy captions; duplicates
+# as negatives vs multi-positive with and without CMA; the loss family; CMA's weight) and the loss
+# family on COCO, each variant with the same 5 seeds, heads trained on frozen offline towers whose
+# outputs are encoded once into a feature cache (data.feature_cache: true in every config below).
+# Needs: pip install -e '.[offline-towers]' && mmsphere export-offline-towers --out runs/offline_towers
+# Reads DATA_ROOT/cifar10_test and DATA_ROOT/coco_mini (default DATA_ROOT: ../shared/data beside the repository).
+#   bash scripts/studies/prompt_studies.sh [--data-root DATA_ROOT]
+# Runs that finished are reused (ablate.py skips them), so an interrupted study continues where it stopped.
+set -euo pipefail
+source "$(dirname "$0")/data_root.sh"  # sets data_root (and repo)
+out=runs/study2
+seeds=5
+# --- data: CIFAR-10 prompt sets and COCO captions as shards ----------------------------------------------
+if [ ! -d runs/cifar10/test ]; then mkdir -p runs/cifar10 && tar -xf "$data_root/cifar10_test/cifar10_test_jpg.tar" -C runs/cifar10; fi
+[ -f $out/cifar/id5/train.jsonl ] || python scripts/studies/prompt_sets.py --cifar runs/cifar10/test --out $out/cifar
+for set in all10/train_00 all10/train_20 all10/train_40 all10/meta all10/val all10/test id5/train id5/val id5/id_test id5/ood_test; do
+  [ -f $out/cifar/$set/sizes.json ] || python scripts/make_shards.py --input $out/cifar/$set.jsonl --out $out/cifar/$set --maxcount 500 --quiet
+done
+if [ ! -f $out/coco/val/sizes.json ]; then
+  python scripts/studies/coco_jsonl.py --data-root "$data_root" --split train --per-caption --out $out/coco/train_captions.jsonl
+  python scripts/studies/coco_jsonl.py --data-root "$data_root" --split val --out $out/coco/val.jsonl
+  python scripts/make_shards.py --input $out/coco/train_captions.jsonl --out $out/coco/train --maxcount 400 --quiet
+  python scripts/make_shards.py --input $out/coco/val.jsonl --out $out/coco/val --maxcount 100 --quiet
+fi
+all10="$out/cifar/all10"
+id5="$out/cifar/id5"
+ood=(--ood-id "$id5/id_test/shard-{000000..000001}.tar" --ood "cifar_ood=$id5/ood_test/shard-{000000..000001}.tar"
+     --classes $id5/id_classes.txt --ood-scores mcm,energy,neglabel --neg-labels scripts/studies/negative_labels.txt
+     --eval-batch-size 500)
+family=clip,angular_margin:margin=0.05,angular_margin:margin=0.1,angular_margin:margin=0.2,siglip,siglip:margin=0.1
+# --- §5 noisy captions: meta weighting off (margin) vs on (meta), at 0/20/40% corrupted captions ----------
+for level in 00 20 40; do
+  python scripts/ablate.py --config configs/studies/cifar10_noisy.yaml --variants margin,meta --seeds $seeds \
+    --out $out/noisy_$level --ood-id "$all10/test/shard-{000000..000003}.tar" --classes $all10/classes.txt \
+    --mismatched-keys $all10/mismatched_$level.txt --eval-batch-size 500 \
+    "data.train=[{name: cifar10_train, urls: '$all10/train_$level/shard-{000000..000009}.tar', modality: image}]"
+done
+# --- §6 duplicates as negatives vs multi-positive, with and without CMA, at batch 64 and 256 --------------
+for batch in 64 256; do
+  for positives in diagonal group; do
+    python scripts/ablate.py --config configs/studies/cifar_prompts.yaml --variants margin,cma --seeds $seeds \
+      --out $out/duplicates/b${batch}_$positives "${ood[@]}" train.batch_size=$batch loss.positives=$positives
+  done
+done
+# --- §7 loss family, diagonal vs group positives, on the CIFAR-10 prompt task and on COCO -----------------
+for positives in diagonal group; do
+  python scripts/ablate.py --config configs/studies/cifar_prompts.yaml --variants $family --seeds $seeds \
+    --out $out/family_cifar/$positives "${ood[@]}" loss.positives=$positives
+  python scripts/ablate.py --config configs/studies/coco_captions.yaml --variants $family --seeds $seeds \
+    --out $out/family_coco/$positives --eval-batch-size 500 loss.positives=$positives
+done
+# --- §8 CMA's weight at convergence (λ = 0 is the margin variant, 0.001 the cma variant of §6) ------------
+python scripts/ablate.py --config configs/studies/cifar_prompts.yaml --variants margin,cma,cma@0.01,cma@0.1 \
+  --seeds $seeds --out $out/cma_weight "${ood[@]}"
+python scripts/studies/cached_figures.py --runs $out
