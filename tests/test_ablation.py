@@ -257,6 +257,17 @@ def test_a_technique_variant_takes_another_weight(study_data, tmp_path, variant,
                           output_dir=tmp_path).loss.terms[term] != weight
 
 
+@pytest.mark.parametrize(("variant", "terms"), [
+    ("angular_margin:margin=0.2", {"angular_margin": {"weight": 1.0, "margin": 0.2}}),
+    ("siglip:margin=0.1", {"siglip": {"weight": 1.0, "margin": 0.1}}),
+    ("cma@0.01:weight=0.02", {"angular_margin": 1.0, "cma": {"weight": 0.02}}),
+])
+def test_a_variant_takes_its_terms_options(study_data, tmp_path, variant, terms):
+    """NAME:FIELD=VALUE sets fields of the variant's own term; the other terms keep the variant's defaults."""
+    config = variant_config(config_from_dict(base_raw(study_data)), variant, seed=0, output_dir=tmp_path)
+    assert config.loss.terms == terms
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (dict(variants=["clip", "margni"]), r"unknown variant\(s\) \['margni'\]; known: clip, angular_margin"),
     (dict(variants=["clip", "clip"]), r"variant\(s\) \['clip'\] are listed more than once"),
@@ -271,7 +282,11 @@ def test_a_technique_variant_takes_another_weight(study_data, tmp_path, variant,
     (dict(raw={"data": {"meta": None}}), r"variant 'meta': meta.enabled=true needs data.meta"),
     (dict(raw={"data": {"val": None}}), r"data.val is not set"),
     (dict(ood=OodSets("nowhere", {"x": "nowhere/either"}, ["a", "b"])), r"OoD image set id='nowhere'"),
-    (dict(ood=OodSets("nowhere", {}, ["a", "b"])), r"at least one OoD image set"),
+    (dict(ood=OodSets("nowhere", {}, ["a", "b"])), r"OoD image set id='nowhere'"),
+    (dict(ood=OodSets("nowhere", {"x": "y"}, ["a", "b"], scores=("neglabel",))), r"neglabel OoD score needs negative labels"),
+    (dict(variants=["siglip:margn=0.1"]), r"variant 'siglip:margn=0.1': loss.terms.siglip: unknown field 'margn'"),
+    (dict(variants=["clip:0.1"]), r"'0.1' is not FIELD=VALUE"),
+    (dict(variants=["meta:margin=0.1"]), r"only a term's variant takes :FIELD=VALUE options"),
 ])
 def test_bad_studies_fail_before_any_training(study_data, tmp_path, change, message):
     raw = base_raw(study_data)

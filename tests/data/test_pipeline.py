@@ -113,7 +113,7 @@ def test_evaluation_frames_match_an_independent_decode(tmp_path, media, clips):
     assert keys == [f"val-{shard}-{index}" for shard in range(2) for index in range(3)]  # in shard order
     tolerance = 3.0 / 255.0 / min(media.std)
     for batch in batches:
-        assert set(batch) == {"key", "modality", "frames", "frame_mask", "captions", "skipped"}
+        assert set(batch) == {"key", "modality", "frames", "frame_mask", "captions", "group", "skipped"}
         for row, key in enumerate(batch["key"]):
             assert batch["captions"][row] == captions[key]  # all captions, untokenised
             shard, index = map(int, key.split("-")[1:])
