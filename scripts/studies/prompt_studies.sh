@@ -29,6 +29,15 @@ ood=(--ood-id "$id5/id_test/shard-{000000..000001}.tar" --ood "cifar_ood=$id5/oo
      --classes $id5/id_classes.txt --ood-scores mcm,energy,neglabel --neg-labels scripts/studies/negative_labels.txt
      --eval-batch-size 500)
 family=clip,angular_margin:margin=0.05,angular_margin:margin=0.1,angular_margin:margin=0.2,siglip,siglip:margin=0.1
+# --- convergence: the baseline trained for 50 ... 800 steps on both CIFAR tasks (class accuracy vs steps) ---
+for steps in 50 100 200 400 800; do
+  python scripts/ablate.py --config configs/studies/cifar10_noisy.yaml --variants margin --seeds $seeds \
+    --out $out/convergence/all10_$steps --ood-id "$all10/test/shard-{000000..000003}.tar" --classes $all10/classes.txt \
+    --eval-batch-size 500 train.max_steps=$steps train.warmup_steps=$((steps / 20)) train.val_every=0 train.checkpoint_every=$steps
+  python scripts/ablate.py --config configs/studies/cifar_prompts.yaml --variants margin --seeds $seeds \
+    --out $out/convergence/id5_$steps "${ood[@]}" train.max_steps=$steps train.warmup_steps=$((steps / 20)) \
+    train.val_every=0 train.checkpoint_every=$steps
+done
 # --- §5 noisy captions: meta weighting off (margin) vs on (meta), at 0/20/40% corrupted captions ----------
 for level in 00 20 40; do
   python scripts/ablate.py --config configs/studies/cifar10_noisy.yaml --variants margin,meta --seeds $seeds \
@@ -37,10 +46,13 @@ for level in 00 20 40; do
     "data.train=[{name: cifar10_train, urls: '$all10/train_$level/shard-{000000..000009}.tar', modality: image}]"
 done
 # --- §6 duplicates as negatives vs multi-positive, with and without CMA, at batch 64 and 256 --------------
+# the same number of epochs at both batch sizes: 400 steps of 64 and 100 steps of 256 (10 epochs of 2500 pairs)
 for batch in 64 256; do
+  steps=$((400 * 64 / batch))
   for positives in diagonal group; do
     python scripts/ablate.py --config configs/studies/cifar_prompts.yaml --variants margin,cma --seeds $seeds \
-      --out $out/duplicates/b${batch}_$positives "${ood[@]}" train.batch_size=$batch loss.positives=$positives
+      --out $out/duplicates/b${batch}_$positives "${ood[@]}" train.batch_size=$batch loss.positives=$positives \
+      train.max_steps=$steps train.warmup_steps=$((steps / 20)) train.checkpoint_every=$steps train.val_every=$((steps / 16))
   done
 done
 # --- §7 loss family, diagonal vs group positives, on the CIFAR-10 prompt task and on COCO -----------------
