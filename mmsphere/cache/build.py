@@ -103,18 +103,24 @@ def config_caches(model: torch.nn.Module, config: Config) -> tuple[dict[str, Fea
     return train, val
 
 
-def build_config_caches(model: torch.nn.Module, config: Config, *, rank: int = 0, world_size: int = 1,
-                        progress: bool = True) -> tuple[dict[str, FeatureCache], FeatureCache | None]:
-    """Build what is missing of every cache a run reads (this process's share of the shards); returns the caches."""
-    check_cacheable(model, config.data)
-    train, val = config_caches(model, config)
+def cache_jobs(config: Config, train: dict[str, FeatureCache],
+               val: FeatureCache | None) -> list[tuple[str, FeatureCache, str]]:
+    """(source name, cache, shard URLs) of every source a run reads: train, meta (when enabled) and val."""
     jobs = [(source.name or f"train{index}", train[source.modality], source.urls)
             for index, source in enumerate(config.data.train)]
     if config.meta.enabled and config.data.meta is not None:
         jobs.append((config.data.meta.name or "meta", train[config.data.meta.modality], config.data.meta.urls))
     if val is not None:
         jobs.append((config.data.val.name or "val", val, config.data.val.urls))
-    for name, cache, urls in jobs:
+    return jobs
+
+
+def build_config_caches(model: torch.nn.Module, config: Config, *, rank: int = 0, world_size: int = 1,
+                        progress: bool = True) -> tuple[dict[str, FeatureCache], FeatureCache | None]:
+    """Build what is missing of every cache a run reads (this process's share of the shards); returns the caches."""
+    check_cacheable(model, config.data)
+    train, val = config_caches(model, config)
+    for name, cache, urls in cache_jobs(config, train, val):
         report = build_feature_cache(model, cache, urls, batch_size=config.train.batch_size, rank=rank,
                                      world_size=world_size, progress=progress, description=f"feature cache {name}")
         if report.shards_built:

@@ -23,7 +23,7 @@ def build(args: argparse.Namespace) -> int:
     """Load the config and the model, then build what is missing of each cache and print where it lies."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # lazy: open_clip takes seconds to import; `mmsphere cache --help` should not
-    from mmsphere.cache import build_config_caches
+    from mmsphere.cache.build import build_config_caches, cache_jobs
     from mmsphere.data.reader import check_shards
     from mmsphere.models import create_model
 
@@ -31,13 +31,7 @@ def build(args: argparse.Namespace) -> int:
     started = time.time()
     model = create_model(config.model)
     train, val = build_config_caches(model, config)
-    sources = [(source.name or f"train{index}", train[source.modality], source.urls)
-               for index, source in enumerate(config.data.train)]
-    if config.meta.enabled and config.data.meta is not None:
-        sources.append((config.data.meta.name or "meta", train[config.data.meta.modality], config.data.meta.urls))
-    if val is not None:
-        sources.append((config.data.val.name or "val", val, config.data.val.urls))
     summary = {name: {"fingerprint": cache.fingerprint, "directory": str(cache.directory_for(check_shards(urls, name)[0]))}
-               for name, cache, urls in sources}
+               for name, cache, urls in cache_jobs(config, train, val)}
     print(json.dumps({"caches": summary, "wall_time_s": round(time.time() - started, 1)}, indent=2))
     return 0
