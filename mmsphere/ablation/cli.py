@@ -10,6 +10,7 @@ from pathlib import Path
 from mmsphere.ablation.evaluation import OOD_SCORES, OodSets, read_mismatched_keys
 from mmsphere.ablation.runs import run_ablation
 from mmsphere.ablation.summary import RETRIEVAL_COLUMNS, markdown_table
+from mmsphere.ablation.variants import known_variants
 from mmsphere.config import ConfigError, MmsphereError, load_config
 from mmsphere.ood.inputs import parse_ood_sets, read_names, read_templates
 
@@ -18,11 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     """``python scripts/ablate.py --config BASE.yaml --variants ... --seeds N --out DIR [overrides...]``."""
     parser = argparse.ArgumentParser(prog="python scripts/ablate.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="base training config (YAML)")
-    parser.add_argument("--variants", default="clip,margin,meta,m2mix,calunif,cma,all",
+    parser.add_argument("--variants",
                         help="comma-separated variants: every registered term (a contrastive one alone, any other "
                              "on the angular-margin baseline), meta, all; margin and calunif are short for "
                              "angular_margin and calibrated_uniformity; a non-contrastive term also as NAME@WEIGHT, "
-                             "e.g. cma@0.1 (default: %(default)s)")
+                             "e.g. cma@0.1; a term's fields as NAME:FIELD=VALUE, e.g. siglip:margin=0.1 "
+                             f"(default: every variant of the term registry: {','.join(known_variants())})")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant: base seed, +1, ... (default 3)")
     parser.add_argument("--out", required=True, help="output folder: OUT/VARIANT/seed_S runs, ablation.json/.md/.png")
     parser.add_argument("--zero-shot", action="store_true", help="add a row for the untrained model of each seed")
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the base config")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.variants is None:
+        args.variants = ",".join(known_variants())
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # one line per run (which variant and seed, and where) from the study's loggers
     logging.getLogger("mmsphere.ablation").setLevel(logging.INFO)

@@ -2,7 +2,7 @@
 
 Prints every table as markdown (mean ± sample std over seeds, and for each comparison the paired
 difference over the same seeds with the number of seeds where it is positive) and writes
-``scripts/studies/figures/cached_{curves,noisy,duplicates,family,cma}.png``; nothing is retrained.
+``scripts/studies/figures/cached_{convergence,curves,noisy,duplicates,family,cma}.png``; nothing is retrained.
 A study that has not finished is reported as such.
 
     python scripts/studies/cached_figures.py --runs runs/study2
@@ -255,13 +255,35 @@ def curves(runs: Path, out: Path) -> str:
     return "\n".join(notes) + "\n"
 
 
+def convergence(runs: Path, out: Path) -> str:
+    """Class accuracy of the baseline (margin) trained for 50 ... 800 steps, per task, with a plot."""
+    steps = (50, 100, 200, 400, 800)
+    lines = ["| task | " + " | ".join(f"{step} steps" for step in steps) + " |", "|---|" + "---|" * len(steps)]
+    figure = Figure(figsize=(4.5, 3.2))
+    axis = figure.subplots()
+    for task, label in (("all10", "10 classes, 5000 pairs"), ("id5", "5 ID classes, 2500 pairs")):
+        found = {step: load(runs / "convergence" / f"{task}_{step}" / "ablation.json") for step in steps}
+        per_step = {step: values(results, "margin", ACCURACY, 100) for step, results in found.items() if results}
+        lines.append(f"| {label} | " + " | ".join(mean_std(per_step.get(step, {}), 1) for step in steps) + " |")
+        if per_step:
+            axis.errorbar(list(per_step), [np.mean(list(v.values())) for v in per_step.values()],
+                          [np.std(list(v.values()), ddof=1) for v in per_step.values()], marker="o", label=label)
+    axis.set_xscale("log")
+    axis.set_xlabel("training steps (batch 64)")
+    axis.set_ylabel("class accuracy % (5 seeds)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "cached_convergence.png", dpi=120)
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/study2"))
     parser.add_argument("--out", type=Path, default=REPORT_FIGURES)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for title, section in (("§5 noisy captions", noisy), ("§6 duplicates as negatives vs multi-positive", duplicates),
+    for title, section in (("convergence (class accuracy vs steps)", convergence), ("§5 noisy captions", noisy), ("§6 duplicates as negatives vs multi-positive", duplicates),
                            ("§7 loss family", family), ("§8 CMA weight", cma), ("convergence", curves)):
         print(f"## {title}\n\n{section(args.runs, args.out)}")
 
