@@ -265,15 +265,30 @@ def load_weights(model: DualEncoder, path: str | os.PathLike, target: str) -> No
     state_dict = read_state_dict(path)
     if any(key.startswith("clip.") for key in state_dict):
         # a whole dual encoder, e.g. a previous run's model.safetensors
+        _keep_initial_logit_bias(model, state_dict, "clip.logit_bias", path)
         source = f"checkpoint {str(path)!r}"
         check_compatible(shapes_of(model.state_dict()), shapes_of(state_dict), source, f"the dual encoder of {target}")
         model.load_state_dict(state_dict)
         logger.info("loaded the dual encoder weights of %s", path)
         return
     state_dict = _adapt_to_architecture(model.clip, state_dict, path, target)
+    _keep_initial_logit_bias(model, state_dict, "logit_bias", path)
     check_compatible(shapes_of(model.clip.state_dict()), shapes_of(state_dict), f"checkpoint {str(path)!r}", target)
     model.clip.load_state_dict(state_dict)
     logger.info("loaded open_clip weights of %s", path)
+
+
+def _keep_initial_logit_bias(model: DualEncoder, state_dict: dict[str, torch.Tensor], key: str, path: Path) -> None:
+    """A checkpoint without SigLIP's bias (any CLIP) for a model given one (``model.init_logit_bias``): keep its start value.
+
+    Fine-tuning a CLIP checkpoint with the siglip term is the usual way to get one; the bias the
+    config asks for is the start SigLIP prescribes, not a weight the checkpoint lost.
+    """
+    if key in state_dict or getattr(model.clip, "logit_bias", None) is None:
+        return
+    state_dict[key] = model.clip.logit_bias.detach().clone()
+    logger.info("%s holds no logit_bias: it starts at model.init_logit_bias=%.4g", path,
+                float(model.clip.logit_bias.detach().reshape(-1)[0]))
 
 
 def _adapt_to_architecture(

@@ -210,3 +210,17 @@ def test_checkpoint_at_another_image_size_loads_with_a_resized_grid(source, make
     assert larger.clip.visual.positional_embedding.shape == (37, 32)  # 6 x 6 patches + class token
     assert torch.equal(larger.clip.visual.conv1.weight, source.clip.visual.conv1.weight)
     assert torch.equal(larger.clip.visual.positional_embedding[0], source.clip.visual.positional_embedding[0])
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "run"])
+def test_clip_checkpoint_without_logit_bias_loads_for_siglip_fine_tuning(source, make_model, tmp_path, kind):
+    """A checkpoint with no logit_bias (any CLIP, or a run trained without it) starts SigLIP's bias at init_logit_bias."""
+    if kind == "open_clip":
+        path = write_checkpoint("safetensors", source.clip.state_dict(), tmp_path)
+    else:
+        save_run(source, Config(model=source.config), tmp_path / "run")
+        path = tmp_path / "run" / "model.safetensors"
+    model = make_model(seed=12, pretrained=str(path), init_logit_bias=-10.0)
+    assert model.clip.logit_bias.item() == -10.0 and model.clip.logit_bias.requires_grad
+    assert torch.equal(model.clip.visual.proj, source.clip.visual.proj)
+    assert torch.equal(model.clip.logit_scale, source.clip.logit_scale)
