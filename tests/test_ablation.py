@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from mmsphere.ablation import OodSets, aggregate, mean_and_std, run_ablation, variant_config
+from mmsphere.ablation import OodSets, ablation_markdown, aggregate, mean_and_std, run_ablation, variant_config
 from mmsphere.ablation.cli import main
 from mmsphere.config import ConfigError, MmsphereError, config_from_dict
 from mmsphere.eval.evaluate import evaluate_retrieval_loader
@@ -316,3 +316,13 @@ def test_command_line_errors(study_data, tmp_path, capsys):
     assert main([*common, "--mismatched-keys", str(tmp_path / "none.json")]) == 2
     assert re.search(r"mismatched-keys file .*none.json' does not exist", capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_markdown_names_terms_given_with_their_fields_and_an_accuracy_only_evaluation(study):
+    """A variant's terms in the long form print with their fields; an evaluation without OoD sets prints the ID accuracy."""
+    results = json.loads(json.dumps(study[1]))
+    results["variants"]["clip"] = {"loss.terms": {"siglip": {"weight": 1.0, "margin": 0.1}}, "meta.enabled": False}
+    results["ood"]["ood_images"] = {}
+    text = ablation_markdown(results)
+    assert "| clip | siglip 1 (margin=0.1) | off |" in text
+    assert "## ID accuracy (prompt classification of red, green)" in text and "## OoD detection" not in text

@@ -81,10 +81,13 @@ def ablation_markdown(results: dict[str, Any]) -> str:
         terms = overrides.get("loss.terms", base["loss"]["terms"])
         meta = overrides.get("meta.enabled", base["meta"]["enabled"])
         label = "no fine-tuning: the model each seed's training starts from" if variant == ZERO_SHOT else ""
-        lines.append(f"| {variant} | {label or ', '.join(f'{name} {weight:g}' for name, weight in terms.items())} | "
+        lines.append(f"| {variant} | {label or ', '.join(_term_label(name, value) for name, value in terms.items())} | "
                      f"{'–' if variant == ZERO_SHOT else ('on' if meta else 'off')} |")
     lines += ["", "## Retrieval (validation set)", "", *markdown_table(variants, aggregated, RETRIEVAL_COLUMNS)]
-    if results["ood"] is not None:
+    if results["ood"] is not None and not results["ood"]["ood_images"]:
+        lines += ["", f"## ID accuracy (prompt classification of {', '.join(results['ood']['classes'])})", "",
+                  *markdown_table(variants, aggregated, [("ood/id_accuracy", "ID accuracy", 3)])]
+    elif results["ood"] is not None:
         ood_columns = [(f"ood/{score}/mean/{key}", f"{score} {label}", 3) for score in results["ood"]["scores"]
                        for key, label in (("AUROC", "AUROC"), ("FPR95", "FPR@95"))]
         lines += ["", f"## OoD detection (mean over {', '.join(results['ood']['ood_images'])}; ID classes "
@@ -110,6 +113,14 @@ def markdown_table(variants: Sequence[str], aggregated: dict[str, Any],
         cells = [format_mean_std(aggregated.get(variant, {}).get(key), decimals) for key, _, decimals in columns]
         rows.append(f"| {variant} | {' | '.join(cells)} |")
     return rows
+
+
+def _term_label(name: str, value: Any) -> str:
+    """``cma 0.001`` for a bare weight, ``siglip 1 (margin=0.1)`` for a term given as ``{weight, <fields>}``."""
+    if not isinstance(value, dict):
+        return f"{name} {value:g}"
+    fields = ", ".join(f"{key}={field}" for key, field in value.items() if key != "weight")
+    return f"{name} {value.get('weight', 1.0):g}" + (f" ({fields})" if fields else "")
 
 
 def _compute_seconds(runs: Sequence[dict[str, Any]]) -> float:

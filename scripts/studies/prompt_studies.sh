@@ -45,6 +45,15 @@ for level in 00 20 40; do
     --mismatched-keys $all10/mismatched_$level.txt --eval-batch-size 500 \
     "data.train=[{name: cifar10_train, urls: '$all10/train_$level/shard-{000000..000009}.tar', modality: image}]"
 done
+# the baseline stopped early, near its best validation step (a stronger baseline than 400 steps under noise)
+for level in 20 40; do
+  for steps in 100 200; do
+    python scripts/ablate.py --config configs/studies/cifar10_noisy.yaml --variants margin --seeds $seeds \
+      --out $out/noisy_${level}_early/steps_$steps --ood-id "$all10/test/shard-{000000..000003}.tar" --classes $all10/classes.txt \
+      --eval-batch-size 500 train.max_steps=$steps train.warmup_steps=$((steps / 20)) train.checkpoint_every=$steps \
+      "data.train=[{name: cifar10_train, urls: '$all10/train_$level/shard-{000000..000009}.tar', modality: image}]"
+  done
+done
 # --- §6 duplicates as negatives vs multi-positive, with and without CMA, at batch 64 and 256 --------------
 # the same number of epochs at both batch sizes: 400 steps of 64 and 100 steps of 256 (10 epochs of 2500 pairs)
 for batch in 64 256; do
