@@ -153,7 +153,7 @@ def duplicates(runs: Path, out: Path) -> str:
             for batch in (64, 256) for positives in ("diagonal", "group")}
     if any(results is None for results in arms.values()):
         return "§6 duplicates: not finished\n"
-    lines = [f"| batch | positives | CMA | {OOD_HEADER} | steps, loop time |", "|---|---|---|" + "---|" * 10]
+    lines = [f"| batch | positives | CMA | {OOD_HEADER} | steps, loop time |", "|---|---|---|" + "---|" * 9]
     diffs = ["| batch | CMA | Δ ID accuracy (group − diagonal) | Δ MCM AUROC | Δ Energy AUROC | Δ NegLabel AUROC |",
              "|---|---|---|---|---|---|"]
     groups = []
