@@ -28,6 +28,7 @@ FACTORS: dict[str, tuple] = {
     "loss_mode": ("global", "local_loss"),
     "terms": ("contrastive", "all", "siglip"),
     "nan_batch": (False, True),
+    "trunks": ("trained", "frozen_cached"),  # frozen_cached: model.trainable=heads from a feature cache
 }
 
 TOWERS = {"vit": "mmsphere-tiny", "resnet": "mmsphere-tiny-rn"}
@@ -36,9 +37,11 @@ TERMS = {"contrastive": {"angular_margin": 1.0},
          "siglip": {"siglip": {"weight": 1.0, "margin": 0.1}, "cma": 0.01}}
 
 
-def model_config(tower: str, terms: str) -> dict:
+def model_config(tower: str, terms: str, trunks: str = "trained") -> dict:
     """The tiny model of a scenario; SigLIP needs the learnable logit bias."""
     model = {"name": TOWERS[tower], "temporal_head": "transformer", "max_frames": 4}
+    if trunks == "frozen_cached":
+        model["trainable"] = "heads"
     if terms == "siglip":
         model["init_logit_bias"] = -10.0
     return model
@@ -61,13 +64,14 @@ class Scenario:
     loss_mode: str
     terms: str
     nan_batch: bool
+    trunks: str
 
     @property
     def name(self) -> str:
         meta = f"meta-{self.meta}" + ("" if self.meta == "off" else f"-{self.meta_gradient}")
         parts = [f"{self.processes}proc", self.data, meta, self.precision, self.tower,
                  f"accum{self.accum_freq}", self.loss_mode, f"terms-{self.terms}"]
-        return "_".join(parts + (["nan"] if self.nan_batch else []))
+        return "_".join(parts + (["nan"] if self.nan_batch else []) + (["cached"] if self.trunks == "frozen_cached" else []))
 
     @property
     def deterministic(self) -> bool:
@@ -111,10 +115,11 @@ def train_config(scenario: Scenario, shards: dict[str, str], output_dir: str) ->
     return {
         "output_dir": output_dir,
         "seed": 0,
-        "model": model_config(scenario.tower, scenario.terms),
+        "model": model_config(scenario.tower, scenario.terms, scenario.trunks),
         "data": {"train": sources[scenario.data],
                  "meta": {"urls": shards[f"meta_{meta_modality}"], "modality": meta_modality, "name": "meta"},
-                 "frames": FRAMES, "shuffle_buffer": 8, "epoch_samples": 32, "workers": 0},
+                 "frames": FRAMES, "shuffle_buffer": 8, "epoch_samples": 32, "workers": 0,
+                 "feature_cache": scenario.trunks == "frozen_cached"},
         "loss": {"terms": TERMS[scenario.terms], "margin": 0.1, "local_loss": scenario.loss_mode == "local_loss"},
         "meta": {"enabled": scenario.meta != "off", "params": "all" if scenario.meta == "off" else scenario.meta,
                  "gradient": scenario.meta_gradient, "interval": 1, "hidden": 8, "weights_log_every": 1},

@@ -87,8 +87,9 @@ def train_run(scenario: Scenario, shards: dict[str, str], output_dir: Path, rank
             modalities.append(batch["modality"])
             if scenario.nan_batch and train_batches == NAN_AT_TRAIN_BATCH and rank == 0:
                 # rank-local bad data: every collective must still be called by every rank
-                pixels = inputs["images"] if "images" in inputs else inputs["frames"]
-                pixels[0] = float("nan")
+                # pixels, or the trunk features a cached scenario's batches hold instead
+                visual = next(name for name in ("images", "frames", "image_trunk", "frame_trunk") if name in inputs)
+                inputs[visual][0] = float("nan")
             train_batches += 1
         return inputs
 
