@@ -2,7 +2,8 @@
 
 Prints every table as markdown (mean ± sample std over seeds, and for each comparison the paired
 difference over the same seeds with the number of seeds where it is positive) and writes
-``scripts/studies/figures/cached_{convergence,curves,noisy,duplicates,family,cma}.png``; nothing is retrained.
+``scripts/studies/figures/cached_{convergence,curves,noisy,duplicates,family,cma}.png`` and every run's
+numbers into ``scripts/studies/figures/cached_results.json``; nothing is retrained.
 A study that has not finished is reported as such.
 
     python scripts/studies/cached_figures.py --runs runs/study2
@@ -299,6 +300,23 @@ def convergence(runs: Path, out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_seed_json(runs: Path, out: Path) -> str:
+    """Every run's numbers of every study, one JSON file kept with the figures (the runs folder is not in git)."""
+    studies = {}
+    for path in sorted(runs.rglob("ablation.json")):
+        results = json.loads(path.read_text())
+        studies[str(path.parent.relative_to(runs))] = {
+            "command": results["description"].get("command"), "overrides": results["description"].get("overrides"),
+            "variants": results["variants"], "seeds": results["seeds"],
+            "invocation_wall_time_s": results["invocation_wall_time_s"],
+            "runs": [{"variant": run["variant"], "seed": run["seed"], "steps": run["training"].get("steps"),
+                      "metrics": run["metrics"]} for run in results["runs"]]}
+    target = out / "cached_results.json"
+    target.write_text(json.dumps({"machine": results["machine"], "versions": results["versions"], "studies": studies},
+                                 indent=1) + "\n")
+    return f"{len(studies)} studies, {sum(len(study['runs']) for study in studies.values())} runs -> {target}\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/study2"))
@@ -306,7 +324,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for title, section in (("convergence (class accuracy vs steps)", convergence), ("§5 noisy captions", noisy), ("§6 duplicates as negatives vs multi-positive", duplicates),
-                           ("§7 loss family", family), ("§8 CMA weight", cma), ("convergence", curves)):
+                           ("§7 loss family", family), ("§8 CMA weight", cma), ("convergence", curves),
+                           ("per-seed numbers", per_seed_json)):
         print(f"## {title}\n\n{section(args.runs, args.out)}")
 
 
