@@ -5,21 +5,37 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from mmsphere.cli_errors import ArgumentParser, positive_float, positive_int, run_cli
 from mmsphere.config import ConfigError, DataError
-from mmsphere.data.shards import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, INPUT_SKIP_REASONS, make_shards
+from mmsphere.data.sample_list import MEDIA_COLUMNS
+from mmsphere.data.shards import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, INPUT_SKIP_REASONS, ShardSummary, make_shards
 from mmsphere.data.stats import SKIP_REASONS
+
+
+LIST_COLUMNS_HELP = f"""\
+the list: a CSV/TSV with a header row (separated by , ; or tab) or a JSONL file (one object a line),
+with these columns (fields); a line needs a media path and a non-empty caption:
+  {MEDIA_COLUMNS[0]:<9} the media file; also named {', '.join(MEDIA_COLUMNS[1:])}. A relative path starts
+            from --media-root, else from the list's own folder
+  caption   one caption (text)
+  captions  several captions: a list of strings (in a CSV cell, JSON: ["one", "two"])
+  key       optional: the sample's key (default: the media file's name without its extension)
+  split     optional: write the line into OUT/<split>/ (train, val, ...)
+  group     optional: lines sharing a group are positives of each other under loss.positives: group
+An MSR-VTT 1k-A CSV (columns video_id, sentence) reads MEDIA_ROOT/<video_id>.mp4; --media-root is
+required for it."""
 
 
 def make_shards_main(argv: list[str]) -> int:
     """Build webdataset shards from a CSV/JSONL list of media files and captions."""
     parser = ArgumentParser(
         prog="mmsphere make-shards",
-        description="Write DIR/shard-%%06d.tar and DIR/sizes.json from a CSV or JSONL list (media path + "
-        "caption/captions, optional key/split) or an MSR-VTT 1k-A CSV (with --media-root).",
+        description="Write OUT/shard-%06d.tar and OUT/sizes.json from a CSV or JSONL list (media path +\n"
+        "caption/captions, optional key/split/group) or an MSR-VTT 1k-A CSV (with --media-root).",
+        epilog=LIST_COLUMNS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--input", required=True, help="the sample list (.csv, .tsv or .jsonl)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -59,8 +75,11 @@ def run_make_shards(args: argparse.Namespace) -> int:
     )
     written = sum(summary.samples.values())
     for split, paths in summary.shards.items():
-        pattern = summary.url_pattern(split)
-        print(f"{split or 'all'}: {summary.samples[split]} samples in {len(paths)} shard(s): {pattern}")
+        if paths:
+            print(f"{split or 'all'}: {summary.samples[split]} samples in {len(paths)} shard(s): "
+                  f"{summary.url_pattern(split)}")
+        else:
+            print(f"{split or 'all'}: 0 samples, nothing written")
     by_reason = summary.skipped_by_reason()
     if by_reason:
         print(f"skipped {len(summary.skipped)} input(s):")
@@ -71,9 +90,23 @@ def run_make_shards(args: argparse.Namespace) -> int:
     else:
         print("skipped 0 inputs")
     if written == 0:
-        print("mmsphere make-shards: error: no sample was written", file=sys.stderr)
-        return 1
+        raise DataError(_nothing_written(summary, args))
     return 0
+
+
+def _nothing_written(summary: ShardSummary, args: argparse.Namespace) -> str:
+    """Why no sample was written, and what to do where the cause is plain (every media file missing)."""
+    missing = [item.detail for item in summary.skipped if item.reason == "missing"]
+    if not missing or any(item.reason == "unreadable" for item in summary.skipped):
+        return "no sample was written; see the skipped inputs above"
+    examples = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    if args.media_root is None:
+        where = (f"relative paths start from the list's folder {str(Path(args.input).parent)!r}; pass --media-root "
+                 "DIR, the folder they start from")
+    else:
+        where = f"relative paths start from --media-root {args.media_root!r}; check that it is the right folder"
+    return (f"no media file was found: the list's {len(missing)} media path(s) name no existing file ({examples}); "
+            f"{where}. Nothing was written")
 
 
 def inspect_shards_main(argv: list[str]) -> int:

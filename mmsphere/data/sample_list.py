@@ -27,6 +27,7 @@ from pathlib import Path
 from mmsphere.config import MmsphereError
 
 MEDIA_COLUMNS = ("path", "media", "video", "image", "file")
+CAPTION_COLUMNS = ("caption", "captions")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 
 
@@ -75,10 +76,12 @@ def read_sample_list(
     entries: list[ListEntry] = []
     skipped: list[SkippedInput] = []
     keys: dict[str, str] = {}
+    fields: set[str] = set()
     for where, row in rows:
         if isinstance(row, SkippedInput):
             skipped.append(row)
             continue
+        fields.update(row)
         entry = _entry_from_row(row, base, where)
         if isinstance(entry, SkippedInput):
             skipped.append(entry)
@@ -87,7 +90,21 @@ def read_sample_list(
         else:
             keys[entry.key] = where
             entries.append(entry)
+    if suffix in (".jsonl", ".json") and fields:
+        # a CSV's header is checked before its rows are read; a JSONL list has none: the fields of all its lines
+        _require_columns(path, sorted(fields), "on any line")
     return entries, skipped
+
+
+def _require_columns(path: Path, columns: list[str], scope: str) -> None:
+    """Stop with the column that is absent, rather than skip every line for lacking it."""
+    found = f"(found: {', '.join(columns) or 'nothing'})"
+    if not any(name in columns for name in MEDIA_COLUMNS):
+        raise MmsphereError(f"sample list {str(path)!r} has no media column {scope}: expected one of "
+                            f"{', '.join(MEDIA_COLUMNS)} {found}")
+    if not any(name in columns for name in CAPTION_COLUMNS):
+        raise MmsphereError(f"sample list {str(path)!r} has no caption column {scope}: expected caption (one text) "
+                            f"or captions (a JSON list of texts) {found}")
 
 
 def _jsonl_rows(text: str, path: Path) -> Iterable[tuple[str, dict | SkippedInput]]:
@@ -124,11 +141,7 @@ def _csv_rows(text: str, path: Path, media_root: str | Path | None) -> Iterable[
             )
         yield from _msrvtt_rows(reader, path)
         return
-    if not any(name in columns for name in MEDIA_COLUMNS):
-        raise MmsphereError(
-            f"sample list {str(path)!r} has no media column: expected one of {', '.join(MEDIA_COLUMNS)} "
-            f"(found: {', '.join(columns) or 'nothing'})"
-        )
+    _require_columns(path, columns, "in its header")
     for number, row in enumerate(reader, start=2):
         where = f"{path.name}:{number}"
         if "captions" in row and row["captions"]:

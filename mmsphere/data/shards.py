@@ -9,7 +9,8 @@ Output: ``OUT/shard-000000.tar``, ... and ``OUT/sizes.json`` (shard file name ->
 such folder per ``split`` value (``OUT/<split>/``). A sample is ``KEY.<ext>`` holding the media
 bytes exactly as they were (unless re-encoding is asked for) plus ``KEY.txt`` (one caption) or
 ``KEY.json`` (``{"captions": [...]}``). Shards are written under a temporary name and renamed,
-with fixed tar metadata, so the same list gives byte-identical shards.
+with fixed tar metadata, so the same list gives byte-identical shards. A split none of whose
+samples could be written is left as it was: no shards, no ``sizes.json``, earlier shards kept.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def write_shards(
     summary = ShardSummary(out_dir, skipped=list(skipped or []))
     splits = list(dict.fromkeys(entry.split for entry in entries))
     for split in splits:
-        _prepare_folder(out_dir / split if split else out_dir, overwrite)
+        _refuse_existing_shards(out_dir / split if split else out_dir, overwrite)
     writers = {split: _ShardWriter(out_dir / split if split else out_dir, maxcount, maxsize) for split in splits}
     try:
         for entry in tqdm(entries, desc="make-shards", unit="sample", disable=not progress):
@@ -150,18 +151,21 @@ def write_shards(
     return summary
 
 
-def _prepare_folder(folder: Path, overwrite: bool) -> None:
-    existing = sorted(folder.glob("shard-*.tar")) + sorted(folder.glob("shard-*.tar.tmp"))
-    if (folder / SIZES_FILE).exists():
-        existing.append(folder / SIZES_FILE)
+def _refuse_existing_shards(folder: Path, overwrite: bool) -> None:
+    """Refuse before any work when ``folder`` holds shards and ``overwrite`` is not set; changes nothing."""
+    existing = _existing_shard_files(folder)
     if existing and not overwrite:
         raise ConfigError(
             f"{str(folder)!r} already holds shards ({existing[0].name}, {len(existing)} file(s)); "
             f"pass --overwrite (overwrite=True) to replace them"
         )
-    for path in existing:
-        path.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _existing_shard_files(folder: Path) -> list[Path]:
+    existing = sorted(folder.glob("shard-*.tar")) + sorted(folder.glob("shard-*.tar.tmp"))
+    if (folder / SIZES_FILE).exists():
+        existing.append(folder / SIZES_FILE)
+    return existing
 
 
 def _add_entry(
@@ -247,6 +251,8 @@ class _ShardWriter:
         if self._tar is not None and (self._count >= self.maxcount or self._bytes + sample_bytes > self.maxsize):
             self._finish_shard()
         if self._tar is None:
+            if not self.paths:
+                self._clear_folder()
             self._temporary = self.folder / (SHARD_PATTERN % len(self.paths) + ".tmp")
             self._tar = tarfile.open(self._temporary, "w", format=tarfile.PAX_FORMAT)
         for (extension, content), length in zip(members, lengths):
@@ -271,9 +277,17 @@ class _ShardWriter:
         self.paths.append(path)
         self._tar, self._temporary, self._count, self._bytes = None, None, 0, 0
 
+    def _clear_folder(self) -> None:
+        # only once a sample is in hand: a list whose media are all missing leaves the folder as it was
+        for path in _existing_shard_files(self.folder):
+            path.unlink()
+        self.folder.mkdir(parents=True, exist_ok=True)
+
     def close(self) -> tuple[list[Path], int]:
         if self._tar is not None:
             self._finish_shard()
+        if not self.paths:
+            return [], 0  # nothing written: no empty sizes.json that a retry would refuse to replace
         temporary = self.folder / (SIZES_FILE + ".tmp")
         temporary.write_text(json.dumps(self.sizes, indent=1) + "\n")
         os.replace(temporary, self.folder / SIZES_FILE)

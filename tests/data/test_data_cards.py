@@ -1,5 +1,6 @@
 """Every data card carries complete, well-typed YAML front matter, and the required cards exist."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,19 @@ def test_front_matter_is_complete(path):
     assert meta["build"].startswith(("mmsphere ", "python ", "img2dataset ")), f"{path.name}: build command"
     assert "## How to build" in path.read_text(encoding="utf-8"), f"{path.name}: no 'How to build' section"
     assert path.name in (CARDS / "README.md").read_text(encoding="utf-8"), f"{path.name} not linked from README"
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("path", sorted(CARDS.glob("*.md")), ids=lambda path: path.stem)
+def test_cards_cite_only_what_the_repository_holds(path):
+    text = path.read_text(encoding="utf-8")
+    repository = CARDS.parent
+    for document in re.findall(r"\b([A-Z]+)(?:\.md)? §", text):
+        assert (repository / f"{document}.md").is_file(), f"{path.name} cites {document} §, not in the repository"
+    for target, anchor in re.findall(r"\]\((\.\./[^)#]+)#([^)]+)\)", text):
+        headings = re.findall(r"^#+ (.+)$", (CARDS / target).read_text(encoding="utf-8"), re.MULTILINE)
+        assert anchor in {github_anchor(heading) for heading in headings}, f"{path.name}: {target}#{anchor}"
