@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import difflib
+import logging
+import math
 import re
 import types
 import typing
@@ -20,6 +22,11 @@ import yaml
 
 # the error family lives in mmsphere.errors; re-exported here, where it was first defined
 from mmsphere.errors import ConfigError, DataError, MmsphereError  # noqa: F401
+
+if typing.TYPE_CHECKING:
+    from mmsphere.losses.terms import ResolvedTerm  # import cycle at run time: the terms import this module
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,7 +47,12 @@ class ModelConfig:
     image_lr: float | None = None  # None = train.lr
     text_lr: float | None = None
     gradient_checkpointing: bool = False
-    init_logit_bias: float | None = None  # a learnable SigLIP logit bias b (needed by the siglip term)
+    # the starts of the learnable logit bias b (created only when set) and of log s, open_clip's
+    # init_logit_bias / init_logit_scale; null = the loss terms' defaults (siglip: b = -10, log s =
+    # ln 10, open_clip's SigLIP start), else no bias and open_clip's ln(1/0.07). A pretrained
+    # checkpoint's own values replace them.
+    init_logit_bias: float | None = None
+    init_logit_scale: float | None = None
 
 
 @dataclass
@@ -392,8 +404,32 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# training clamps log s to [0, this] (mmsphere.train.step); model.init_logit_scale must lie there too
+MAX_LOG_LOGIT_SCALE = math.log(100.0)
+
+
+def _fill_term_model_defaults(model: ModelConfig, resolved: list[ResolvedTerm]) -> None:
+    """Set the ``model.<field>`` values the config leaves null to the loss terms' ``model_defaults``; log it."""
+    chosen: dict[str, tuple[float, str]] = {}
+    for term in resolved:
+        for key, value in term.term_class.model_defaults.items():
+            if getattr(model, key) is not None:
+                continue
+            if key in chosen and chosen[key][0] != value:
+                raise ConfigError(f"loss.terms.{chosen[key][1]} starts model.{key} at {chosen[key][0]:g}, "
+                                  f"loss.terms.{term.name} at {value:g}: set model.{key}")
+            chosen.setdefault(key, (float(value), term.name))
+    filled: dict[str, list[str]] = {}
+    for key, (value, term) in chosen.items():
+        setattr(model, key, value)
+        filled.setdefault(term, []).append(f"model.{key}={value:.4g}")
+    for term, settings in filled.items():
+        logger.info("unset in the config, so at loss.terms.%s's defaults: %s (set them to override)",
+                    term, ", ".join(settings))
+
+
 def validate(config: Config) -> None:
-    """Raise :class:`ConfigError` for values that are well-typed but impossible."""
+    """Raise :class:`ConfigError` for values that are well-typed but impossible; fill the loss terms' model defaults."""
     model, data, loss, meta, train = config.model, config.data, config.loss, config.meta, config.train
     _check(model.temporal_head in ("mean", "transformer"),
            f"model.temporal_head={model.temporal_head!r} must be 'mean' or 'transformer'")
@@ -425,6 +461,13 @@ def validate(config: Config) -> None:
     from mmsphere.losses.terms import TERMS, resolve_terms
 
     resolved = resolve_terms(loss.terms, legacy_fields(loss))
+    _fill_term_model_defaults(model, resolved)
+    for key in ("init_logit_bias", "init_logit_scale"):
+        value = getattr(model, key)
+        _check(value is None or math.isfinite(value), f"model.{key}={value} must be a finite number")
+    _check(model.init_logit_scale is None or 0 <= model.init_logit_scale <= MAX_LOG_LOGIT_SCALE,
+           f"model.init_logit_scale={model.init_logit_scale} must be in [0, ln 100 = {MAX_LOG_LOGIT_SCALE:.4f}]: it is "
+           f"the log of the logit multiplier, as open_clip's init_logit_scale (SigLIP: ln 10 = {math.log(10):.4f})")
     needs_bias = [term.name for term in resolved if TERMS[term.name].needs_logit_bias]
     _check(not needs_bias or model.init_logit_bias is not None,
            f"loss.terms.{needs_bias[0] if needs_bias else ''} needs a learnable logit bias: set model.init_logit_bias "

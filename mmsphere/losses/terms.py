@@ -2,10 +2,11 @@
 
 A term is a subclass of :class:`Term` decorated with :func:`register_term`. It names itself,
 declares its config fields (a frozen dataclass ``Options`` with defaults and a ``check``), the
-random draws it needs (:meth:`Term.draw`) and whether it needs the model's ``logit_bias``, and
-computes its value from a :class:`TermContext`, which builds each shared matrix (the image–text
-logits, the Gram matrices, the same-group mask) at most once per objective call, in global and in
-``local_loss`` mode alike. A *contrastive* term returns the per-sample losses of this process's
+random draws it needs (:meth:`Term.draw`), the model state it needs (``needs_logit_bias``) and
+how that state starts when the config leaves it unset (``model_defaults``), and computes its
+value from a :class:`TermContext`, which builds each shared matrix (the image–text logits, the Gram
+matrices, the same-group mask) at most once per objective call, in global and in ``local_loss``
+mode alike. A *contrastive* term returns the per-sample losses of this process's
 samples, which the sample weights act on (see :mod:`mmsphere.losses.reducers`); any other term
 returns its scalar value, already normalised so that its average over ranks is the global value.
 
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmsphere.config import ConfigError
+from mmsphere.config import ConfigError, ModelConfig
 from mmsphere.losses.functional import _margin_cosine, _slerp_weights, _upcast
 
 __all__ = ["Term", "TermOptions", "TermContext", "TERMS", "register_term", "resolve_terms", "ResolvedTerm"]
@@ -69,6 +70,10 @@ class Term(abc.ABC):
     default_weight: ClassVar[float] = 1.0
     contrastive: ClassVar[bool] = False  # returns per-sample losses [n] that sample weights act on
     needs_logit_bias: ClassVar[bool] = False
+    # model.<field> -> the value this term starts it at when the config leaves the field unset (null):
+    # how the model state it needs is created (``init_logit_bias``) or where it starts (``init_logit_scale``);
+    # an explicit setting wins. A needed bias with no default here must be set in the config.
+    model_defaults: ClassVar[dict[str, float]] = {}
     Options: ClassVar[type[TermOptions]] = TermOptions
     # flat LossConfig keys of configs written before per-term fields -> this term's field
     legacy_keys: ClassVar[dict[str, str]] = {}
@@ -99,10 +104,20 @@ def register_term(cls: type[Term]) -> type[Term]:
         raise TypeError(f"{cls.__name__}.Options must be a dataclass subclassing TermOptions")
     if "weight" in {field.name for field in dataclasses.fields(cls.Options)}:
         raise TypeError(f"{cls.__name__}.Options must not declare 'weight': every term has one")
+    unsettable = [key for key in cls.model_defaults if key not in _UNSET_MODEL_FIELDS]
+    if unsettable:
+        raise TypeError(f"{cls.__name__}.model_defaults: {unsettable[0]!r} is not a model config field that "
+                        f"defaults to null ({', '.join(_UNSET_MODEL_FIELDS)})")
     if name in TERMS and TERMS[name] is not cls:
         raise ValueError(f"a term named {name!r} is already registered ({TERMS[name].__qualname__})")
     TERMS[name] = cls
     return cls
+
+
+# the model config fields a term may give a default to: the starts of the model's learnable state
+# (open_clip's init_* model arguments), null unless the config sets them
+_UNSET_MODEL_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig)
+                            if field.name.startswith("init_") and field.default is None)
 
 
 @dataclass(frozen=True)
@@ -378,6 +393,9 @@ class Siglip(Term):
     description = "pairwise sigmoid loss with optional angular margin (SigLIP, ICCV'23)"
     contrastive = True
     needs_logit_bias = True
+    # open_clip's start for SigLIP (open_clip_train --siglip, as in the paper): b = −10, s = 10; a
+    # pretrained checkpoint's own logit_scale (and logit_bias, if it has one) replaces them
+    model_defaults = {"init_logit_bias": -10.0, "init_logit_scale": math.log(10.0)}
     Options = SiglipOptions
 
     def forward(self, context: TermContext) -> Tensor:

@@ -60,7 +60,7 @@ def build_dual_encoder(
     source = resolve_pretrained(config.pretrained, architecture) if load_pretrained else None
 
     if source is not None and source[0] == "tag":
-        clip = _create_open_clip(architecture, pretrained=source[1], init_logit_bias=config.init_logit_bias)
+        clip = _create_open_clip(architecture, pretrained=source[1], config=config)
     else:
         if source is not None and source[0] == "file":
             checkpoint = Path(source[1])
@@ -72,8 +72,7 @@ def build_dual_encoder(
         # HF text tower's own weights and from warning that the model is initialised randomly
         weights_follow = checkpoint is not None or not load_pretrained
         with _without_random_init_warning() if weights_follow else contextlib.nullcontext():
-            clip = _create_open_clip(architecture, pretrained=None, pretrained_text=not weights_follow,
-                                     init_logit_bias=config.init_logit_bias)
+            clip = _create_open_clip(architecture, pretrained=None, pretrained_text=not weights_follow, config=config)
 
     tokenizer = open_clip.get_tokenizer(architecture)
     context_length = _context_length(clip, tokenizer, architecture)
@@ -142,10 +141,12 @@ def _is_shipped(name: str) -> bool:
     return any((directory / f"{name}.json").is_file() for directory in (OPEN_CLIP_CONFIG_DIR, MODEL_CONFIG_DIR))
 
 
-def _create_open_clip(architecture: str, pretrained: str | None, pretrained_text: bool = True,
-                      init_logit_bias: float | None = None) -> nn.Module:
-    # open_clip's own SigLIP parameter: CLIP(init_logit_bias=b) holds a learnable logit_bias
-    extra = {} if init_logit_bias is None else {"init_logit_bias": init_logit_bias}
+def _create_open_clip(architecture: str, pretrained: str | None, config: ModelConfig,
+                      pretrained_text: bool = True) -> nn.Module:
+    # open_clip's own arguments: CLIP(init_logit_bias=b) holds a learnable logit_bias, init_logit_scale
+    # starts log s (pretrained weights replace both); unset, the architecture's own (no bias, ln(1/0.07))
+    extra = {key: getattr(config, key) for key in ("init_logit_bias", "init_logit_scale")
+             if getattr(config, key) is not None}
     if pretrained is None:
         return open_clip.create_model(architecture, pretrained=None, pretrained_text=pretrained_text, **extra)
     try:

@@ -10,18 +10,16 @@ clipping, the optimiser and scheduler steps, and the clamps of the logit scale a
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-from mmsphere.config import Config
+from mmsphere.config import MAX_LOG_LOGIT_SCALE, Config
 from mmsphere.losses import Objective, ObjectiveOutput
 from mmsphere.weighting import MetaStepResult, MetaWeighting
 
-MAX_LOG_LOGIT_SCALE = math.log(100.0)
 # a bias beyond the largest logit magnitude (s ≤ 100) would give every pair the same sign
 MAX_ABS_LOGIT_BIAS = 100.0
 
