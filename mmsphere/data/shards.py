@@ -29,6 +29,7 @@ import av
 from PIL import Image
 from tqdm import tqdm
 
+from mmsphere.atomic import write_text_atomic
 from mmsphere.config import ConfigError
 from mmsphere.data.decode import IMAGE_FORMATS
 from mmsphere.data.reencode import ReencodeError, reencode_video
@@ -288,9 +289,7 @@ class _ShardWriter:
             self._finish_shard()
         if not self.paths:
             return [], 0  # nothing written: no empty sizes.json that a retry would refuse to replace
-        temporary = self.folder / (SIZES_FILE + ".tmp")
-        temporary.write_text(json.dumps(self.sizes, indent=1) + "\n")
-        os.replace(temporary, self.folder / SIZES_FILE)
+        write_text_atomic(self.folder / SIZES_FILE, json.dumps(self.sizes, indent=1) + "\n")
         return list(self.paths), sum(self.sizes.values())
 
     def abort(self) -> None:

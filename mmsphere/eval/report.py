@@ -7,13 +7,13 @@ import math
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mmsphere
+from mmsphere.atomic import write_text_atomic
 
 # distributions whose versions change the numbers an evaluation produces
 VERSIONED = ("torch", "open-clip-torch", "numpy", "faiss-cpu", "decord", "av", "pillow", "scikit-learn")
@@ -49,16 +49,7 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Write ``data`` as indented JSON through a temporary file, so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def sibling(path: str | os.PathLike, suffix: str) -> Path:

@@ -34,6 +34,7 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 import mmsphere
+from mmsphere.atomic import atomic_write
 from mmsphere.cli_errors import ArgumentParser, run_cli
 from mmsphere.config import ConfigError, DataError, MmsphereError, ModelConfig
 from mmsphere.models.dual_encoder import DualEncoder
@@ -173,7 +174,7 @@ def _write_open_clip_directory(
     preprocess_cfg = open_clip_preprocess_config(model)
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
     (directory / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(open_clip_state_dict(model), str(directory / OPEN_CLIP_WEIGHTS_FILE), metadata={"format": "pt"})
+    _save_tensors(open_clip_state_dict(model), directory / OPEN_CLIP_WEIGHTS_FILE)
     names = [OPEN_CLIP_CONFIG_FILE, OPEN_CLIP_WEIGHTS_FILE]
 
     tokenizer_files: list[str] = []
@@ -189,7 +190,7 @@ def _write_open_clip_directory(
     names.append(TEMPORAL_CONFIG_FILE)
     if any(True for _ in model.temporal.parameters()):
         state = {name: tensor.detach().contiguous() for name, tensor in model.temporal.state_dict().items()}
-        save_file(state, str(directory / TEMPORAL_WEIGHTS_FILE), metadata={"format": "pt"})
+        _save_tensors(state, directory / TEMPORAL_WEIGHTS_FILE)
         names.append(TEMPORAL_WEIGHTS_FILE)
 
     readme = _readme(model, architecture, model_cfg, preprocess_cfg, temporal, tokenizer_files,
@@ -197,6 +198,12 @@ def _write_open_clip_directory(
     (directory / README_FILE).write_text(readme)
     names.append(README_FILE)
     return names
+
+
+def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    # through atomic_write for its mode: safetensors alone leaves a 0600 file that nobody else can load
+    with atomic_write(path) as temporary:
+        save_file(state, str(temporary), metadata={"format": "pt"})
 
 
 def open_clip_model_config(model: DualEncoder, architecture: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from mmsphere.atomic import atomic_write
 from mmsphere.config import MmsphereError
 from mmsphere.models.checkpoint import check_compatible, read_state_dict, shapes_of
 from mmsphere.models.factory import resolve_architecture
@@ -233,9 +234,8 @@ def export_offline_towers(out_dir: str | Path, *, seed: int = 0, overwrite: bool
     clip, provenance = build_offline_towers_clip(architecture_path, image_checkpoint, seed=seed)
 
     state = {key: value.detach().contiguous() for key, value in clip.state_dict().items()}
-    temporary = weights_path.with_name(weights_path.name + ".tmp")
-    save_file(state, str(temporary))
-    temporary.replace(weights_path)
+    with atomic_write(weights_path) as temporary:
+        save_file(state, str(temporary))
     preprocess = {"size": architecture["vision_cfg"]["image_size"], "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)}
     (out_dir / OPEN_CLIP_CONFIG_FILE).write_text(
         json.dumps({"model_cfg": architecture, "preprocess_cfg": preprocess}, indent=4) + "\n")

@@ -2,16 +2,17 @@
 
 ``mmsphere.json`` carries the format version and the preprocessing the weights were trained with
 (image size, mean, std), which a pretrained tag may have set and which the config alone cannot
-restore. Files are written to temporary names, flushed to disk, then renamed over the old ones.
+restore. Files are written to temporary names, flushed to disk, then renamed over the old ones
+(:func:`mmsphere.atomic.atomic_write`: with the umask's mode, 0644 typically).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 import mmsphere
+from mmsphere.atomic import atomic_write
 from mmsphere.config import Config, ConfigError, DataError, MmsphereError, ModelConfig, config_to_dict, load_config, save_config
 from mmsphere.models.checkpoint import check_compatible, tensor_shapes
 from mmsphere.models.dual_encoder import DualEncoder
@@ -62,20 +64,13 @@ def save_run(model: DualEncoder, config: Config, run_dir: str | os.PathLike) -> 
         CONFIG_FILE: lambda path: save_config(config, path),
         INFO_FILE: lambda path: path.write_text(json.dumps(info, indent=2) + "\n"),
     }
-    temporary: dict[str, Path] = {}
-    try:
+    with contextlib.ExitStack() as renames:
+        # entered last to first, so renamed first to last when the block ends: mmsphere.json last, so a first
+        # save shows it only once the weights and config are in place; an error while writing renames none
+        temporary = {name: renames.enter_context(atomic_write(run_dir / name, durable=True))
+                     for name in reversed(writers)}
         for name, write in writers.items():
-            handle, temporary_path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=run_dir)
-            os.close(handle)
-            temporary[name] = Path(temporary_path)
             write(temporary[name])
-            _flush_to_disk(temporary[name])
-        # mmsphere.json last: in a first save it appears only once the weights and config are in place
-        for name in (WEIGHTS_FILE, CONFIG_FILE, INFO_FILE):
-            os.replace(temporary.pop(name), run_dir / name)
-    finally:
-        for leftover in temporary.values():
-            leftover.unlink(missing_ok=True)
     logger.info("saved the dual encoder to %s", run_dir)
 
 
@@ -169,10 +164,3 @@ def _shared_names(model: DualEncoder) -> set[str]:
             groups.setdefault((tensor.device, pointer), []).append(name)
     return {name for names in groups.values() if len(names) > 1 for name in names}
 
-
-def _flush_to_disk(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -1,0 +1,73 @@
+"""Atomic writes keep the umask's mode: run directories, exports and results are readable by others under umask 022.
+
+``tempfile.mkstemp`` makes 0600 files and safetensors replaces the file it writes by a 0600 one; both
+used to leave ``model.safetensors``, ``config.yaml``, ``mmsphere.json``, the export's weights and
+``retrieval.json``/``ood.json`` readable by their writer alone.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmsphere.atomic import atomic_write, write_text_atomic
+from mmsphere.config import Config, ModelConfig
+from mmsphere.eval.report import write_json
+from mmsphere.models import create_model, export_run, save_run
+
+# umask -> the mode of a file that open() creates under it
+UMASKS = {0o022: 0o644, 0o077: 0o600, 0o027: 0o640}
+
+
+@pytest.fixture(params=sorted(UMASKS), ids=lambda umask: f"umask{umask:03o}")
+def umask(request):
+    """Run the test under ``request.param`` as the process umask, restored afterwards."""
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_text_gets_the_umasks_mode(tmp_path, umask):
+    path = write_text_atomic(tmp_path / "notes.txt", "hello\n")
+    assert path.read_text() == "hello\n"
+    assert mode_of(path) == UMASKS[umask]
+
+
+def test_a_writer_that_replaces_its_file_by_a_0600_one_still_gets_the_umasks_mode(tmp_path, umask):
+    with atomic_write(tmp_path / "weights.safetensors", durable=True) as temporary:
+        save_file({"weight": torch.arange(3.0)}, str(temporary))  # safetensors writes 0600 whatever the umask
+    assert torch.equal(load_file(tmp_path / "weights.safetensors")["weight"], torch.arange(3.0))
+    assert mode_of(tmp_path / "weights.safetensors") == UMASKS[umask]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = write_text_atomic(tmp_path / "result.json", "old")
+    with pytest.raises(RuntimeError, match="half way"):
+        with atomic_write(path) as temporary:
+            temporary.write_text("half a new fi")
+            raise RuntimeError("half way")
+    assert path.read_text() == "old"
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
+def test_run_directories_exports_and_results_follow_the_umask(tmp_path, umask):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="mmsphere-tiny"))
+    run_dir = tmp_path / "run"
+    save_run(model, Config(model=model.config), run_dir)
+    export_run(run_dir, tmp_path / "open_clip")
+    write_json(tmp_path / "retrieval.json", {"t2v": {"R@1": 1.0}})
+    write_json(tmp_path / "ood.json", {"auroc": 0.5})
+    written = {path.relative_to(tmp_path).as_posix(): mode_of(path) for path in tmp_path.rglob("*") if path.is_file()}
+    assert {"run/model.safetensors", "run/config.yaml", "run/mmsphere.json", "open_clip/open_clip_model.safetensors",
+            "retrieval.json", "ood.json"} <= set(written)
+    assert written == {name: UMASKS[umask] for name in written}
