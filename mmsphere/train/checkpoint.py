@@ -1,10 +1,28 @@
-"""Training state for resume: ``accelerator.save_state`` into a temporary directory, then a rename.
+"""Training state for resume, written without pickle and read without running code from the checkpoint.
 
-A checkpoint directory is complete exactly when it is named ``step_<8-digit step>`` and holds
-``trainer_state.json``; the rename is the last thing that happens, so a run killed mid-write leaves
-only a ``.tmp-*`` directory that is never picked as ``latest``. Each process also writes its own
-data position (``data_position_<process index>.json``: where its data streams stand, see
-:meth:`mmsphere.data.TrainStream.state_dict`) into the temporary directory before the rename.
+A checkpoint is a directory of plain files, written into ``.tmp-step_<8-digit step>`` and renamed to
+``step_<8-digit step>`` as the last thing that happens, so a run killed mid-write leaves only a
+``.tmp-*`` directory that is never picked as ``latest``. It is complete exactly when it holds
+``trainer_state.json``:
+
+=================================  ==============================================================
+``trainer_state.json``             step, data epoch, number of processes, format (main process)
+``<name>.safetensors``             each checkpointed module: the model, the WeightNet (main process)
+``<name>.pt``                      each optimiser's state dict, ``torch.save`` (main process)
+``<name>.json``                    anything else with a state dict: the learning-rate schedule
+``grad_scaler.json``               fp16's loss scale, when there is one
+``rng_state_<process>.json``       each process's python, numpy, torch CPU and CUDA generators
+``data_position_<process>.json``   each process's data streams (:meth:`mmsphere.data.TrainStream.state_dict`)
+=================================  ==============================================================
+
+Nothing is ever unpickled in full: safetensors and JSON files are parsed, ``.pt`` files are read
+with ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers only. A file that
+would need more (a ``__reduce__`` payload, a pickled object) or that is damaged stops the resume
+with a :class:`~mmsphere.errors.DataError` naming it, before anything from it is used.
+
+Checkpoints from before this format (``accelerator.save_state``: ``optimizer.bin``,
+``custom_checkpoint_<i>.pkl``, ``random_states_<process>.pkl``) still resume: every file is read
+the same way, with numpy's arrays allowed for the RNG state, and refused likewise.
 """
 
 from __future__ import annotations
@@ -12,11 +30,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_model
 
 from mmsphere.errors import DataError
 
@@ -24,6 +48,16 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 DATA_POSITION_FILE = "data_position_{}.json"
+RNG_STATE_FILE = "rng_state_{}.json"
+GRAD_SCALER_FILE = "grad_scaler.json"
+FORMAT = 2  # 1 (no "format" key): accelerate's save_state, with pickle files
+
+# the pre-2 layout: accelerate's names, and the order the loop registered its objects in
+LEGACY_OPTIMIZER_FILE = "optimizer.bin"
+LEGACY_CUSTOM_OBJECTS = ("scheduler", "weight_net", "weight_net_optimizer")  # custom_checkpoint_<index>.pkl
+LEGACY_RNG_STATE_FILE = "random_states_{}.pkl"
+LEGACY_SCALER_FILE = "scaler.pt"
+DATA_PARALLEL_PREFIX = "module."
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -54,10 +88,12 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any],
-                    keep: int, data_position: dict[str, Any] | None = None) -> Path:
+                    objects: dict[str, Any], keep: int, data_position: dict[str, Any] | None = None) -> Path:
     """Save the full training state atomically; every process must call this.
 
-    ``state``: the run's state (the main process writes it); ``data_position``: this process's own.
+    ``state``: the run's JSON state (the main process writes it); ``objects``: name → module,
+    optimiser or other object with a ``state_dict`` (identical on every process; the main process
+    writes them); ``data_position``: this process's own.
     """
     root = checkpoint_dir(output_dir)
     final = root / f"step_{step:08d}"
@@ -65,13 +101,20 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(temporary, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    if data_position is not None:
-        (temporary / DATA_POSITION_FILE.format(accelerator.process_index)).write_text(json.dumps(data_position))
+        temporary.mkdir()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (temporary / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        for name, obj in objects.items():
+            _save_object(temporary, name, obj)
+        if accelerator.scaler is not None:
+            _write_json(temporary / GRAD_SCALER_FILE, accelerator.scaler.state_dict())
+    _write_json(temporary / RNG_STATE_FILE.format(accelerator.process_index), _rng_state())
+    if data_position is not None:
+        _write_json(temporary / DATA_POSITION_FILE.format(accelerator.process_index), data_position)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(temporary / STATE_FILE,
+                    {"step": step, **state, "processes": accelerator.num_processes, "format": FORMAT}, indent=2)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -82,14 +125,222 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
-    """Restore model, optimisers, scheduler and RNG from ``path``; returns its trainer state.
+def load_checkpoint(accelerator: Accelerator, path: str | Path, objects: dict[str, Any]) -> dict[str, Any]:
+    """Restore ``objects`` (as given to :func:`save_checkpoint`), the loss scale and this process's RNG from ``path``.
 
-    ``state["data_position"]`` is this process's data position, or None when the checkpoint has none
-    for it (written before positions were saved, or by fewer processes).
+    Returns the trainer state; ``state["data_position"]`` is this process's data position, or None
+    when the checkpoint has none for it (written before positions were saved, or by fewer processes).
+    Raises :class:`DataError` naming the file when any file is missing, damaged or would need unpickling.
     """
-    accelerator.load_state(str(path))
-    state = json.loads((Path(path) / STATE_FILE).read_text())
-    position = Path(path) / DATA_POSITION_FILE.format(accelerator.process_index)
-    state["data_position"] = json.loads(position.read_text()) if position.is_file() else None
+    path = Path(path)
+    state = _read_json(path / STATE_FILE)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise DataError(f"checkpoint file {path / STATE_FILE} is damaged: it holds no integer 'step'")
+    if state.get("format", 1) == 1:
+        _load_legacy(accelerator, path, objects)
+    elif state["format"] == FORMAT:
+        for name, obj in objects.items():
+            _load_object(path, name, obj)
+        if accelerator.scaler is not None:
+            _restore(path / GRAD_SCALER_FILE, accelerator.scaler, _read_json(path / GRAD_SCALER_FILE))
+        rng_file = path / RNG_STATE_FILE.format(accelerator.process_index)
+        if rng_file.is_file() or accelerator.process_index < state.get("processes", 1):
+            _set_rng_state(rng_file, _read_json(rng_file))
+        else:
+            _warn_no_rng_state(rng_file, accelerator.process_index)
+    else:
+        raise DataError(f"checkpoint {path} has format {state['format']!r}, which this version of mmsphere "
+                        f"does not know (it writes and reads {FORMAT}); resume it with the version that wrote it")
+    position = path / DATA_POSITION_FILE.format(accelerator.process_index)
+    state["data_position"] = _read_json(position) if position.is_file() else None
     return state
+
+
+# ------------------------------------------------------------------------------------------
+# one object: a module in safetensors, an optimiser through torch.save, anything else in JSON
+
+
+def _save_object(directory: Path, name: str, obj: Any) -> None:
+    if isinstance(obj, torch.nn.Module):
+        save_model(obj, str(directory / f"{name}.safetensors"))  # tied weights are written once
+    elif isinstance(obj, torch.optim.Optimizer):
+        torch.save(obj.state_dict(), directory / f"{name}.pt")
+    else:
+        _write_json(directory / f"{name}.json", obj.state_dict())
+
+
+def _load_object(directory: Path, name: str, obj: Any) -> None:
+    if isinstance(obj, torch.nn.Module):
+        file = directory / f"{name}.safetensors"
+        _check_exists(file)
+        try:
+            load_model(obj, str(file), strict=True, device="cpu")
+        except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as error:
+            raise DataError(f"checkpoint file {file} cannot be loaded into the {name}: "
+                            f"{_first_line(error)}") from None
+    elif isinstance(obj, torch.optim.Optimizer):
+        file = directory / f"{name}.pt"
+        _restore(file, obj, _read_tensors(file))
+    else:
+        file = directory / f"{name}.json"
+        _restore(file, obj, _read_json(file))
+
+
+def _restore(file: Path, obj: Any, state: Any) -> None:
+    """``obj.load_state_dict(state)``, a state that does not fit being the file's fault."""
+    try:
+        obj.load_state_dict(state)
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as error:
+        raise DataError(f"checkpoint file {file} does not fit this run: {_first_line(error)}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# random number generators: each process's own, as JSON
+
+
+def _rng_state() -> dict[str, Any]:
+    version, internal, gauss_next = random.getstate()
+    generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+             "numpy": {"generator": generator, "keys": keys.tolist(), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state().numpy().tobytes().hex()}
+    if torch.cuda.is_available():
+        state["cuda"] = [device_state.numpy().tobytes().hex() for device_state in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(file: Path, state: Any) -> None:
+    """Restore every generator from ``state``; a malformed state is a damaged ``file``, never skipped."""
+    try:
+        python, numpy_state = state["python"], state["numpy"]
+        python_state = (python["version"], tuple(python["internal"]), python["gauss_next"])
+        numpy_state = (numpy_state["generator"], np.array(numpy_state["keys"], dtype=np.uint32),
+                       numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+        torch_state = _bytes_tensor(state["torch"])
+        cuda_states = [_bytes_tensor(device_state) for device_state in state.get("cuda", [])]
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as error:
+        raise DataError(f"checkpoint file {file} is damaged: not a random-number-generator state "
+                        f"({_first_line(error)}); an exact resume needs it") from None
+    _set_cuda_rng_state(file, cuda_states)
+
+
+def _bytes_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray.fromhex(text), dtype=torch.uint8).clone()
+
+
+def _set_cuda_rng_state(file: Path, states: list[torch.Tensor]) -> None:
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if states and len(states) != devices:
+        logger.warning("checkpoint file %s holds the CUDA generators of %d device(s), this process sees %d: "
+                       "random draws on the GPU will differ from the interrupted run's", file, len(states), devices)
+    for device, device_state in enumerate(states[:devices]):
+        torch.cuda.set_rng_state(device_state, device)
+
+
+def _warn_no_rng_state(file: Path, process: int) -> None:
+    # more processes than wrote the checkpoint: the data positions are missing too, nothing is exact
+    logger.warning("checkpoint holds no random-number-generator state for process %d (no %s): its generators "
+                   "keep their fresh seed and the resume is not exact", process, file.name)
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints written by accelerator.save_state (format 1)
+
+
+def _load_legacy(accelerator: Accelerator, path: Path, objects: dict[str, Any]) -> None:
+    """Restore a checkpoint of accelerate's layout, every file through the readers above."""
+    for name, obj in objects.items():
+        if name == "model":
+            file = path / "model.safetensors"
+            state = _read_safetensors(file)
+            if state and all(key.startswith(DATA_PARALLEL_PREFIX) for key in state):
+                state = {key[len(DATA_PARALLEL_PREFIX):]: value for key, value in state.items()}
+            _restore(file, obj, state)
+        elif name == "optimizer":
+            _restore(path / LEGACY_OPTIMIZER_FILE, obj, _read_tensors(path / LEGACY_OPTIMIZER_FILE))
+        elif name in LEGACY_CUSTOM_OBJECTS:
+            file = path / f"custom_checkpoint_{LEGACY_CUSTOM_OBJECTS.index(name)}.pkl"
+            _restore(file, obj, _read_tensors(file))
+        else:
+            raise DataError(f"checkpoint {path} was written by an older mmsphere that did not save the {name}")
+    if accelerator.scaler is not None:
+        _restore(path / LEGACY_SCALER_FILE, accelerator.scaler, _read_tensors(path / LEGACY_SCALER_FILE))
+    file = path / LEGACY_RNG_STATE_FILE.format(accelerator.process_index)
+    if not file.is_file():
+        _warn_no_rng_state(file, accelerator.process_index)
+        return
+    # numpy's generator state is an array: allow exactly what rebuilds one (accelerate's own list)
+    numpy_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed it
+    uint32_dtype = [np.dtypes.UInt32DType] if hasattr(np, "dtypes") else []
+    with torch.serialization.safe_globals([numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, *uint32_dtype]):
+        saved = _read_tensors(file)
+    try:
+        state = {"python": {"version": saved["random_state"][0], "internal": saved["random_state"][1],
+                            "gauss_next": saved["random_state"][2]},
+                 "numpy": dict(zip(("generator", "keys", "position", "has_gauss", "cached_gaussian"),
+                                   saved["numpy_random_seed"])),
+                 "torch": saved["torch_manual_seed"].numpy().tobytes().hex(),
+                 "cuda": [device_state.numpy().tobytes().hex() for device_state in saved.get("torch_cuda_manual_seed", [])]}
+    except (KeyError, TypeError, IndexError, AttributeError) as error:
+        raise DataError(f"checkpoint file {file} is damaged: not a random-number-generator state "
+                        f"({_first_line(error)}); an exact resume needs it") from None
+    _set_rng_state(file, state)
+
+
+# ------------------------------------------------------------------------------------------
+# reading files: parse, never unpickle; every failure names the file
+
+
+def _check_exists(file: Path) -> None:
+    if not file.is_file():
+        raise DataError(f"checkpoint file {file} is missing: the checkpoint is incomplete")
+
+
+def _read_json(file: Path) -> Any:
+    _check_exists(file)
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DataError(f"checkpoint file {file} is damaged: not JSON ({_first_line(error)})") from None
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    _check_exists(file)
+    try:
+        return load_file(str(file), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise DataError(f"checkpoint file {file} is damaged: not a safetensors file "
+                        f"({_first_line(error)})") from None
+
+
+def _read_tensors(file: Path) -> Any:
+    """A ``torch.save`` file of tensors and plain containers, read with ``weights_only=True``."""
+    _check_exists(file)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise DataError(f"refusing checkpoint file {file}: it holds more than tensors and plain values "
+                        f"({_unpickler_reason(error)}), and loading it would mean unpickling, which can run "
+                        f"code; mmsphere never unpickles a checkpoint") from None
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError, AttributeError) as error:
+        raise DataError(f"checkpoint file {file} is damaged: not a torch tensor file "
+                        f"({_first_line(error)})") from None
+
+
+def _write_json(file: Path, value: Any, indent: int | None = None) -> None:
+    file.write_text(json.dumps(value, indent=indent))
+
+
+def _unpickler_reason(error: Exception) -> str:
+    # torch's message is a page of advice to retry with weights_only=False; keep only the reason
+    _, marker, rest = str(error).partition("WeightsUnpickler error:")
+    reason = next((line.strip() for line in rest.splitlines() if line.strip()), "") if marker else ""
+    return reason.split(" was not an allowed global")[0] if reason else _first_line(error)
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

@@ -71,9 +71,10 @@ def train(config: Config) -> dict[str, Any]:
     optimizer = build_optimizer(model, config)
     scheduler = cosine_schedule(optimizer, config.train.warmup_steps, config.train.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # the scheduler is not prepared: accelerate would step it once per process
-    accelerator.register_for_checkpointing(scheduler)
     network = accelerator.unwrap_model(model)
+    # what a checkpoint restores besides the trainer state (no pickle: mmsphere/train/checkpoint.py); the
+    # scheduler is not prepared: accelerate would step it once per process
+    checkpointed = {"model": network, "optimizer": optimizer, "scheduler": scheduler}
     feature_caches = val_cache = None
     if config.data.feature_cache:
         # frozen trunks: each process encodes its share of the missing shards, then all read every shard
@@ -84,11 +85,11 @@ def train(config: Config) -> dict[str, Any]:
     weighting = MetaWeighting(config, network, objective) if config.meta.enabled else None
     if weighting is not None:
         weighting.weight_net.to(accelerator.device)
-        accelerator.register_for_checkpointing(weighting.weight_net, weighting.optimizer)
+        checkpointed.update(weight_net=weighting.weight_net, weight_net_optimizer=weighting.optimizer)
 
     step, data_epoch, resumed_from_step = 0, 0, None
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
+        state = load_checkpoint(accelerator, resume_from, checkpointed)
         step, data_epoch = state["step"], state["data_epoch"] + 1
         resumed_from_step = step
         logger.info("resumed from %s at step %d", resume_from, step)
@@ -164,7 +165,7 @@ def train(config: Config) -> dict[str, Any]:
         if config.data.val is not None and config.train.val_every and step % config.train.val_every == 0:
             log.metrics({"step": step, **validate(network, config, accelerator, val_cache)})
         if step % config.train.checkpoint_every == 0 or step == config.train.max_steps:
-            save_checkpoint(accelerator, output_dir, step, {"data_epoch": data_epoch},
+            save_checkpoint(accelerator, output_dir, step, {"data_epoch": data_epoch}, checkpointed,
                             data_position={name: stream.state_dict() for name, stream in data_streams.items()},
                             keep=config.train.keep_checkpoints)
     progress.close()
