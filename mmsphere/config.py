@@ -226,22 +226,47 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     A string field takes the text as written (``train.precision=no`` is ``"no"``; quote it as YAML,
     ``key="'a b'"``, to strip the quotes); a nullable field takes null, none, ~ or nothing as None;
     a bool field true/false, yes/no, on/off; a number field a number. Lists, mappings, whole
-    sections and keys without a declared type are parsed as YAML.
+    sections and keys without a declared type are parsed as YAML. An integer part indexes a list:
+    ``data.train.0.urls=...`` sets the first source's urls, ``train.betas.1=0.95`` the second beta.
     """
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like dotted.key=value")
     key, _, text = override.partition("=")
     key = key.strip()
     parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node: dict[str, Any] | list[Any] = raw
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            child = node[_list_index(node, parts[: depth + 1], override)]
+        else:
+            child = node.get(part)
+            if child is None:
+                # a list the config does not set is its default (train.betas), so that an index can name an entry
+                default = _declared_default(parts[: depth + 1]) if parts[depth + 1].isdigit() else None
+                child = node[part] = {} if default is None else default
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: depth + 1])} is not a section or a list")
         node = child
-    node[parts[-1]] = _parse_override(_declared_type(parts), text.strip(), key)
+    value = _parse_override(_declared_type(parts), text.strip(), key)
+    if isinstance(node, list):
+        node[_list_index(node, parts, override)] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _list_index(entries: list[Any], parts: list[str], override: str) -> int:
+    """The entry of a list that the last of ``parts`` names, or a ConfigError naming the list and its length."""
+    name, part = ".".join(parts[:-1]), parts[-1]
+    count = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
+    if not part.isdigit():
+        raise ConfigError(f"override {override!r}: {name} is a list of {count}; name one by its index, as in "
+                          f"{name}.0.{part}")
+    index = int(part)
+    if index >= len(entries):
+        size = f"{name} has {count} (0 to {len(entries) - 1})" if entries else f"{name} is empty"
+        raise ConfigError(f"override {override!r}: index {index} is out of range: {size}; to add entries, set the "
+                          f"whole list ({name}=[...])")
+    return index
 
 
 def _declared_type(parts: list[str]) -> Any:
@@ -256,9 +281,20 @@ def _declared_type(parts: list[str]) -> Any:
             hint = hints[part]
         elif typing.get_origin(hint) is dict:
             hint = typing.get_args(hint)[1]
+        elif typing.get_origin(hint) in (list, tuple) and part.isdigit():
+            entries = typing.get_args(hint)  # list[X]: every entry an X; tuple[X, Y]: one type per entry
+            hint = entries[0] if typing.get_origin(hint) is list else entries[min(int(part), len(entries) - 1)]
         else:
             return None
     return hint
+
+
+def _declared_default(parts: list[str]) -> list[Any] | None:
+    """The default of the list field that the dotted key names, as plain data; None for any other key."""
+    default: Any = config_to_dict(Config())
+    for part in parts:
+        default = default.get(part) if isinstance(default, dict) else None
+    return default if isinstance(default, list) else None
 
 
 def _parse_override(hint: Any, text: str, key: str) -> Any:

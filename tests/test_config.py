@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mmsphere.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from mmsphere.config import (Config, ConfigError, SourceConfig, config_from_dict, config_to_dict, load_config,
+                             save_config)
 
 GOOD = {
     "output_dir": "runs/x",
@@ -189,3 +190,56 @@ def test_every_shipped_config_loads_and_builds_its_objective(path):
 
     config = load_config(path)
     assert Objective(config.loss).contrastive in ("clip", "angular_margin", "siglip")
+
+
+@pytest.mark.parametrize("overrides, key, expected", [
+    # one entry of a list of sections, read as the declared type of its field
+    (["data.train.0.urls=x.tar"], "data.train", [SourceConfig(urls="x.tar", weight=2.0), SourceConfig(urls="b.tar")]),
+    (["data.train.1.weight=3"], "data.train", [SourceConfig(urls="a.tar", weight=2.0), SourceConfig(urls="b.tar",
+                                                                                                   weight=3.0)]),
+    (["data.train.1.modality=image", "data.train.1.name=null"], "data.train",  # a string field takes the text
+     [SourceConfig(urls="a.tar", weight=2.0), SourceConfig(urls="b.tar", modality="image", name="null")]),
+    # a whole entry, as YAML
+    (["data.train.1={urls: c.tar, modality: image}"], "data.train",
+     [SourceConfig(urls="a.tar", weight=2.0), SourceConfig(urls="c.tar", modality="image")]),
+    # a list the config leaves at its default: the default's entries, one replaced
+    (["train.betas.1=0.95"], "train.betas", (0.9, 0.95)),
+    (["train.betas.0=1"], "train.betas", (1.0, 0.98)),
+    (["loss.imports=[math, json]", "loss.imports.1=os"], "loss.imports", ["math", "os"]),
+])
+def test_an_override_can_name_one_entry_of_a_list(overrides, key, expected):
+    config = load_config(None, ["data.train=[{urls: a.tar, weight: 2}, {urls: b.tar}]", "meta.enabled=false",
+                                *overrides])
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert value == expected and type(value) is type(expected)
+    assert all(type(item) is type(want) for item, want in zip(value, expected))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.train.2.urls=x.tar", r"override 'data.train.2.urls=x.tar': index 2 is out of range: data.train has 2 "
+                                r"entries \(0 to 1\); to add entries, set the whole list \(data.train=\[...\]\)"),
+    ("data.train.7=x.tar", r"index 7 is out of range: data.train has 2 entries"),
+    ("train.betas.2=0.5", r"index 2 is out of range: train.betas has 2 entries \(0 to 1\)"),
+    ("train.report_to.0=wandb", r"index 0 is out of range: train.report_to is empty"),
+    ("data.train.urls=x.tar", r"data.train is a list of 2 entries; name one by its index, as in data.train.0.urls"),
+    ("data.train.-1.urls=x.tar", r"data.train is a list of 2 entries; name one by its index"),
+    ("data.train.0.weight=heavy", r"data.train.0.weight='heavy' must be a number"),
+    ("train.betas.0=fast", r"train.betas.0='fast' must be a number"),
+    ("data.train.0.urls.0=x", r"data.train.0.urls is not a section or a list"),
+])
+def test_an_indexed_override_that_names_no_entry_says_which_list_and_its_length(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.train=[{urls: a.tar}, {urls: b.tar}]", override])
+
+
+def test_the_command_line_reports_an_out_of_range_index_in_one_line(tmp_path, capsys):
+    from mmsphere.cli import main as mmsphere_main
+
+    path = tmp_path / "c.yaml"
+    save_config(config_from_dict(GOOD), path)
+    assert mmsphere_main(["train", "--config", str(path), "data.train.4.urls=x.tar"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["mmsphere train: error: override 'data.train.4.urls=x.tar': index 4 is out of range: data.train "
+                     "has 1 entry (0 to 0); to add entries, set the whole list (data.train=[...])"]
