@@ -28,6 +28,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from tqdm import tqdm
 
+from mmsphere.data.h264 import x264_options
 from mmsphere.data.shards import make_shards
 
 logger = logging.getLogger(__name__)
@@ -243,15 +244,13 @@ def encode_clip(frames: np.ndarray, path: Path, fps: int = FPS) -> None:
     """Write ``[F, H, W, 3] uint8`` frames as an H.264 MP4 (keyframe every 4 frames), the same bytes every run."""
     # Every stage is pinned so that a seed always gives the same bytes: the colour conversion is
     # integer arithmetic here rather than swscale (whose rounding depends on the CPU's SIMD path
-    # unless asked to be bit-exact); x264 runs on one thread with no lookahead or sliced threads;
-    # codec and muxer run bit-exact, so no library version strings or creation times are written.
+    # unless asked to be bit-exact); x264 runs without macroblock-tree rate control (see
+    # mmsphere.data.h264), on one thread with no lookahead or sliced threads; codec and muxer run
+    # bit-exact, so no library version strings or creation times are written.
     with av.open(str(path), "w", format="mp4", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {
-            "crf": "18", "preset": "veryfast", "g": "4", "keyint_min": "4", "sc_threshold": "0",
-            "flags": "+bitexact", "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0",
-        }
+        stream.options = x264_options(crf=18, preset="veryfast", gop=4, single_thread=True, bitexact=True)
         stream.codec_context.thread_count = 1
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")):

@@ -36,6 +36,7 @@ from PIL import Image
 
 from mmsphere.config import DataConfig, SourceConfig
 from mmsphere.data import build_train_stream
+from mmsphere.data.h264 import x264_options
 from mmsphere.data.shards import ListEntry, write_shards
 from mmsphere.data.transforms import sample_frame_indices
 
@@ -250,8 +251,7 @@ def make_clip(path: Path, width: int, height: int, seconds: float, fps: int, gop
     with av.open(str(path), "w") as container:
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"preset": "veryfast", "crf": "23", "g": str(gop), "keyint_min": str(gop),
-                         "sc_threshold": "0"}
+        video.options = x264_options(crf=23, preset="veryfast", gop=gop)
         audio = container.add_stream("aac", rate=44100)
         audio_samples = 0
         for index in range(frames):

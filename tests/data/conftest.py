@@ -15,6 +15,7 @@ import open_clip
 import pytest
 from PIL import Image
 
+from mmsphere.data.h264 import x264_options
 from mmsphere.data.stats import reset_skipped_counts
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,10 +48,10 @@ def encode_video(
         if video:
             stream = container.add_stream(codec, rate=fps)
             stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-            options = {"crf": "10"} if codec == "libx264" else {}
-            if gop is not None:
-                options.update({"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"})
-            stream.options = options
+            if codec == "libx264":
+                stream.options = x264_options(crf=10, gop=gop)
+            elif gop is not None:
+                stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
         if audio:
             audio_stream = container.add_stream("aac" if container_format == "mp4" else "libopus", rate=48000)
         for index in range(frames if video else 0):
