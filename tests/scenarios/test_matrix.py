@@ -22,6 +22,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from mmsphere.data.h264 import x264_options
 from tests.scenarios.matrix import FACTORS, MAX_STEPS, SCENARIOS, Scenario, pairwise
 from tests.train.conftest import write_image_text_shards
 
@@ -38,6 +39,7 @@ def _clip(colour: tuple[int, int, int], direction: int, rng: np.random.Generator
     with av.open(buffer, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=5)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.options = x264_options(crf=23)
         for index in range(5):
             pixels = rng.integers(0, 40, (32, 32, 3)).astype(np.uint8)
             left = 4 + 4 * (index if direction > 0 else 4 - index)
