@@ -343,6 +343,11 @@ class _TrainDataset(IterableDataset):
             yield from guard.count_decoded(item for item in decoded if item is not None)
             return
         position = 0
+        # the reader's skips (damaged tars, unknown members, duplicate keys, ...) up to the last sample
+        # passed over were counted before the checkpoint, in the batch that sample went into: reading
+        # them again must not count them twice (decode failures are not repeated: nothing passed over
+        # is decoded). Both runs read exactly the same to reach that sample, so the counts match.
+        counter.replaying = skip > 0
         for repetition in itertools.count():
             # the same order on every rank, so that the node split is a partition
             order = shuffled(source.urls, stream_seed(stream.seed, stream.split, self.epoch, repetition, index))
@@ -351,6 +356,7 @@ class _TrainDataset(IterableDataset):
             for raw in _raw_pipeline(mine, counter, stream.shuffle_buffer, shuffle_rng, reader=reader):
                 position += 1
                 if position <= skip:
+                    counter.replaying = position < skip
                     continue
                 item = decoder(raw, position)
                 if item is not None:

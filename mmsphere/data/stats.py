@@ -100,6 +100,8 @@ class SkipCounter:
     ``pending`` holds what has not been handed to a batch yet; ``totals`` everything recorded.
     The first ``burst`` occurrences of a reason are logged one by one, later ones at most once
     every ``interval_s`` seconds with the number suppressed in between. Nothing ever sleeps.
+    While ``replaying`` (a resumed stream reading again what it read before its checkpoint),
+    nothing is counted or logged: those skips were counted, and warned about, the first time.
     """
 
     def __init__(self, burst: int = 3, interval_s: float = 30.0, clock=time.monotonic):
@@ -110,11 +112,14 @@ class SkipCounter:
         self._clock = clock
         self._last_warning: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
+        self.replaying = False
 
     def record(self, reason: str, *, key: str | None = None, url: str | None = None, detail: str = "") -> None:
         """Count one skipped item and maybe warn about it."""
         if reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {reason!r}; known: {', '.join(SKIP_REASONS)}")
+        if self.replaying:
+            return
         self.pending[reason] += 1
         self.totals[reason] += 1
         if self._should_warn(reason):

@@ -6,7 +6,8 @@ A checkpoint is a directory of plain files, written into ``.tmp-step_<8-digit st
 ``trainer_state.json``:
 
 =================================  ==============================================================
-``trainer_state.json``             step, data epoch, number of processes, format (main process)
+``trainer_state.json``             step, data epoch, number of processes, format, the run's counters
+                                   (:data:`STATE_KEYS`; main process)
 ``<name>.safetensors``             each checkpointed module: the model, the WeightNet (main process)
 ``<name>.pt``                      each optimiser's state dict, ``torch.save`` (main process)
 ``<name>.json``                    anything else with a state dict: the learning-rate schedule
@@ -18,7 +19,8 @@ A checkpoint is a directory of plain files, written into ``.tmp-step_<8-digit st
 Nothing is ever unpickled in full: safetensors and JSON files are parsed, ``.pt`` files are read
 with ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers only. A file that
 would need more (a ``__reduce__`` payload, a pickled object) or that is damaged stops the resume
-with a :class:`~mmsphere.errors.DataError` naming it, before anything from it is used.
+with a :class:`~mmsphere.errors.DataError` naming it, before anything from it is used; a trainer
+state with a key missing or of the wrong type names the key too.
 
 Checkpoints from before this format (``accelerator.save_state``: ``optimizer.bin``,
 ``custom_checkpoint_<i>.pkl``, ``random_states_<process>.pkl``) still resume: every file is read
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -58,6 +61,22 @@ LEGACY_CUSTOM_OBJECTS = ("scheduler", "weight_net", "weight_net_optimizer")  # c
 LEGACY_RNG_STATE_FILE = "random_states_{}.pkl"
 LEGACY_SCALER_FILE = "scaler.pt"
 DATA_PARALLEL_PREFIX = "module."
+
+# what trainer_state.json holds: key -> (kind of value, required). The counters of the run's summary.json
+# (mmsphere.train.loop) are absent from checkpoints written before they were saved, "processes" and "format"
+# from accelerate's (format 1); keys not named here are left alone
+STATE_KEYS: dict[str, tuple[str, bool]] = {
+    "step": ("count", True),
+    "data_epoch": ("count", True),
+    "processes": ("positive", False),
+    "format": ("positive", False),
+    "nonfinite_steps_skipped": ("count", False),
+    "meta_iterations_skipped": ("count", False),
+    "skipped_samples": ("counts", False),  # reason -> count, summed over every process
+    "max_loss_seen": ("number", False),
+}
+_KIND_WORDS = {"count": "a non-negative integer", "positive": "a positive integer",
+               "counts": "an object of non-negative integers", "number": "a finite number"}
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -133,9 +152,7 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, objects: dict[st
     Raises :class:`DataError` naming the file when any file is missing, damaged or would need unpickling.
     """
     path = Path(path)
-    state = _read_json(path / STATE_FILE)
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise DataError(f"checkpoint file {path / STATE_FILE} is damaged: it holds no integer 'step'")
+    state = _check_state(path / STATE_FILE, _read_json(path / STATE_FILE))
     if state.get("format", 1) == 1:
         _load_legacy(accelerator, path, objects)
     elif state["format"] == FORMAT:
@@ -154,6 +171,35 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, objects: dict[st
     position = path / DATA_POSITION_FILE.format(accelerator.process_index)
     state["data_position"] = _read_json(position) if position.is_file() else None
     return state
+
+
+def _check_state(file: Path, state: Any) -> dict[str, Any]:
+    """``state`` if every key of :data:`STATE_KEYS` it must hold is there and each holds its kind of value."""
+    if not isinstance(state, dict):
+        raise DataError(f"checkpoint file {file} is damaged: it holds a JSON {type(state).__name__}, not an object")
+    for key, (kind, required) in STATE_KEYS.items():
+        if key not in state:
+            if required:
+                raise DataError(f"checkpoint file {file} is damaged: it has no {key!r}")
+            continue
+        if not _is_kind(state[key], kind):
+            shown = json.dumps(state[key])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise DataError(f"checkpoint file {file} is damaged: {key!r} is {shown}, not {_KIND_WORDS[kind]}")
+    return state
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    def count(item: Any) -> bool:
+        return isinstance(item, int) and not isinstance(item, bool) and item >= 0
+
+    if kind == "count":
+        return count(value)
+    if kind == "positive":
+        return count(value) and value > 0
+    if kind == "counts":
+        return isinstance(value, dict) and all(count(item) for item in value.values())
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ------------------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ def train(config: Config) -> dict[str, Any]:
 
     log = RunLog(output_dir, accelerator, config)  # starts the train.report_to trackers
     nonfinite_in_row, nonfinite_total, meta_skipped = 0, 0, 0
+    if resume_from is not None:
+        nonfinite_total, meta_skipped = _restore_counters(state, resume_from, skipped, log, accelerator.is_main_process)
     samples_seen, started = 0, time.time()
     progress = tqdm(total=config.train.max_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="train", unit="step", dynamic_ncols=True)
@@ -165,15 +167,15 @@ def train(config: Config) -> dict[str, Any]:
         if config.data.val is not None and config.train.val_every and step % config.train.val_every == 0:
             log.metrics({"step": step, **validate(network, config, accelerator, val_cache)})
         if step % config.train.checkpoint_every == 0 or step == config.train.max_steps:
-            save_checkpoint(accelerator, output_dir, step, {"data_epoch": data_epoch}, checkpointed,
+            save_checkpoint(accelerator, output_dir, step,
+                            {"data_epoch": data_epoch, **_counters(nonfinite_total, meta_skipped, skipped),
+                             "max_loss_seen": log.max_loss_seen}, checkpointed,
                             data_position={name: stream.state_dict() for name, stream in data_streams.items()},
                             keep=config.train.keep_checkpoints)
     progress.close()
 
     summary = {"steps": step, "world_size": world_size, "resumed_from_step": resumed_from_step,
-               "data_epoch": data_epoch, "nonfinite_steps_skipped": nonfinite_total,
-               "meta_iterations_skipped": meta_skipped,
-               "skipped_samples": _skipped_everywhere(skipped.counts()),
+               "data_epoch": data_epoch, **_counters(nonfinite_total, meta_skipped, skipped),
                "wall_time_s": time.time() - started}
     if config.data.val is not None:
         summary["validation"] = validate(network, config, accelerator, val_cache)
@@ -303,6 +305,29 @@ def _skipped_everywhere(counts: dict[str, int]) -> dict[str, int]:
         for reason, count in per_rank.items():
             total[reason] = total.get(reason, 0) + count
     return total
+
+
+def _counters(nonfinite_total: int, meta_skipped: int, skipped: stats.SkipTally) -> dict[str, Any]:
+    """The run's counters, as summary.json reports them and each checkpoint keeps them (every process calls this)."""
+    return {"nonfinite_steps_skipped": nonfinite_total, "meta_iterations_skipped": meta_skipped,
+            "skipped_samples": _skipped_everywhere(skipped.counts())}
+
+
+def _restore_counters(state: dict[str, Any], checkpoint: Path, skipped: stats.SkipTally, log: RunLog,
+                      is_main: bool) -> tuple[int, int]:
+    """Take up the counters of the run up to ``checkpoint``: summary.json counts the whole run, not its resumed part.
+
+    Returns the skipped steps and meta iterations. The skipped samples are every process's together,
+    so the main process alone adds them; a resumed stream does not count again the skips in what it
+    reads again to reach its position (:class:`mmsphere.data.stats.SkipCounter`'s ``replaying``).
+    """
+    if "nonfinite_steps_skipped" not in state:
+        logger.warning("checkpoint %s holds no counters (written by an older mmsphere): summary.json counts "
+                       "skipped steps and samples from the resume on only", checkpoint)
+    if is_main:
+        skipped.add(state.get("skipped_samples", {}))
+    log.max_loss_seen = state.get("max_loss_seen", log.max_loss_seen)  # the weighting curve's range
+    return state.get("nonfinite_steps_skipped", 0), state.get("meta_iterations_skipped", 0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -132,3 +132,46 @@ def test_a_changed_layout_or_resampled_shards_resume_with_a_fresh_epoch(sources,
     fresh = make_stream(sources, media, tokenizer, resampled=True)
     fresh.set_epoch(1)
     same_batches(list(resampled)[:3], list(fresh)[:3])
+
+
+@pytest.fixture(scope="module")
+def damaged_sources(tmp_path_factory, media):
+    """One image source whose every shard holds, before its good photos, a skip of the tar reader (an unknown
+    member, a duplicate key) and one of decoding (an image that is not one)."""
+    folder = tmp_path_factory.mktemp("damaged_shards")
+    for shard in range(4):
+        members = [(f"bad{shard}.png", b"not an image"), (f"bad{shard}.txt", b"unreadable"),
+                   (f"junk{shard}.pth", b"never decoded")]
+        for index in range(6):
+            key = f"photo{shard}_{index}"
+            members += [(f"{key}.txt", f"{key} a".encode()), (f"{key}.png", media.image(18, 20, "PNG", seed=index))]
+        members += members[3:5]  # photo<shard>_0 again: a duplicate key
+        media.tar(folder / f"photos-{shard}.tar", members)
+    return [SourceConfig(urls=str(folder / "photos-{0..3}.tar"), modality="image", name="photos")]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_counts_each_skip_once(damaged_sources, media, tokenizer, workers):
+    """The skips counted before a checkpoint plus those the resumed stream counts are the uninterrupted
+    stream's: the reader's skips in what the resumed stream reads again to reach its position are not
+    counted twice (a checkpoint stores the run's counts; see mmsphere.train.loop)."""
+    stream = make_stream(damaged_sources, media, tokenizer, workers=workers)
+    states, counted = [stream.state_dict()], [{}]
+    for _ in range(2):
+        for batch in stream:
+            states.append(json.loads(json.dumps(stream.state_dict())))
+            counted.append(stream.skipped.counts())  # what the run's counters hold at a checkpoint after the batch
+    assert len(states) == 2 * BATCHES_PER_EPOCH + 1
+    total = stream.skipped.counts()
+    assert set(total) == {"unknown_member", "duplicate_key", "image_decode_error"}
+
+    positions = (3, BATCHES_PER_EPOCH + 7) if workers else (1, 4, 7, BATCHES_PER_EPOCH + 3)
+    for position in positions:
+        # the skips of the reader are in what the resumed stream reads again to reach its position
+        assert {"unknown_member", "duplicate_key"} <= set(counted[position]), position
+        resumed = make_stream(damaged_sources, media, tokenizer, workers=workers)
+        resumed.load_state_dict(states[position])
+        rest_after(resumed, len(states) - 1 - position)
+        after = resumed.skipped.counts()
+        assert {reason: counted[position].get(reason, 0) + after.get(reason, 0) for reason in total} == total, \
+            f"resumed at batch {position}: {counted[position]} before, {after} after"
