@@ -3,6 +3,9 @@ virtual step written out here, and ``meta.gradient: jvp`` against the second-ord
 
 from __future__ import annotations
 
+import json
+
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,6 +164,23 @@ def test_jvp_equals_second_order_with_a_temporal_head(train_modality, meta_modal
     """Video batches through the transformer temporal head, and an image batch that leaves it without gradient."""
     reference, _ = _meta_update("mmsphere-tiny", "all", "sum", "second_order", train_modality, meta_modality)
     jvp, _ = _meta_update("mmsphere-tiny", "all", "sum", "jvp", train_modality, meta_modality)
+    for expected, actual in zip(reference, jvp):
+        torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_jvp_equals_second_order_under_dropout(tmp_path):
+    """With patch dropout in the image tower, the forward-mode pass must replay the virtual forward's draws
+    (otherwise it differentiates another function of w)."""
+    architecture = open_clip.get_model_config("mmsphere-tiny")
+    architecture["vision_cfg"]["patch_dropout"] = 0.5
+    name = tmp_path / "tiny-patch-dropout.json"
+    name.write_text(json.dumps(architecture))
+    network = create_model(_config(str(name), "all", "mean").model).train()
+    inputs = {key: value.float() if value.is_floating_point() else value for key, value in _batch("image", 2).items()}
+    assert not torch.equal(network(**inputs)["image_features"], network(**inputs)["image_features"]), "dropout draws"
+    reference, _ = _meta_update(str(name), "all", "mean", "second_order")
+    jvp, _ = _meta_update(str(name), "all", "mean", "jvp")
+    assert max(update.abs().max() for update in reference) > 1e-9
     for expected, actual in zip(reference, jvp):
         torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-12)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 
+import open_clip
 import pytest
 import torch
 from accelerate import Accelerator
@@ -53,6 +55,29 @@ def test_meta_step_leaves_batchnorm_statistics_untouched():
         torch.testing.assert_close(buffer, before[name], rtol=0, atol=0, msg=name)
     # the iteration did take place: the WeightNet moved
     assert any((after - start).abs().max() > 0 for after, start in zip(weighting.weight_net.parameters(), net_before))
+
+
+def patch_dropout_architecture(directory) -> str:
+    """mmsphere-tiny with open_clip's patch dropout (random draws in every training forward), as a JSON file."""
+    architecture = open_clip.get_model_config("mmsphere-tiny")
+    architecture["vision_cfg"]["patch_dropout"] = 0.5
+    path = directory / "tiny-patch-dropout.json"
+    path.write_text(json.dumps(architecture))
+    return str(path)
+
+
+def test_meta_step_leaves_the_real_steps_random_draws_alone(tmp_path):
+    """The meta forwards draw from a forked RNG: after a meta iteration, the real forward drops the patches it
+    would have dropped without one (DESIGN §1)."""
+    _, network, weighting = _weighting(patch_dropout_architecture(tmp_path))
+    network.train()
+    torch.manual_seed(7)
+    without_meta = network(**_batch(1))["image_features"]
+    torch.manual_seed(8)
+    assert not torch.equal(network(**_batch(1))["image_features"], without_meta), "the forward draws a dropout mask"
+    torch.manual_seed(7)
+    assert not weighting.meta_step(_batch(1), _batch(2), virtual_lr=0.1).skipped
+    torch.testing.assert_close(network(**_batch(1))["image_features"], without_meta, rtol=0, atol=0)
 
 
 def test_meta_step_skips_a_non_finite_batch_and_leaves_the_weight_net_alone():
