@@ -15,11 +15,20 @@ from mmsphere.train import train
 from mmsphere.train.loop import build_accelerator, local_batch_size
 from mmsphere.train.step import train_step
 from mmsphere.train.optim import build_optimizer, cosine_schedule
+from mmsphere.weighting import MetaWeighting
 
 from .conftest import tiny_config
 
 
-def test_train_with_meta_weighting_writes_a_complete_run(image_text_shards, tmp_path):
+def test_train_with_meta_weighting_writes_a_complete_run(image_text_shards, tmp_path, monkeypatch):
+    weightings = []
+
+    class RecordedMetaWeighting(MetaWeighting):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            weightings.append(self)
+
+    monkeypatch.setattr("mmsphere.train.loop.MetaWeighting", RecordedMetaWeighting)
     raw = tiny_config(image_text_shards, tmp_path / "run",
                       meta={"enabled": True, "interval": 2, "hidden": 8, "weights_log_every": 3},
                       loss={"terms": {"angular_margin": 1.0, "m2mix": 0.1, "calibrated_uniformity": 0.1, "cma": 0.001}})
@@ -34,9 +43,15 @@ def test_train_with_meta_weighting_writes_a_complete_run(image_text_shards, tmp_
     # every sample of every 3rd step, and of the last one: bounded however long the run
     assert sorted({row["step"] for row in weights}) == [3, 4]
     assert len(weights) == 2 * 8 and {"step", "key", "loss", "weight"} <= set(weights[0])
-    # the logged weight is the WeightNet's value for the logged loss (independent evaluation of V)
-    from mmsphere.models import load_run as _  # noqa: F401  (the run is complete)
-    assert len({round(row["weight"], 6) for row in weights}) > 1  # the weights do depend on the losses
+    # each logged weight is V(logged loss; Θ), V written out: the meta iterations ran before steps 1 and 3,
+    # so steps 3 and 4 both weighed with the final Θ
+    (weighting,) = weightings
+    w1, b1, w2, b2 = (parameter.detach().double().reshape(-1) for parameter in weighting.weight_net.parameters())
+    losses = torch.tensor([row["loss"] for row in weights], dtype=torch.float64)
+    expected = torch.sigmoid(torch.relu(losses[:, None] * w1 + b1) @ w2 + b2)
+    torch.testing.assert_close(torch.tensor([row["weight"] for row in weights], dtype=torch.float64), expected,
+                               rtol=1e-6, atol=0)
+    assert expected.std() > 1e-4  # the weights do depend on the losses
     assert (run / "weighting_curve.png").stat().st_size > 0
     assert [path.name for path in sorted((run / "checkpoints").iterdir())] == ["step_00000002", "step_00000004"]
     model = load_run(run)
