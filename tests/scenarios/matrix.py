@@ -4,7 +4,7 @@ How the list is made: :data:`FACTORS` names each factor and its values; :func:`p
 full Cartesian product in order and greedily keeps the combination that covers the most value pairs
 not yet covered (the first such combination on ties), until every pair of values of every two
 factors appears in some scenario. The result is deterministic, and far shorter than the product
-(see SCENARIOS; the full product is 5,184 runs here).
+(see SCENARIOS; the full product is 10,368 runs here).
 
 To add a factor: add it to :data:`FACTORS` with its values (first value = the plain default), teach
 :func:`train_config` (and, if it affects the equivalence step, ``worker.equivalence_step``) what
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+
+import numpy as np
 
 FACTORS: dict[str, tuple] = {
     "processes": (1, 2),
@@ -29,6 +31,7 @@ FACTORS: dict[str, tuple] = {
     "terms": ("contrastive", "all", "siglip"),
     "nan_batch": (False, True),
     "trunks": ("trained", "frozen_cached"),  # frozen_cached: model.trainable=heads from a feature cache
+    "positives": ("diagonal", "group"),  # group: loss.positives=group, several samples of a batch share a group
 }
 
 TOWERS = {"vit": "mmsphere-tiny", "resnet": "mmsphere-tiny-rn"}
@@ -37,14 +40,14 @@ TERMS = {"contrastive": {"angular_margin": 1.0},
          "siglip": {"siglip": {"weight": 1.0, "margin": 0.1}, "cma": 0.01}}
 
 
-def model_config(tower: str, terms: str, trunks: str = "trained") -> dict:
-    """The tiny model of a scenario; SigLIP needs the learnable logit bias."""
+def model_config(tower: str, trunks: str = "trained") -> dict:
+    """The tiny model of a scenario (SigLIP's learnable logit bias comes from the term's own default)."""
     model = {"name": TOWERS[tower], "temporal_head": "transformer", "max_frames": 4}
     if trunks == "frozen_cached":
         model["trainable"] = "heads"
-    if terms == "siglip":
-        model["init_logit_bias"] = -10.0
     return model
+
+
 MAX_STEPS = 4
 GLOBAL_BATCH = 8
 FRAMES = 3
@@ -65,13 +68,15 @@ class Scenario:
     terms: str
     nan_batch: bool
     trunks: str
+    positives: str
 
     @property
     def name(self) -> str:
         meta = f"meta-{self.meta}" + ("" if self.meta == "off" else f"-{self.meta_gradient}")
         parts = [f"{self.processes}proc", self.data, meta, self.precision, self.tower,
                  f"accum{self.accum_freq}", self.loss_mode, f"terms-{self.terms}"]
-        return "_".join(parts + (["nan"] if self.nan_batch else []) + (["cached"] if self.trunks == "frozen_cached" else []))
+        flags = (["nan"] if self.nan_batch else []) + (["cached"] if self.trunks == "frozen_cached" else [])
+        return "_".join(parts + flags + (["group"] if self.positives == "group" else []))
 
     @property
     def deterministic(self) -> bool:
@@ -89,17 +94,20 @@ class Scenario:
 def pairwise(factors: dict[str, tuple] = FACTORS) -> list[dict]:
     """A deterministic greedy covering array of strength 2 over ``factors``."""
     names = list(factors)
-    uncovered = {((a, x), (b, y)) for a, b in itertools.combinations(names, 2)
-                 for x in factors[a] for y in factors[b]}
-    candidates = [dict(zip(names, values)) for values in itertools.product(*factors.values())]
+    sizes = [len(factors[name]) for name in names]
+    # every candidate row as value indices [C, F]; each value pair of two factors gets one integer id
+    rows = np.array(list(itertools.product(*(range(size) for size in sizes))), dtype=np.int64)
+    columns, offset = [], 0
+    for a, b in itertools.combinations(range(len(names)), 2):
+        columns.append(offset + rows[:, a] * sizes[b] + rows[:, b])
+        offset += sizes[a] * sizes[b]
+    pair_ids = np.stack(columns, axis=1)  # [C, pairs of factors]
+    uncovered = np.ones(offset, dtype=bool)
     chosen = []
-    while uncovered:
-        def gain(row: dict) -> int:
-            return sum(((a, row[a]), (b, row[b])) in uncovered for a, b in itertools.combinations(names, 2))
-
-        best = max(candidates, key=gain)  # max keeps the first of equal gains
-        chosen.append(best)
-        uncovered -= {((a, best[a]), (b, best[b])) for a, b in itertools.combinations(names, 2)}
+    while uncovered.any():
+        best = int(np.argmax(uncovered[pair_ids].sum(axis=1)))  # argmax keeps the first of equal gains
+        chosen.append({name: factors[name][index] for name, index in zip(names, rows[best])})
+        uncovered[pair_ids[best]] = False
     return chosen
 
 
@@ -115,12 +123,13 @@ def train_config(scenario: Scenario, shards: dict[str, str], output_dir: str) ->
     return {
         "output_dir": output_dir,
         "seed": 0,
-        "model": model_config(scenario.tower, scenario.terms, scenario.trunks),
+        "model": model_config(scenario.tower, scenario.trunks),
         "data": {"train": sources[scenario.data],
                  "meta": {"urls": shards[f"meta_{meta_modality}"], "modality": meta_modality, "name": "meta"},
                  "frames": FRAMES, "shuffle_buffer": 8, "epoch_samples": 32, "workers": 0,
                  "feature_cache": scenario.trunks == "frozen_cached"},
-        "loss": {"terms": TERMS[scenario.terms], "margin": 0.1, "local_loss": scenario.loss_mode == "local_loss"},
+        "loss": {"terms": TERMS[scenario.terms], "margin": 0.1, "local_loss": scenario.loss_mode == "local_loss",
+                 "positives": scenario.positives},
         "meta": {"enabled": scenario.meta != "off", "params": "all" if scenario.meta == "off" else scenario.meta,
                  "gradient": scenario.meta_gradient, "interval": 1, "hidden": 8, "weights_log_every": 1},
         "train": {"max_steps": MAX_STEPS, "batch_size": GLOBAL_BATCH, "lr": 1e-3, "warmup_steps": 1,

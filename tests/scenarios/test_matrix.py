@@ -3,7 +3,10 @@
 Each scenario must finish under a hard timeout (a hang fails with the scenario's name), end with
 finite metrics and a finite model, report the skipped step when a NaN batch was injected, see both
 modalities when its sources mix, and, where deterministic, give after 2 processes the loss and
-parameters that 1 process gives on the concatenated batch.
+parameters that 1 process gives on the concatenated batch. A scenario on a feature cache must read
+the cache (its trunks never run after the build) and, run again in float32, match the same run
+without the cache; one with group positives must see batches where samples share a group, and its
+single-process objective must equal a loop transcription of the grouped loss.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from safetensors.torch import load_file
 
 from mmsphere.data.h264 import x264_options
+from tests.losses.test_functional import loop_angular_margin, loop_grouped_angular_margin, loop_siglip
 from tests.scenarios.matrix import FACTORS, MAX_STEPS, SCENARIOS, Scenario, pairwise
 from tests.train.conftest import write_image_text_shards
 
@@ -60,9 +65,11 @@ def write_video_text_shards(directory: Path, prefix: str, shards: int, per_shard
             for index in range(per_shard):
                 colour, direction = names[rng.integers(len(names))], int(rng.choice([-1, 1]))
                 caption = f"a {colour} square moving {'right' if direction > 0 else 'left'}"
+                # the colour is the group (loss.positives=group): 4 groups, so a batch of 8 shares some
                 writer.write({"__key__": f"{prefix}{shard:03d}_{index:04d}", "mp4": _clip(COLOURS[colour], direction, rng),
                               "json": json.dumps({"captions": [caption, f"{colour} block going "
-                                                              f"{'right' if direction > 0 else 'left'}"]}).encode()})
+                                                              f"{'right' if direction > 0 else 'left'}"],
+                                                  "group": colour}).encode()})
     return str(directory / f"{prefix}-{{000000..{shards - 1:06d}}}.tar")
 
 
@@ -92,9 +99,10 @@ def _launch(processes: int, shards_file: Path, out: Path) -> dict:
 def matrix(tmp_path_factory) -> dict:
     """Shards, then one launch per world size; returns where each world size's results are."""
     root = tmp_path_factory.mktemp("matrix")
-    shards = {"image": write_image_text_shards(root / "image", "image", shards=4, per_shard=16, seed=0),
+    shards = {"image": write_image_text_shards(root / "image", "image", shards=4, per_shard=16, seed=0, groups=True),
               "video": write_video_text_shards(root / "video", "video", shards=4, per_shard=12, seed=1),
-              "meta_image": write_image_text_shards(root / "meta_image", "metaimage", shards=2, per_shard=12, seed=2),
+              "meta_image": write_image_text_shards(root / "meta_image", "metaimage", shards=2, per_shard=12, seed=2,
+                                                    groups=True),
               "meta_video": write_video_text_shards(root / "meta_video", "metavideo", shards=2, per_shard=12, seed=3)}
     shards_file = root / "shards.json"
     shards_file.write_text(json.dumps(shards))
@@ -141,6 +149,8 @@ def test_scenario_trains_to_the_end(matrix, scenario):
     seen = set(result["modalities"])
     assert seen == ({"image", "video"} if scenario.data == "mixed" else {scenario.data})
     assert summary["skipped_samples"] == {}
+    if scenario.positives == "group":
+        assert result["shared_group_batches"] > 0  # positives beyond the diagonal, or group ids change nothing
 
 
 DETERMINISTIC = [scenario for scenario in SCENARIOS if scenario.deterministic]
@@ -168,3 +178,72 @@ def test_two_processes_equal_one_process(matrix, scenario):
             for name, value in one["weight_net"].items():
                 torch.testing.assert_close(other["weight_net"][name], value, rtol=1e-8, atol=1e-12,
                                            msg=f"{where}: {name}")
+
+
+CACHED = [scenario for scenario in SCENARIOS if scenario.trunks == "frozen_cached"]
+TRUNK_INPUTS = {"image_trunk", "frame_trunk"}
+# metrics that are not results of the run (wall-clock rates)
+TIMING = {"samples_per_s"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", CACHED, ids=[scenario.name for scenario in CACHED])
+def test_a_cached_scenario_reads_the_cache_and_equals_the_uncached_run(matrix, scenario):
+    """The trunks run only to build the cache; in float32, the cached run equals the same run decoding its shards."""
+    result = _result(matrix, scenario)
+    assert result["cache_built"], "the run never built (or found) its feature cache"
+    assert result["trunk_runs_in_training"] == 0, "the trunks ran after the cache was built: it was not read"
+    assert set(result["visual_inputs"]) <= TRUNK_INPUTS
+    twin = result["cache_twin"]
+    cached, uncached = twin["cached"], twin["uncached"]
+    assert cached["trunk_runs_in_training"] == 0 and set(cached["visual_inputs"]) <= TRUNK_INPUTS
+    # the comparison means something only if the other run really decoded and encoded
+    assert uncached["trunk_runs_in_training"] > 0 and not set(uncached["visual_inputs"]) & TRUNK_INPUTS
+    assert cached["batch_keys"] == uncached["batch_keys"]  # the same samples in the same batches
+    assert cached["summary"]["nonfinite_steps_skipped"] == uncached["summary"]["nonfinite_steps_skipped"]
+    out = matrix[scenario.processes]["out"]
+    metrics = {kind: [json.loads(line) for line in (out / run["run"] / "metrics.jsonl").read_text().splitlines()]
+               for kind, run in twin.items()}
+    assert len(metrics["cached"]) == len(metrics["uncached"]) == MAX_STEPS
+    for cached_record, uncached_record in zip(metrics["cached"], metrics["uncached"]):
+        assert cached_record.keys() == uncached_record.keys()
+        for name in cached_record.keys() - TIMING:
+            assert cached_record[name] == pytest.approx(uncached_record[name], rel=1e-5, abs=1e-6), (
+                f"step {cached_record['step']}: {name}")
+    weights = {kind: load_file(str(out / run["run"] / "model.safetensors")) for kind, run in twin.items()}
+    assert weights["cached"].keys() == weights["uncached"].keys()
+    for name, value in weights["cached"].items():
+        torch.testing.assert_close(value, weights["uncached"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+GROUPED = [scenario for scenario in DETERMINISTIC if scenario.positives == "group"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", GROUPED, ids=[scenario.name for scenario in GROUPED])
+def test_group_positives_equal_the_loop_transcription(matrix, scenario):
+    """The single process's grouped contrastive term on real features, against the float64 loop of its definition.
+
+    With the 1-vs-2-process test above, the two-process run's group positives (ids gathered across
+    the processes' halves) equal it too.
+    """
+    path = matrix[1]["out"] / f"{scenario.name}.world1.jvp.pt"
+    if not path.is_file():
+        _result(matrix, scenario)
+        pytest.fail(f"no equivalence step of {scenario.name} on 1 process")
+    reference = torch.load(path, weights_only=True)["group_reference"]
+    groups = reference["group_ids"].tolist()
+    assert len(set(groups)) < len(groups)  # several samples share a group
+    image, text = reference["image_features"].tolist(), reference["text_features"].tolist()
+    scale, options = float(reference["logit_scale"]), reference["options"]
+    if reference["term"] == "siglip":
+        expected = loop_siglip(image, text, scale, float(reference["logit_bias"]), options["margin"], groups)
+        diagonal = loop_siglip(image, text, scale, float(reference["logit_bias"]), options["margin"])
+    else:
+        assert reference["term"] == "angular_margin"
+        expected = loop_grouped_angular_margin(image, text, scale, options["margin"], groups)
+        diagonal = loop_angular_margin(image, text, scale, options["margin"])
+    per_sample = reference["per_sample"]
+    torch.testing.assert_close(per_sample, torch.tensor(expected, dtype=per_sample.dtype), rtol=1e-9, atol=1e-12)
+    # and the groups matter on these features: the diagonal loss is another value
+    assert not torch.allclose(per_sample, torch.tensor(diagonal, dtype=per_sample.dtype), rtol=1e-3, atol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,12 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), 
 SHAPES = ("square", "stripe")
 
 
-def write_image_text_shards(directory: Path, prefix: str, shards: int, per_shard: int, seed: int) -> str:
-    """Real JPEG image-text pairs ("a red square") in ``shards`` tars; returns the brace URL pattern."""
+def write_image_text_shards(directory: Path, prefix: str, shards: int, per_shard: int, seed: int,
+                            groups: bool = False) -> str:
+    """Real JPEG image-text pairs ("a red square") in ``shards`` tars; returns the brace URL pattern.
+
+    ``groups``: the caption goes into a ``.json`` with the colour as the sample's group (``loss.positives: group``).
+    """
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     names = list(COLOURS)
@@ -30,8 +35,10 @@ def write_image_text_shards(directory: Path, prefix: str, shards: int, per_shard
                     pixels[:, 12:20] = COLOURS[colour]
                 buffer = io.BytesIO()
                 Image.fromarray(pixels).save(buffer, format="JPEG")
-                writer.write({"__key__": f"{prefix}{shard:03d}_{index:04d}", "jpg": buffer.getvalue(),
-                              "txt": f"a {colour} {shape}"})
+                caption = f"a {colour} {shape}"
+                text = ({"json": json.dumps({"captions": [caption], "group": colour}).encode()} if groups
+                        else {"txt": caption})
+                writer.write({"__key__": f"{prefix}{shard:03d}_{index:04d}", "jpg": buffer.getvalue(), **text})
     return str(directory / f"{prefix}-{{000000..{shards - 1:06d}}}.tar")
 
 
