@@ -10,6 +10,8 @@ COMMANDS = {
     "train": ("mmsphere.train.cli:main", "fine-tune a dual encoder (also: accelerate launch scripts/train.py)"),
     "eval-retrieval": ("mmsphere.eval.cli:main", "text-video / text-image retrieval evaluation"),
     "score-ood": ("mmsphere.ood.cli:main", "out-of-distribution detection scoring"),
+    "protocols": ("mmsphere.results.cli:protocols_main", "list the benchmark protocols and the files each expects"),
+    "results": ("mmsphere.results.cli:results_main", "compare results cards side by side (results compare A B)"),
     "cache": ("mmsphere.cache.cli:main", "encode a config's shards once through frozen trunks (model.trainable=heads)"),
     "make-shards": ("mmsphere.data.cli:make_shards_main", "build webdataset shards from a CSV/JSONL list"),
     "inspect-shards": ("mmsphere.data.cli:inspect_shards_main", "decode every sample of shards and report"),

@@ -19,8 +19,10 @@ from mmsphere.cache.store import FeatureCache
 from mmsphere.config import MmsphereError
 from mmsphere.data import build_eval_loader
 from mmsphere.data.stats import skipped_counts
+from mmsphere.eval.completeness import ALLOW_FLAG, IncompleteDataError, lost_samples, shard_fingerprint
 from mmsphere.eval.encode import EncodedEvalSet, encode_eval_set
 from mmsphere.eval.geometry import geometry_diagnostics
+from mmsphere.eval.protocols import UNIFORM_SAMPLING
 from mmsphere.eval.report import sibling, write_json
 from mmsphere.eval.retrieval import TIE_RULE, dual_softmax, retrieval_metrics
 
@@ -46,6 +48,7 @@ def evaluate_retrieval(
     save_sim: str | os.PathLike | None = None,
     progress: bool = True,
     feature_cache: FeatureCache | None = None,
+    allow_missing: bool = False,
 ) -> dict[str, Any]:
     """Text→video and video→text retrieval metrics, geometry diagnostics and set sizes (DESIGN §4).
 
@@ -54,6 +57,8 @@ def evaluate_retrieval(
     (``dsl_temperature`` ``None`` = 1 / the model's logit scale). ``save_sim`` writes the
     ``[captions, videos]`` similarity matrix (``.npy``) and ``<stem>.keys.json`` beside it.
     ``feature_cache``: read the shards' trunk features from it instead of decoding (frozen trunks).
+    Samples lost while reading shards or batches (undecodable, no caption, a broken shard) stop the
+    evaluation before scoring unless ``allow_missing``; then ``data`` says it is a subset.
     Returns a JSON-ready dict.
     """
     if save_sim is not None and Path(save_sim).suffix != ".npy":
@@ -65,16 +70,33 @@ def evaluate_retrieval(
         batches = _eval_batches(model, data, modality=modality, frames=frames, batch_size=batch_size, workers=workers,
                                 feature_cache=feature_cache)
         encoded = encode_eval_set(model, batches, progress=progress)
+    skipped = {reason: count - skipped_before.get(reason, 0) for reason, count in _skipped_counts().items()}
+    skipped = {reason: count for reason, count in skipped.items() if count}
+    lost = lost_samples(skipped)
+    if lost and not allow_missing:
+        where = data if isinstance(data, str) else "the evaluation batches"
+        raise IncompleteDataError(
+            f"{sum(lost.values())} samples of {where} were lost while reading them ({lost}), stopped before scoring "
+            f"(the log names the first ones); repair the shards, or pass {ALLOW_FLAG} to evaluate the "
+            f"{len(encoded.keys)} read (every output then says it is a subset)")
     if dsl and dsl_temperature is None:
         dsl_temperature = 1.0 / float(model.log_logit_scale.detach().exp())
     results, sim = score_retrieval(encoded, dsl=dsl, dsl_temperature=dsl_temperature, chunk_size=chunk_size)
-    skipped = {reason: count - skipped_before.get(reason, 0) for reason, count in _skipped_counts().items()}
     results["data"] = {
         "modality": encoded.modality,
         "num_videos": len(encoded.keys),
         "num_captions": len(encoded.captions),
-        "skipped": {reason: count for reason, count in skipped.items() if count},
+        "skipped": skipped,
     }
+    if not isinstance(data, EncodedEvalSet):
+        lost_total = sum(lost.values())
+        results["data"].update(n_listed=len(encoded.keys) + lost_total, n_evaluated=len(encoded.keys),
+                               subset=bool(lost))
+        if isinstance(data, str):
+            results["data"].update(media=shard_fingerprint(data),
+                                   frame_sampling=UNIFORM_SAMPLING if encoded.modality == "video" else "one image")
+        if lost:
+            results["data"]["missing"] = {"count": lost_total, "by_reason": lost, "first": [], "file": None}
     if save_sim is not None:
         results["saved_similarity"] = save_similarity(sim, encoded, save_sim)
     return results
@@ -145,8 +167,9 @@ def evaluate_retrieval_loader(
     feature_cache: FeatureCache | None = None,
 ) -> dict[str, float]:
     """Flat ``{"t2v/R@1": ..., "geometry/alignment": ...}`` metrics of a shard set, for training-time validation."""
+    # training-time validation never stops a run on a bad sample: it is counted and reported (DESIGN §5)
     results = evaluate_retrieval(model, urls, modality=modality, frames=frames, batch_size=batch_size,
-                                 workers=workers, progress=progress, feature_cache=feature_cache)
+                                 workers=workers, progress=progress, feature_cache=feature_cache, allow_missing=True)
     flat = {f"{direction}/{name}": value for direction, values in results["metrics"].items()
             for name, value in values.items()}
     flat.update({f"geometry/{name}": value for name, value in results["geometry"].items()})

@@ -1,8 +1,11 @@
-"""What ``mmsphere score-ood`` reads: label files, prompt templates and image sets (folders or shards).
+"""What ``mmsphere score-ood`` reads: label files, prompt templates and image sets (folders, lists or shards).
 
-An image set is either a folder (``DIR/<class>/*.jpg``, or images directly under ``DIR``) or
-webdataset shard URLs of images. Images are decoded and preprocessed by the data package's own
-functions, so scoring sees exactly the pixels training and retrieval evaluation see.
+An image set is a folder (``DIR/<class>/*.jpg``, ImageFolder-like, or images directly under ``DIR``),
+a list file (``.txt``: one ``relative/path [label]`` per line, OpenOOD's ``benchmark_imglist`` layout)
+or webdataset shard URLs of images. The files of a folder or list are found before anything is
+encoded (:class:`ImageFiles`), so a missing or empty file stops the run at once. Images are decoded
+and preprocessed by the data package's own functions, so scoring sees exactly the pixels training
+and retrieval evaluation see.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from mmsphere.config import DataError, MmsphereError
 from mmsphere.data import build_eval_loader
 from mmsphere.data.decode import DecodeError, decode_image
 from mmsphere.data.transforms import to_model_frames
+from mmsphere.eval.completeness import MissingItem, check_file
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +92,68 @@ def is_folder(spec: str) -> bool:
     return Path(spec).is_dir()
 
 
+def is_list_file(spec: str) -> bool:
+    """True when an image-set argument names an existing ``.txt`` list of image paths."""
+    return spec.lower().endswith(".txt") and Path(spec).is_file()
+
+
+@dataclass
+class ImageFiles:
+    """The image files of a folder or list, looked up before encoding: those found and those that are not."""
+
+    spec: str  # the folder or list file
+    items: list[tuple[Path, str | None]]  # (path, class) of every usable file, in order
+    missing: list[MissingItem]  # listed files that are missing, empty or unreadable
+    listed: int  # files the folder holds or the list names
+
+    @property
+    def names(self) -> list[tuple[str, Path]]:
+        """``(name, path)`` of the usable files, for the media fingerprint."""
+        return [(str(path), path) for path, _ in self.items]
+
+
+def image_files(spec: str, root: str | os.PathLike | None = None) -> ImageFiles:
+    """The files of an image folder or of a list file (paths relative to ``root``, default the list's folder)."""
+    if is_list_file(spec):
+        listed = read_image_list(spec, root)
+    else:
+        listed = list_image_folder(spec)
+    items, missing = [], []
+    for path, label in listed:
+        problem = check_file(path, str(path))
+        if problem is None:
+            items.append((path, label))
+        else:
+            missing.append(problem)
+    return ImageFiles(spec, items, missing, len(listed))
+
+
+def read_image_list(path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[tuple[Path, str | None]]:
+    """``(path, label)`` of each line ``relative/path [label]`` of a list file (OpenOOD's imglist layout).
+
+    Paths are relative to ``root`` (default: the list's folder); the label, when present, is kept
+    as written (a class name, or OpenOOD's class index).
+    """
+    path = Path(path)
+    base = Path(root) if root is not None else path.parent
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"image list {str(path)!r} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"image list {str(path)!r} is not UTF-8 text: {error}") from None
+    items: list[tuple[Path, str | None]] = []
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, _, label = line.strip().partition(" ")
+        image = Path(name)
+        items.append((image if image.is_absolute() else base / image, label.strip() or None))
+    if not items:
+        raise DataError(f"image list {str(path)!r} names no image")
+    return items
+
+
 def list_image_folder(root: str | os.PathLike) -> list[tuple[Path, str | None]]:
     """``(path, class)`` of every image under ``root``, sorted; class is the sub-folder (None at top level)."""
     root = Path(root)
@@ -143,7 +209,7 @@ def _collate(items: list[tuple[Any, str, Any]]) -> tuple[list[tuple[torch.Tensor
 
 
 def image_batches(
-    spec: str,
+    spec: str | ImageFiles,
     *,
     image_size: int,
     image_mean: tuple[float, float, float],
@@ -151,10 +217,23 @@ def image_batches(
     batch_size: int,
     workers: int = 0,
     skipped: dict[str, int] | None = None,
+    failed: list[MissingItem] | None = None,
 ) -> Iterator[ImageBatch]:
-    """Preprocessed batches of an image folder or of image shards; undecodable images are skipped and counted."""
-    if is_folder(spec):
-        items = list_image_folder(spec)
+    """Preprocessed batches of an image folder, list or shards; undecodable images are skipped, counted, named.
+
+    ``failed`` (folders and lists) receives each image that did not decode; a shard's skipped
+    samples are counted by the data package (:func:`mmsphere.data.skipped_counts`).
+    """
+    if isinstance(spec, ImageFiles) or is_folder(spec) or is_list_file(spec):
+        files = spec if isinstance(spec, ImageFiles) else image_files(spec)
+        if not isinstance(spec, ImageFiles):  # found unusable before decoding: counted like undecodable ones
+            for item in files.missing:
+                logger.warning("skipped unreadable image %s (%s)", item.name, item.reason)
+                if skipped is not None:
+                    skipped[item.reason] = skipped.get(item.reason, 0) + 1
+                if failed is not None:
+                    failed.append(item)
+        items = files.items
         loader = DataLoader(_ImageFolderDataset(items, image_size, image_mean, image_std), batch_size=batch_size,
                             num_workers=workers, collate_fn=_collate)
         for good, bad in loader:
@@ -162,6 +241,8 @@ def image_batches(
                 logger.warning("skipped unreadable image %s (%s)", name, reason)
                 if skipped is not None:
                     skipped[reason] = skipped.get(reason, 0) + 1
+                if failed is not None:
+                    failed.append(MissingItem(name, reason))
             if good:
                 yield ImageBatch(torch.stack([image for image, _, _ in good]), [name for _, name, _ in good],
                                  [label for _, _, label in good])

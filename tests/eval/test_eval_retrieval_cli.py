@@ -16,6 +16,7 @@ from mmsphere.data import build_eval_loader
 from mmsphere.data.shards import ListEntry, write_shards
 from mmsphere.eval import GEOMETRY_KEYS, TIE_RULE
 from mmsphere.eval.cli import main
+from mmsphere.eval.protocols import UNIFORM_SAMPLING
 from mmsphere.models import load_run
 from tests.run_dirs import incompatible_run, nan_run
 from tests.eval.retrieval_reference import loop_dual_softmax, loop_metrics, loop_ranks
@@ -68,11 +69,16 @@ def test_shards_end_to_end(run_dir, video_shards, tmp_path, capsys):
     assert results["dsl"]["temperature"] == 0.05
     assert set(results["geometry"]) == set(GEOMETRY_KEYS)
     assert results["model"]["run_dir"] == str(run_dir.resolve())
+    media = results["data"].pop("media")
     assert results["data"] == {"modality": "video", "num_videos": 6, "num_captions": 10, "skipped": {},
-                               "urls": video_shards, "frames": 4}
+                               "urls": video_shards, "frames": 4, "frame_sampling": UNIFORM_SAMPLING,
+                               "n_listed": 6, "n_evaluated": 6, "subset": False}
+    assert media["count"] == 2 and len(media["sha256"]) == 64  # the two shards are the media
+    assert results["kind"] == "retrieval" and results["card_version"] == 1 and results["protocol"]["name"] == "shards"
+    assert (tmp_path / "results.md").is_file()
     assert results["versions"]["torch"] == metadata.version("torch")
     assert results["versions"]["mmsphere"] == mmsphere.__version__
-    for text in ("t2v (text->video)", "v2t (video->text)", "+ DSL post-processing", "tie rule:", "modality gap"):
+    for text in ("t2v (text->video)", "v2t (video->text)", "+ DSL (post-processed)", "tie rule:", "modality gap"):
         assert text in printed
 
 
@@ -140,6 +146,9 @@ def test_a_list_with_a_single_usable_video_is_refused(run_dir, media, tmp_path, 
     listing.write_text(json.dumps({"path": str(media / "video0.mp4"), "caption": "red"}) + "\n"
                        + json.dumps({"path": str(media / "missing.mp4"), "caption": "gone"}) + "\n")
     assert main(["--run", str(run_dir), "--list", str(listing), "--out", str(tmp_path / "r.json")]) == 2
+    assert "1 of 2 samples" in capsys.readouterr().err
+    assert main(["--run", str(run_dir), "--list", str(listing), "--out", str(tmp_path / "r.json"),
+                 "--allow-missing"]) == 2
     assert "at least 2 videos" in capsys.readouterr().err
 
 

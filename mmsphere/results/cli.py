@@ -1,0 +1,118 @@
+"""``mmsphere results compare A.json B.json ...`` and ``mmsphere protocols [NAME]``.
+
+``results compare`` prints results cards side by side and warns when what defines the benchmark
+differs (protocol, list, media fingerprint, frames; for OoD the sets, score and convention);
+``--strict`` then exits with 1. ``protocols`` lists the retrieval protocols and OoD suites with the
+files each expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mmsphere.cli_errors import ArgumentParser, run_cli
+from mmsphere.errors import ConfigError
+from mmsphere.eval.protocols import PROTOCOLS, describe_reader, import_modules
+from mmsphere.eval.report import format_table
+from mmsphere.ood.protocols import OOD_PROTOCOLS
+from mmsphere.results.card import load_card
+from mmsphere.results.compare import compare_cards
+
+DIFFERENT = 1  # exit code of `results compare --strict` when the cards are not comparable
+
+
+def results_main(argv: list[str]) -> int:
+    """``mmsphere results compare CARD CARD ...``."""
+    parser = ArgumentParser(prog="mmsphere results", description="read and compare results cards")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    compare = commands.add_parser("compare", help="print cards side by side, warn where they are not comparable")
+    compare.add_argument("cards", nargs="+", metavar="CARD.json", help="results cards written by an evaluation")
+    compare.add_argument("--strict", action="store_true",
+                         help=f"exit with {DIFFERENT} when protocols, data or frame settings differ")
+    return run_cli(parser, argv, run_compare)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Load the cards, print the side-by-side table and the warnings."""
+    if len(args.cards) < 2:
+        raise ConfigError(f"results compare needs at least two cards, got {len(args.cards)}")
+    names = [Path(path).name for path in args.cards]
+    # a card is labelled by its file name, or by its path where two share a name
+    labels = [name if names.count(name) == 1 else path for name, path in zip(names, args.cards)]
+    if len(set(labels)) < len(labels):
+        raise ConfigError(f"a card is given twice: {', '.join(sorted({label for label in labels if labels.count(label) > 1}))}")
+    cards = {label: load_card(path) for label, path in zip(labels, args.cards)}
+    comparison = compare_cards(cards)
+    print(format_table(comparison.header, comparison.rows))
+    for warning in comparison.warnings:
+        print(f"WARNING: {warning}")
+    if not comparison.warnings:
+        print("comparable: same protocol, data and frame settings")
+    return DIFFERENT if comparison.warnings and args.strict else 0
+
+
+def protocols_main(argv: list[str]) -> int:
+    """``mmsphere protocols [NAME]``: the registered benchmark protocols and the files each expects."""
+    parser = ArgumentParser(prog="mmsphere protocols",
+                            description="list the retrieval protocols and OoD suites, with the files each expects")
+    parser.add_argument("name", nargs="?", help="show one protocol in full")
+    parser.add_argument("--imports", action="append", default=[], metavar="MODULE",
+                        help="a module that registers your own protocols")
+    return run_cli(parser, argv, run_protocols)
+
+
+def run_protocols(args: argparse.Namespace) -> int:
+    """Print the table of protocols, or one protocol's definition."""
+    import_modules(args.imports)
+    if args.name is not None:
+        print(describe_protocol(args.name))
+        return 0
+    rows = [[name, protocol.version, protocol.grouping, protocol.frames, protocol.describe_files(),
+             protocol.description] for name, protocol in sorted(PROTOCOLS.items())]
+    print("retrieval (mmsphere eval-retrieval --protocol NAME --media-root VIDEOS [--annotations DIR]):")
+    print(format_table(["protocol", "version", "captions", "frames", "expects", "what"], rows))
+    rows = [[name, protocol.version, protocol.id_set.name,
+             ", ".join(f"{spec.name} ({spec.role})" for spec in protocol.ood_sets),
+             "shipped" if protocol.classes is not None else "--classes"]
+            for name, protocol in sorted(OOD_PROTOCOLS.items())]
+    print("\nOoD (mmsphere score-ood --protocol NAME --data-root DIR):")
+    print(format_table(["protocol", "version", "ID", "OoD sets", "classes"], rows))
+    print("\nmmsphere protocols NAME shows one in full (files, columns, media names, source).")
+    return 0
+
+
+def describe_protocol(name: str) -> str:
+    """One protocol's definition in words: files and format, grouping, media names, frames, source."""
+    if name in PROTOCOLS:
+        protocol = PROTOCOLS[name]
+        lines = [
+            f"{protocol.name} (version {protocol.version}): {protocol.description}",
+            f"  source: {protocol.source}",
+            *(f"  file ({role.role}{'' if role.required else ', optional'}): {' or '.join(role.names)}"
+              + (f" — {role.description}" if role.description else "") for role in protocol.files),
+            f"  format: {describe_reader(protocol.reader)}",
+            f"  captions per video: {protocol.grouping}",
+            f"  media under --media-root (recursive): {', '.join(protocol.media_names)}"
+            + (f" (bare = id without {protocol.id_prefix!r})" if protocol.id_prefix else ""),
+            f"  frames: {protocol.frames}, {protocol.frame_sampling}",
+            f"  reports: {', '.join(protocol.metrics)} for {', '.join(protocol.directions)}",
+        ]
+        if protocol.expected:
+            lines.append(f"  published size: {', '.join(f'{count:,} {what}' for what, count in protocol.expected.items())}")
+        if protocol.notes:
+            lines.append(f"  note: {protocol.notes}")
+        return "\n".join(lines)
+    if name in OOD_PROTOCOLS:
+        protocol = OOD_PROTOCOLS[name]
+        lines = [f"{protocol.name} (version {protocol.version}): {protocol.description}",
+                 f"  source: {protocol.source}"]
+        lines += [f"  {spec.role} set {spec.name}: first of {', '.join(spec.locations)} under --data-root"
+                  + (f" — {spec.description}" if spec.description else "") for spec in protocol.sets()]
+        lines.append(f"  classes: {len(protocol.classes)} shipped" if protocol.classes is not None
+                     else "  classes: --classes FILE")
+        lines.append(f"  reports: {', '.join(protocol.metrics)} per set, mean per role and overall")
+        if protocol.notes:
+            lines.append(f"  note: {protocol.notes}")
+        return "\n".join(lines)
+    raise ConfigError(f"unknown protocol {name!r}; known: {', '.join(sorted([*PROTOCOLS, *OOD_PROTOCOLS]))}")
