@@ -34,7 +34,7 @@ def compare_cards(cards: dict[str, dict[str, Any]]) -> Comparison:
         values = {label: identity[label].get(key) for label in labels}
         if len({repr(value) for value in values.values()}) > 1:
             shown = "; ".join(f"{label}: {_show(value)}" for label, value in values.items())
-            warnings.append(f"{key} differs ({shown}): the numbers are not comparable")
+            warnings.append(f"different {key} ({shown}): the numbers are not comparable")
     for label, card in cards.items():
         subset = subset_line(card)
         if subset:

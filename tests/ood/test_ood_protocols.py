@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk
 
+from mmsphere.cli import main as mmsphere
 from mmsphere.ood.cli import main
 from mmsphere.ood.protocols import CIFAR10_CLASSES, OOD_PROTOCOLS
 from tests.ood.conftest import write_image
@@ -90,6 +91,16 @@ def test_cifar10_suite_per_set_and_mean_near_far(run_dir, cifar_root, tmp_path, 
         assert text in printed
     markdown = out.with_suffix(".md").read_text()
     assert "| mean far | far |" in markdown and "Evaluated on a subset" not in markdown
+
+    # an OoD card compared with one whose SVHN images and score differ
+    other = json.loads(out.read_text())
+    other["ood"]["svhn"]["media"]["sha256"] = "0" * 64
+    other["score"] = "energy"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert mmsphere(["results", "compare", str(out), str(tmp_path / "other.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "WARNING: different svhn fingerprint" in printed and "WARNING: different score (" in printed
+    assert "cifar100 FPR@95 %" in printed and "WARNING: different cifar100" not in printed
 
 
 def test_cifar100_reads_underscored_class_folders(run_dir, tmp_path):
