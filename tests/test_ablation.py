@@ -174,8 +174,10 @@ def test_mean_and_std_over_seeds(study):
         assert row.split(" | ")[1] == expected_cell
 
 
-def test_finished_runs_are_reused_and_other_configs_refused(study, study_data):
+def test_finished_runs_are_reused_and_other_configs_refused(study, study_data, tmp_path):
+    # a copy: run_ablation rewrites ablation.json, which the module's other tests read
     out, results = study
+    out = Path(shutil.copytree(out, tmp_path / "study"))
     before = (out / "clip" / "seed_0" / "model.safetensors").stat().st_mtime_ns
     again = run_ablation(config_from_dict(base_raw(study_data)), ["clip"], [0], out, ood=study_data["ood"],
                          mismatched_keys=study_data["mismatched"])
