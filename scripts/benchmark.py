@@ -1,4 +1,5 @@
-"""Benchmarks: ``python scripts/benchmark.py AREA [options]`` with AREA one of losses, data, train, eval, meta, cache.
+"""Benchmarks: ``python scripts/benchmark.py AREA [options]`` with AREA one of losses, data, train, eval, meta, cache,
+cache_check.
 
 Each area lives in ``scripts/benchmarks/AREA.py`` with a ``main(argv) -> int``; figures are ratios
 against a baseline measured in the same run, and go into BENCHMARKS.md with the command.
@@ -8,7 +9,7 @@ import importlib
 import sys
 from pathlib import Path
 
-AREAS = ("losses", "data", "train", "eval", "meta", "cache")
+AREAS = ("losses", "data", "train", "eval", "meta", "cache", "cache_check")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in AREAS:

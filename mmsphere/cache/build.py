@@ -1,24 +1,29 @@
 """Build a feature cache: decode every sample of a source once and run it through the frozen trunks.
 
 Resumable at shard granularity: a shard whose feature file is complete (written atomically, with
-this cache's fingerprint) is not encoded again. Several processes split the shards between them.
+this cache's fingerprint), intact (its checksum) and of the shard as it is now (its source identity)
+is not encoded again; any other is, with a log line saying why. Several processes split the shards
+between them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from mmsphere.cache.store import FeatureCache, ShardFeatures, make_cache, write_shard_features
+from mmsphere.cache.store import FeatureCache, ShardFeatures, make_cache, source_identity, write_shard_features
 from mmsphere.config import Config, ConfigError, DataConfig
 from mmsphere.data.decode import DecodeError
-from mmsphere.data.reader import check_shards, read_tar_samples
+from mmsphere.data.reader import check_shards, is_local, read_tar_samples
 from mmsphere.data.samples import DecodeOptions, decode_sample
 from mmsphere.data.stats import SkipCounter
 
@@ -65,39 +70,76 @@ def trunk_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+# the geometry of mmsphere.data.transforms.resize_center_crop and the frame choice of
+# sample_frame_indices (random offsets are refused by check_cacheable): change these names with the code
+RESIZE_MODE = "short side to image_size (bicubic, antialiased), centre crop"
+FRAME_SAMPLING = "linspace(0, n-1, T) rounded half up"
+# train.precision -> the precision the trunks run in while a cache is built, and its autocast dtype
+PRECISIONS: dict[str, str] = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def cache_for(model: torch.nn.Module, data: DataConfig, modality: str, *, digest: str | None = None,
-              image_size: int | None = None, evaluation: bool = False) -> FeatureCache:
+              image_size: int | None = None, evaluation: bool = False, precision: str = "no") -> FeatureCache:
     """The feature cache of ``model``'s trunks for sources of ``modality`` decoded as ``data`` says.
 
     ``evaluation``: decoded as evaluation decodes, exactly (never ``data.fast_decode``) and at
-    ``image_size`` (the model's own input size) instead of ``data.image_size``.
+    ``image_size`` (the model's own input size) instead of ``data.image_size``. ``precision``
+    (``train.precision``): the trunks run under that autocast while the cache is built, as they do
+    in a training step (the meta step, which an uncached run computes in float32, reads the same
+    stored values). The identity holds everything a stored value depends on (see
+    :mod:`mmsphere.cache.store`); its digest names the cache's folder.
     """
+    import open_clip  # lazy: seconds to import, and `mmsphere train --help` imports this module
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
     tokenizer = model.tokenizer
     probe = tokenizer(["a photo of a dog.", "a video of two cats playing"])
+    options = cache_decode_options(model, data, modality, image_size=image_size, evaluation=evaluation)
     identity = {
-        "trunk_sha256": digest or trunk_digest(model),
-        "model": model.config.name,
-        "modality": modality,
-        "frames": data.frames if modality == "video" else 1,
-        "image_size": image_size or (data.image_size if data.image_size is not None else model.image_size),
-        "image_mean": list(model.image_mean),
-        "image_std": list(model.image_std),
-        "fast_decode": bool(data.fast_decode) and not evaluation,
-        "context_length": model.context_length,
-        "tokenizer": f"{type(tokenizer).__name__}:{hashlib.sha256(probe.numpy().tobytes()).hexdigest()[:16]}",
+        "model": {
+            # the content the towers were built from, not the name or file it came from
+            "architecture": architecture_config(model),
+            "trunk_sha256": digest or trunk_digest(model),
+            "context_length": model.context_length,
+            "tokenizer": f"{type(tokenizer).__name__}:{hashlib.sha256(probe.numpy().tobytes()).hexdigest()[:16]}",
+        },
+        "preprocessing": {**json.loads(json.dumps(dataclasses.asdict(options))), "resize_mode": RESIZE_MODE,
+                          "frame_sampling": FRAME_SAMPLING},
+        "precision": PRECISIONS[precision],
+        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
     }
     return make_cache(identity, data.feature_cache_dir)
+
+
+def cache_decode_options(model: torch.nn.Module, data: DataConfig, modality: str, *, image_size: int | None = None,
+                         evaluation: bool = False) -> DecodeOptions:
+    """How a cache's samples are decoded: as the training stream decodes them, or (``evaluation``) exactly."""
+    size = image_size or (data.image_size if data.image_size is not None else model.image_size)
+    return DecodeOptions(frames=data.frames if modality == "video" else 1, image_size=size,
+                         image_mean=tuple(model.image_mean), image_std=tuple(model.image_std), modality=modality,
+                         fast=bool(data.fast_decode) and not evaluation)
+
+
+def architecture_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The open_clip architecture config ``model`` was built from (``create_model`` keeps it on the model)."""
+    config = getattr(model, "architecture_config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no architecture_config: build it with "
+                         "mmsphere.models.create_model")
+    return config
 
 
 def config_caches(model: torch.nn.Module, config: Config) -> tuple[dict[str, FeatureCache], FeatureCache | None]:
     """The caches a run reads: per modality of its training (and meta) sources, and its validation set's."""
     digest = trunk_digest(model)
     sources = list(config.data.train) + ([config.data.meta] if config.meta.enabled and config.data.meta else [])
-    train = {modality: cache_for(model, config.data, modality, digest=digest)
+    train = {modality: cache_for(model, config.data, modality, digest=digest, precision=config.train.precision)
              for modality in sorted({source.modality for source in sources})}
     val = None
     if config.data.val is not None:
-        # validation decodes exactly, at the model's own input size (mmsphere.train.loop.validate)
+        # validation decodes exactly, at the model's own input size, in float32 (mmsphere.train.loop.validate)
         val = cache_for(model, config.data, config.data.val.modality, digest=digest, image_size=model.image_size,
                         evaluation=True)
     return train, val
@@ -132,10 +174,9 @@ def build_config_caches(model: torch.nn.Module, config: Config, *, rank: int = 0
 
 def decode_options(cache: FeatureCache) -> DecodeOptions:
     """How the samples behind ``cache`` are decoded (its identity says)."""
-    identity = cache.identity
-    return DecodeOptions(frames=identity["frames"], image_size=identity["image_size"],
-                         image_mean=tuple(identity["image_mean"]), image_std=tuple(identity["image_std"]),
-                         modality=identity["modality"], fast=identity["fast_decode"])
+    preprocessing = cache.identity["preprocessing"]
+    values = {field.name: preprocessing[field.name] for field in dataclasses.fields(DecodeOptions)}
+    return DecodeOptions(**{name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
 
 
 @torch.no_grad()
@@ -156,18 +197,29 @@ def build_feature_cache(
     shards = check_shards(urls, description)
     report = BuildReport()
     mine = shards[rank::world_size]
-    todo = [url for url in mine if not cache.has(url)]
+    todo = []
+    for url in mine:
+        problem = cache.problem(url)
+        if problem is not None and problem != "missing":
+            logger.warning("feature cache: %s %s; building it again", cache.path_for(url), problem)
+        if problem is not None:
+            todo.append(url)
     report.shards_found = len(mine) - len(todo)
     if not todo:
         return report
+    if any(not is_local(url) for url in todo):
+        logger.warning("feature cache %s: remote shards are known by their URL only; after rewriting one, delete "
+                       "its feature file", description)
     was_training = model.training
     model.eval()
     try:
         bar = tqdm(todo, desc=description, unit="shard", disable=not progress, dynamic_ncols=True)
         for url in bar:
             cache.write_description(url)
-            features, counts = _encode_shard(model, url, decode_options(cache), batch_size)
-            write_shard_features(cache.path_for(url), features, cache.fingerprint)
+            source = source_identity(url)  # before reading: a shard rewritten meanwhile is stale next time
+            with _autocast(model, cache.identity["precision"]):
+                features, counts = _encode_shard(model, url, decode_options(cache), batch_size)
+            write_shard_features(cache.path_for(url), features, cache.fingerprint, source)
             report.shards_built += 1
             report.samples += features.trunk.shape[0]
             for reason, count in counts.items():
@@ -236,6 +288,12 @@ def _visual_trunk(model: torch.nn.Module, samples: list, modality: str) -> torch
     # every frame slot, padded ones too: the uncached video path encodes them as well (the mask drops them)
     trunk = model.image_trunk_features(frames.flatten(0, 1)).float().cpu()
     return trunk.view(batch, length, *trunk.shape[1:])
+
+
+def _autocast(model: torch.nn.Module, precision: str) -> torch.autocast:
+    """The trunks' precision while building: a training step's autocast, or float32 with any outer autocast off."""
+    dtype = AUTOCAST_DTYPES[precision]
+    return torch.autocast(device_type=_device_of(model).type, dtype=dtype, enabled=dtype is not None)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

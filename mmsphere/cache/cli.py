@@ -25,11 +25,11 @@ def build(args: argparse.Namespace) -> int:
     # lazy: open_clip takes seconds to import; `mmsphere cache --help` should not
     from mmsphere.cache.build import build_config_caches, cache_jobs
     from mmsphere.data.reader import check_shards
-    from mmsphere.models import create_model
+    from mmsphere.models import create_run_model
 
     config = load_config(args.config, args.overrides)
     started = time.time()
-    model = create_model(config.model)
+    model = create_run_model(config)  # as training builds it: randomly initialised towers get the same weights
     train, val = build_config_caches(model, config)
     summary = {name: {"fingerprint": cache.fingerprint, "directory": str(cache.directory_for(check_shards(urls, name)[0]))}
                for name, cache, urls in cache_jobs(config, train, val)}

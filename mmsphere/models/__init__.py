@@ -2,7 +2,8 @@
 
 from mmsphere.models.dual_encoder import DualEncoder
 from mmsphere.models.export import export_run, load_temporal_head
-from mmsphere.models.factory import create_model, load_weights, register_model_configs, resolve_architecture
+from mmsphere.models.factory import (create_model, create_run_model, load_weights, register_model_configs,
+                                     resolve_architecture)
 from mmsphere.models.run_dir import file_sha256, load_dual_encoder, load_run, save_run
 from mmsphere.models.temporal import MeanTemporalHead, TransformerTemporalHead, build_temporal_head, masked_mean
 
@@ -14,6 +15,7 @@ __all__ = [
     "TransformerTemporalHead",
     "build_temporal_head",
     "create_model",
+    "create_run_model",
     "export_run",
     "file_sha256",
     "load_dual_encoder",

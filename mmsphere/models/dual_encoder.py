@@ -53,6 +53,7 @@ class DualEncoder(nn.Module):
         self.image_std = tuple(float(value) for value in image_std)
         self.context_length = context_length
         self.run_config: Config | None = None  # set by load_run
+        self.architecture_config: dict | None = None  # the resolved open_clip config, set by create_model
         heads = self.head_prefixes()
         for name, parameter in self.named_parameters():
             tower = self.tower_of(name)

@@ -23,7 +23,7 @@ from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed,
 from open_clip.pretrained import download_pretrained_from_hf
 from torch import nn
 
-from mmsphere.config import ConfigError, DataError, MmsphereError, ModelConfig
+from mmsphere.config import Config, ConfigError, DataError, MmsphereError, ModelConfig
 from mmsphere.models.checkpoint import check_compatible, read_state_dict, shapes_of
 from mmsphere.models.dual_encoder import DualEncoder
 
@@ -48,6 +48,18 @@ def register_model_configs() -> None:
 def create_model(config: ModelConfig, device: str | torch.device = "cpu") -> DualEncoder:
     """Build the dual encoder described by ``config`` and load ``config.pretrained`` weights, if any."""
     return build_dual_encoder(config, device=device, load_pretrained=True)
+
+
+def create_run_model(config: Config) -> DualEncoder:
+    """The model a run starts from: every generator seeded with ``config.seed``, then :func:`create_model`.
+
+    Training and ``mmsphere cache`` both build their model here, so randomly initialised towers are
+    the same in both and a feature cache built ahead of time is the one a run reads.
+    """
+    from accelerate.utils import set_seed  # lazy: accelerate takes a while to import
+
+    set_seed(config.seed)
+    return create_model(config.model)
 
 
 def build_dual_encoder(
@@ -87,6 +99,8 @@ def build_dual_encoder(
         image_std=_three_floats(preprocess["std"], "std"),
         context_length=context_length,
     )
+    # the resolved config the towers were built from (a feature cache is keyed by its content, not its name)
+    model.architecture_config = open_clip.get_model_config(architecture)
     if checkpoint is not None:
         load_weights(model, checkpoint, target=f"the {architecture} architecture")
     return model.to(device)

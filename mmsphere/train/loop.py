@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from tqdm.auto import tqdm
 
 from mmsphere.cache import FeatureCache, build_config_caches
@@ -44,7 +44,7 @@ class NonFiniteLossError(MmsphereError, RuntimeError):
 def train(config: Config) -> dict[str, Any]:
     """Fine-tune the dual encoder described by ``config``; returns the run summary."""
     # lazy: mmsphere.models imports open_clip (seconds); `mmsphere train --help` imports this package
-    from mmsphere.models import create_model, save_run
+    from mmsphere.models import create_run_model, save_run
 
     # a caller that set up torch.distributed itself (a test harness, a sweep over runs) keeps its
     # process group; one that accelerate creates here is torn down at the end
@@ -65,8 +65,7 @@ def train(config: Config) -> dict[str, Any]:
         write_run_config(config)
     accelerator.wait_for_everyone()
 
-    set_seed(config.seed)  # identical initialisation on every rank
-    model = create_model(config.model)
+    model = create_run_model(config)  # seeded: identical initialisation on every rank, and in `mmsphere cache`
     objective = Objective(config.loss)
     optimizer = build_optimizer(model, config)
     scheduler = cosine_schedule(optimizer, config.train.warmup_steps, config.train.max_steps)

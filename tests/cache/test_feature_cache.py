@@ -8,6 +8,7 @@ the safetensors header parsed by hand.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import struct
 import tarfile
@@ -226,7 +227,16 @@ def test_image_shard_file_matches_documented_format_and_encoders(shards):
     assert tensors["caption_rows"].dtype == torch.int64 and tensors["caption_rows"].shape == (len(good),)
     assert tensors["caption_offsets"].tolist() == list(range(len(good) + 1))  # one caption (.txt) each
 
-    assert metadata["format"] == "1" and metadata["fingerprint"] == cache.fingerprint and metadata["url"] == url
+    assert metadata["format"] == "2" and metadata["fingerprint"] == cache.fingerprint and metadata["url"] == url
+    # the shard's identity: size, mtime and the SHA-256 of every member's header blocks (pax records
+    # included: webdataset writes each member's float mtime into one), located here with tarfile
+    with tarfile.open(url) as archive:
+        headers = [(member.offset, member.offset_data) for member in archive.getmembers()]
+    shard_bytes = Path(url).read_bytes()
+    index = hashlib.sha256(b"".join(shard_bytes[start:stop] for start, stop in headers)).hexdigest()
+    assert json.loads(metadata["source"]) == {"size": len(shard_bytes), "mtime_ns": Path(url).stat().st_mtime_ns,
+                                              "tar_index_sha256": index}
+    assert len(metadata["checksum"]) == 64
     records = json.loads(metadata["records"])
     assert [record["key"] for record in records] == [key for key, _ in tar]
     assert BAD_KEY == tar[BAD_POSITION][0] and "row" not in records[BAD_POSITION] and records[BAD_POSITION]["skip"]
