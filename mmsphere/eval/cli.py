@@ -78,6 +78,8 @@ def run_evaluation(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError(f"--frames={args.frames} must be >= 1")
     if args.save_sim is not None and Path(args.save_sim).suffix != ".npy":
         raise ConfigError(f"--save-sim {args.save_sim!r} must end in .npy (numpy's format, np.load reads it)")
+    if Path(args.out).suffix == ".md":
+        raise ConfigError(f"--out {args.out!r} is the card's JSON; its markdown goes beside it as .md")
     if args.list is not None and not Path(args.list).is_file():
         raise DataError(f"--list {args.list!r} does not exist")
     if args.media_root is not None and not Path(args.media_root).is_dir():
@@ -164,6 +166,6 @@ def format_results(results: dict[str, Any]) -> str:
     )
     subset = subset_line(results)
     if subset:
-        lines.insert(0, f"WARNING: {subset} ({ALLOW_FLAG})")
+        lines.insert(0, f"WARNING ({ALLOW_FLAG}): {subset}")
         lines.append(f"WARNING: {subset}")
     return "\n".join(lines)

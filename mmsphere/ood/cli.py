@@ -83,6 +83,8 @@ def run_scoring(args: argparse.Namespace, argv: list[str]) -> int:
 def score_ood(args: argparse.Namespace) -> tuple[dict[str, Any], OodEvaluation, Any]:
     """The arguments and image sets checked, the model loaded and :func:`evaluate_ood` run; the results dict."""
     import_modules(args.imports)
+    if Path(args.out).suffix == ".md":
+        raise ConfigError(f"--out {args.out!r} is the card's JSON; its markdown goes beside it as .md")
     protocol = None
     sets_missing: dict[str, list[str]] = {}
     if args.protocol is not None:
@@ -214,6 +216,6 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append(f"skipped samples: {skipped}")
     subset = subset_line(results)
     if subset:
-        lines.insert(0, f"WARNING: {subset} ({ALLOW_FLAG})")
+        lines.insert(0, f"WARNING ({ALLOW_FLAG}): {subset}")
         lines.append(f"WARNING: {subset}")
     return "\n".join(lines)

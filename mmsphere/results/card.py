@@ -139,7 +139,8 @@ def _model_line(model: dict[str, Any]) -> str:
     if "run_dir" in model:
         return (f"run `{model['run_dir']}` (config sha256 {_short(model.get('config_sha256'))}, "
                 f"weights sha256 {_short(model.get('weights_sha256'))})")
-    return f"open_clip `{model.get('name')}`, pretrained `{model.get('pretrained')}`"
+    pretrained = f"pretrained `{model['pretrained']}`" if model.get("pretrained") else "no pretrained weights"
+    return f"open_clip `{model.get('name')}`, {pretrained}"
 
 
 def _media_line(media: dict[str, Any] | None, root: str | None) -> str:

@@ -13,6 +13,8 @@ from typing import Any
 
 from mmsphere.results.card import DIRECTION_LABELS, OOD_METRICS, RETRIEVAL_METRICS, subset_line
 
+SHOWN_CHARACTERS = 48  # longer values (a frame sampling in words) are cut in the table
+
 
 @dataclass
 class Comparison:
@@ -85,7 +87,7 @@ def model_name(card: dict[str, Any]) -> str:
     model = card.get("model", {})
     if "run_dir" in model:
         return str(model["run_dir"])
-    return f"{model.get('name')} ({model.get('pretrained')})"
+    return f"{model.get('name')} ({model.get('pretrained') or 'no pretrained weights'})"
 
 
 def metric_rows(cards: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -117,4 +119,6 @@ def _show(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.2f}"
     text = str(value)
-    return text[:16] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
+    if len(text) == 64 and all(character in "0123456789abcdef" for character in text):
+        return text[:16]  # a SHA-256: its first 16 hex digits tell cards apart
+    return text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS - 1] + "…"

@@ -78,7 +78,7 @@ def test_allow_missing_evaluates_the_rest_and_every_output_says_so(run_dir, medi
         f"video{7010 + index}" for index in range(3, 8)]
     assert data["num_videos"] == 3 and card["num_queries"]["t2v"] == 3
     subset = "Evaluated on a subset. 3 of 8 listed videos evaluated (5 missing)"
-    assert printed.startswith(f"WARNING: {subset}") and printed.count("WARNING") == 2
+    assert printed.startswith(f"WARNING (--allow-missing): {subset}") and printed.count("WARNING") == 2
     assert f"**{subset}" in out.with_suffix(".md").read_text()
 
 

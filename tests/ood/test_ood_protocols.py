@@ -134,7 +134,7 @@ def test_a_missing_set_stops_before_the_model_loads_unless_allowed(run_dir, cifa
     card = json.loads(out.read_text())
     assert card["sets_missing"] == ["isun"] and "isun" not in card["ood"]
     assert "OoD sets not found and left out: isun" in out.with_suffix(".md").read_text()
-    assert printed.startswith("WARNING: Evaluated on a subset.")
+    assert printed.startswith("WARNING (--allow-missing): Evaluated on a subset.")
 
 
 def test_an_undecodable_image_stops_before_scoring_unless_allowed(run_dir, cifar_root, tmp_path, capsys):
