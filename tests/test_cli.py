@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 
+from mmsphere import cli_errors
 from mmsphere.cli import COMMANDS, main
 
 
@@ -143,3 +145,26 @@ def test_a_multi_line_message_is_printed_on_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "broken.yaml")]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "is not valid YAML" in error
+
+
+def test_under_a_launcher_process_0_reports_at_once_and_the_launcher_reads_the_line(tmp_path, monkeypatch, capsys):
+    """The line also goes to torch.distributed.elastic's reply file, which its report of a failed process shows."""
+    slept = []
+    monkeypatch.setattr(cli_errors.time, "sleep", slept.append)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    monkeypatch.setenv("RANK", "0")
+    cli_errors.report_error("mmsphere train: error: loss.margin=-1.0 must be in [0, π)")
+    assert capsys.readouterr().err == "mmsphere train: error: loss.margin=-1.0 must be in [0, π)\n" and not slept
+    assert json.loads((tmp_path / "error.json").read_text())["message"] == (
+        "mmsphere train: error: loss.margin=-1.0 must be in [0, π)")
+
+
+def test_another_process_reports_after_a_grace_period_marked_with_its_rank(monkeypatch, capsys):
+    """Time for the launcher to stop it when process 0 fails alike; an error of its own still reaches the terminal."""
+    slept = []
+    monkeypatch.setattr(cli_errors.time, "sleep", slept.append)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.setenv("RANK", "3")
+    cli_errors.report_error("mmsphere train: error: a shard only process 3 reads")
+    assert slept == [cli_errors.OTHER_PROCESS_GRACE_S]
+    assert capsys.readouterr().err == "mmsphere train: error: a shard only process 3 reads (process 3)\n"

@@ -40,10 +40,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmsphere.cache.samples import CachedRaw, CachedSample, cached_reader
 from mmsphere.cache.store import FeatureCache
-from mmsphere.config import ConfigError, DataConfig, MmsphereError, SourceConfig
+from mmsphere.config import ConfigError, DataConfig, DataError, MmsphereError, SourceConfig
 from mmsphere.data.reader import check_shards, read_tar_samples, resampled_shards, shuffled, split_shards, stream_seed
 from mmsphere.data.decode import DecodeError
-from mmsphere.data.samples import MODALITIES, DecodeOptions, RawSample, Sample, decode_sample, decode_samples
+from mmsphere.data.samples import (IMAGE_EXTENSIONS, MODALITIES, VIDEO_EXTENSIONS, DecodeOptions, RawSample, Sample,
+                                   decode_sample, decode_samples)
 from mmsphere.data.stats import SkipCounter, SkipReport, SkipTally, add_skipped
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 MAX_FAILED_SAMPLES_IN_A_ROW = 10_000
 MIN_EMPTY_SHARDS_IN_A_ROW = 64
 SHUFFLE_INITIAL = 100
+# A source whose first samples all hold media of the other modality only is declared wrongly (image
+# shards given as a video source): say so after this many, not after MAX_FAILED_SAMPLES_IN_A_ROW.
+WRONG_MODALITY_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -333,7 +337,7 @@ class _TrainDataset(IterableDataset):
         stream, source = self.stream, self.stream.sources[index]
         ids = (stream.seed, stream.split, self.epoch, stream.rank, worker, index)
         shuffle_rng = random.Random(stream_seed(*ids, "shuffle"))
-        decoder = _Decoder(source.options, counter, stream_seed(*ids, "decode"), stream_seed(*ids, "captions"))
+        decoder = _Decoder(source, counter, stream_seed(*ids, "decode"), stream_seed(*ids, "captions"))
         reader = cached_reader(source.cache) if source.cache is not None else read_tar_samples
         if stream.resampled:
             guard = _StallGuard(source, len(source.urls), stream.shuffle_buffer, counter)
@@ -363,6 +367,9 @@ class _TrainDataset(IterableDataset):
                     decoded += 1
                     yield item
             if decoded == 0 and not passed_over:
+                misdeclared = decoder.modality_error()
+                if misdeclared is not None:
+                    raise misdeclared
                 raise MmsphereError(
                     f"data source {source.name!r}: a full pass over its {len(mine)} shard(s) for rank "
                     f"{stream.rank}, worker {worker} gave no decodable sample (skipped: {dict(counter.totals)}); "
@@ -385,13 +392,19 @@ class _Decoder:
 
     Seeding each sample by its number, instead of drawing from one generator, makes its draws
     independent of how many samples before it were decoded, failed or were passed over on resume.
+    Raises :class:`DataError` when the first :data:`WRONG_MODALITY_SAMPLES` samples all hold only
+    media of the other modality.
     """
 
-    def __init__(self, options: DecodeOptions, counter: SkipCounter, decode_seed: int, caption_seed: int):
-        self.options = options
+    def __init__(self, source: _Source, counter: SkipCounter, decode_seed: int, caption_seed: int):
+        self.source = source
+        self.options = source.options
         self.counter = counter
         self.decode_seed = decode_seed
         self.caption_seed = caption_seed
+        self.decoded = 0
+        self.failed = 0
+        self.wrong_modality: list[RawSample] = []  # while nothing has decoded yet
 
     def __call__(self, raw: RawSample | CachedRaw, position: int) -> _Numbered | None:
         rng = np.random.default_rng([self.decode_seed, position]) if self.options.random_offset else None
@@ -402,12 +415,37 @@ class _Decoder:
                 sample = decode_sample(raw, self.options, rng)
         except DecodeError as error:
             self.counter.record(error.reason, key=raw.key, url=raw.url, detail=error.detail)
+            if not self.decoded:
+                self.failed += 1
+                if error.reason == "wrong_modality" and isinstance(raw, RawSample):
+                    self.wrong_modality.append(raw)
+                if len(self.wrong_modality) >= WRONG_MODALITY_SAMPLES:
+                    misdeclared = self.modality_error()
+                    if misdeclared is not None:
+                        raise misdeclared
             return None
+        self.decoded += 1
         choice = 0
         if len(sample.captions) > 1:
             # random.Random seeds from an int in microseconds; a numpy generator takes ~40 µs
             choice = random.Random((self.caption_seed << 64) | position).randrange(len(sample.captions))
         return _Numbered(position, sample, sample.captions[choice], choice)
+
+    def modality_error(self) -> DataError | None:
+        """The error for a source declared with the wrong modality: every sample tried so far held only the other."""
+        if self.decoded or not self.failed or len(self.wrong_modality) < self.failed:
+            return None
+        declared = self.source.modality
+        expected = VIDEO_EXTENSIONS if declared == "video" else IMAGE_EXTENSIONS
+        found = sorted({extension for raw in self.wrong_modality for extension in raw.members
+                        if extension in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS})
+        other = "image" if declared == "video" else "video"
+        first = self.wrong_modality[0]
+        return DataError(
+            f"data source {self.source.name!r} has modality={declared}, but its first {len(self.wrong_modality)} "
+            f"samples hold {', '.join('.' + extension for extension in found)} and none of "
+            f"{', '.join('.' + extension for extension in expected)} (e.g. {first.key} in {first.url}): set the "
+            f"source's modality to {other}, or point its urls at {declared} shards")
 
 
 class _StallGuard:
@@ -610,19 +648,46 @@ def collate_eval(samples: list[Sample] | list[CachedSample], *, modality: str, s
 
 
 def _deliver(dataset: IterableDataset, workers: int, tally: SkipTally | None = None) -> Iterator[dict]:
-    """Run ``dataset`` in this process or in ``workers`` loader processes; fold skip counts into the totals."""
+    """Run ``dataset`` in this process or in ``workers`` loader processes; fold skip counts into the totals.
+
+    An :class:`MmsphereError` raised in a loader worker is raised here as it was, not as the
+    DataLoader's re-raise with the worker's whole traceback for a message.
+    """
     if workers == 0:
         items: Iterable = iterate_single_threaded(iter(dataset))
     else:
         # batch_size=None: the dataset yields finished batches (and a final SkipReport per worker)
-        items = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2)
+        items = DataLoader(_ErrorsAsItems(dataset), batch_size=None, num_workers=workers, prefetch_factor=2)
     for item in items:
+        if isinstance(item, _RaisedInWorker):
+            raise item.error
         counts = item.counts if isinstance(item, SkipReport) else item["skipped"]
         add_skipped(counts)
         if tally is not None:
             tally.add(counts)
         if not isinstance(item, SkipReport):
             yield item
+
+
+class _RaisedInWorker:
+    """An :class:`MmsphereError` of a loader worker, on its way to the main process as an item."""
+
+    def __init__(self, error: MmsphereError):
+        self.error = error
+
+
+class _ErrorsAsItems(IterableDataset):
+    """``dataset``, with an :class:`MmsphereError` it raises handed on as its last item."""
+
+    def __init__(self, dataset: IterableDataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator:
+        try:
+            yield from self.dataset
+        except MmsphereError as error:
+            yield _RaisedInWorker(error)
 
 
 @contextlib.contextmanager

@@ -81,10 +81,13 @@ def build_dual_encoder(
         elif source is not None and source[0] == "hf-hub":
             checkpoint, preprocess_override = _download_hf_hub(source[1])
         # when full weights follow (a checkpoint, or a run directory's), keep open_clip from fetching an
-        # HF text tower's own weights and from warning that the model is initialised randomly
+        # HF text tower's own weights; its warning that the model is initialised randomly is either wrong
+        # (weights follow) or, without model.pretrained, what was asked for: said below, as information
         weights_follow = checkpoint is not None or not load_pretrained
-        with _without_random_init_warning() if weights_follow else contextlib.nullcontext():
+        with _without_random_init_warning():
             clip = _create_open_clip(architecture, pretrained=None, pretrained_text=not weights_follow, config=config)
+        if not weights_follow:
+            logger.info("model %s starts from random initialisation (model.pretrained is not set)", config.name)
 
     tokenizer = open_clip.get_tokenizer(architecture)
     context_length = _context_length(clip, tokenizer, architecture)

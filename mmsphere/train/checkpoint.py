@@ -45,6 +45,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
+from mmsphere.console import ON_CONSOLE
 from mmsphere.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,12 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
+def discard_partial_checkpoints(output_dir: str | Path) -> None:
+    """Remove what a checkpoint write cut short (Ctrl-C) left: its ``.tmp-*`` directory (main process only)."""
+    for partial in checkpoint_dir(output_dir).glob(".tmp-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any],
                     objects: dict[str, Any], keep: int, data_position: dict[str, Any] | None = None) -> Path:
     """Save the full training state atomically; every process must call this.
@@ -139,7 +146,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         os.replace(temporary, final)
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-        logger.info("saved checkpoint %s", final)
+        logger.info("saved checkpoint %s", final, extra=ON_CONSOLE)
     accelerator.wait_for_everyone()
     return final
 

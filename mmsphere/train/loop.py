@@ -7,6 +7,7 @@ sit below their caller.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,17 +19,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from mmsphere.cache import FeatureCache, build_config_caches
 from mmsphere.config import Config, ConfigError, MmsphereError
+from mmsphere.console import ON_CONSOLE, process_rank, run_log_file
 from mmsphere.data import build_train_stream, stats
 from mmsphere.eval.evaluate import evaluate_retrieval_loader
 from mmsphere.losses import Objective
-from mmsphere.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from mmsphere.train.checkpoint import discard_partial_checkpoints, list_checkpoints, load_checkpoint, save_checkpoint
 from mmsphere.train.optim import build_optimizer, cosine_schedule
-from mmsphere.train.preflight import check_data_sources, check_output_dir, write_run_config
+from mmsphere.train.preflight import check_data_sources, check_output_dir, check_shared_output_dir, write_run_config
 from mmsphere.train.run_log import RunLog, check_trackers
 from mmsphere.train.step import optimization_step
 from mmsphere.weighting import MetaWeighting
@@ -41,8 +43,42 @@ class NonFiniteLossError(MmsphereError, RuntimeError):
     """Too many non-finite losses in a row: the run stops, its last good checkpoint intact."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run; ``checkpoint`` is the last complete one (None: none yet), where ``train.resume=latest`` continues."""
+
+    def __init__(self, output_dir: Path, checkpoint: Path | None) -> None:
+        where = f"from {checkpoint}" if checkpoint is not None else "from the start (no checkpoint yet)"
+        super().__init__(f"training interrupted; train.resume=latest output_dir={output_dir} continues {where}")
+        self.output_dir = output_dir
+        self.checkpoint = checkpoint
+
+
 def train(config: Config) -> dict[str, Any]:
-    """Fine-tune the dual encoder described by ``config``; returns the run summary."""
+    """Fine-tune the dual encoder described by ``config``; returns the run summary.
+
+    Ctrl-C (``KeyboardInterrupt``) stops the run cleanly: a checkpoint half written is discarded,
+    so the last complete one is where ``train.resume=latest`` continues, and
+    :class:`TrainingInterrupted` names it. While the run lasts, every log record this process lets
+    through also goes to the run's ``train.log`` (:func:`mmsphere.console.run_log_file`).
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            return _train(config, stack)
+        except KeyboardInterrupt:
+            # no collective from here on: the other processes are being interrupted too
+            output_dir = Path(config.output_dir)
+            if (dist.get_rank() if dist.is_available() and dist.is_initialized() else process_rank()) == 0:
+                discard_partial_checkpoints(output_dir)
+            checkpoints = list_checkpoints(output_dir)
+            logger.info("interrupted; last complete checkpoint: %s", checkpoints[-1] if checkpoints else "none")
+            raise TrainingInterrupted(output_dir, checkpoints[-1] if checkpoints else None) from None
+        except Exception as error:
+            # for the run's log file: the terminal gets the error from whoever handles it
+            logger.info("run stopped: %s: %s", type(error).__name__, error, exc_info=not isinstance(error, MmsphereError))
+            raise
+
+
+def _train(config: Config, stack: contextlib.ExitStack) -> dict[str, Any]:
     # lazy: mmsphere.models imports open_clip (seconds); `mmsphere train --help` imports this package
     from mmsphere.models import create_run_model, save_run
 
@@ -64,11 +100,19 @@ def train(config: Config) -> dict[str, Any]:
     if accelerator.is_main_process:
         write_run_config(config)
     accelerator.wait_for_everyone()
+    check_shared_output_dir(accelerator, output_dir, resume_from)
+    log_file = stack.enter_context(run_log_file(output_dir, rank))
+    logger.info("run directory %s (log: %s)", output_dir, log_file, extra=ON_CONSOLE)
 
     model = create_run_model(config)  # seeded: identical initialisation on every rank, and in `mmsphere cache`
+    if not config.model.pretrained and resume_from is None:
+        logger.info("training %s from random initialisation (model.pretrained is not set)", config.model.name,
+                    extra=ON_CONSOLE)
     objective = Objective(config.loss)
     optimizer = build_optimizer(model, config)
     scheduler = cosine_schedule(optimizer, config.train.warmup_steps, config.train.max_steps)
+    if world_size > 1:
+        configure_ddp(accelerator, model, objective, config)
     model, optimizer = accelerator.prepare(model, optimizer)
     network = accelerator.unwrap_model(model)
     # what a checkpoint restores besides the trainer state (no pickle: mmsphere/train/checkpoint.py); the
@@ -91,7 +135,7 @@ def train(config: Config) -> dict[str, Any]:
         state = load_checkpoint(accelerator, resume_from, checkpointed)
         step, data_epoch = state["step"], state["data_epoch"] + 1
         resumed_from_step = step
-        logger.info("resumed from %s at step %d", resume_from, step)
+        logger.info("resumed from %s at step %d", resume_from, step, extra=ON_CONSOLE)
 
     stream_kwargs = dict(image_size=network.image_size, image_mean=network.image_mean,
                          image_std=network.image_std, tokenizer=network.tokenizer,
@@ -116,6 +160,7 @@ def train(config: Config) -> dict[str, Any]:
     samples_seen, started = 0, time.time()
     progress = tqdm(total=config.train.max_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="train", unit="step", dynamic_ncols=True)
+    stack.callback(progress.close)  # also when the run stops: an error or Ctrl-C then prints below the bar
     while step < config.train.max_steps:
         data_epoch, batch = next(train_batches)
         inputs = model_inputs(batch, accelerator.device)
@@ -184,7 +229,7 @@ def train(config: Config) -> dict[str, Any]:
         if weighting is not None:
             weighting.plot_curve(output_dir / "weighting_curve.png", log.max_loss_seen)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        logger.info("run summary: %s", summary)
+        logger.info("run summary: %s", summary)  # the log file's copy; the CLI prints the summary itself
     accelerator.wait_for_everyone()
     if owns_process_group:
         accelerator.end_training()
@@ -211,9 +256,80 @@ def build_accelerator(config: Config) -> Accelerator:
         mixed_precision=config.train.precision,
         log_with=config.train.report_to or None,
         project_dir=config.output_dir,
-        # video and image batches use different parameters (the temporal head)
+        # safe for any model and data (video and image batches use different parameters); train() narrows
+        # it to what the run's model and data need (configure_ddp)
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+def configure_ddp(accelerator: Accelerator, network: torch.nn.Module, objective: Objective, config: Config) -> None:
+    """Have DDP look for parameters without a gradient after each backward only where some step leaves some.
+
+    Without the search, DDP waits for every trainable parameter's gradient and fails at the next step
+    when one never came; with it, every step walks the autograd graph and DDP warns when it finds
+    nothing. So it is on exactly when :func:`parameters_without_gradient` finds any, before
+    ``accelerator.prepare`` wraps the model. It must be on in a run that mixes video and image
+    sources with a temporal head that has parameters (image batches bypass the head); there DDP
+    still warns once, at the first video batch, which uses every parameter.
+    """
+    network.to(accelerator.device)  # where prepare() puts it anyway; the probe then runs there
+    missing = parameters_without_gradient(network, objective, config)
+    for name, why in missing.items():
+        logger.info("DDP looks for unused parameters: %s gets no gradient from %s", name, why)
+    accelerator.ddp_handler.find_unused_parameters = bool(missing)
+
+
+def parameters_without_gradient(network: torch.nn.Module, objective: Objective, config: Config) -> dict[str, str]:
+    """Trainable parameters of ``network`` that some step of this run gives no gradient, with the reason.
+
+    A forward of each modality of ``data.train`` runs on a dummy one-sample batch (eval mode: no
+    BatchNorm statistics change, no random draws) and its autograd graph is searched: the temporal
+    head is missing from an image batch's (images bypass it), and so is any part of a tower that the
+    encoders never run. The logit bias counts when no loss term reads it (a SigLIP checkpoint
+    fine-tuned with the softmax loss). Meta batches do not count: the meta step runs outside DDP.
+    """
+    trainable = {name: parameter for name, parameter in network.named_parameters() if parameter.requires_grad}
+    missing: dict[str, str] = {}
+    device = next(network.parameters()).device
+    was_training = network.training
+    network.eval()
+    try:
+        for modality in sorted({source.modality for source in config.data.train}):
+            reached = _parameters_reached(network(**_probe_inputs(network, modality, config.data.frames, device)))
+            for name, parameter in trainable.items():
+                if id(parameter) not in reached:
+                    missing.setdefault(name, f"the forward of a {modality} batch")
+    finally:
+        network.train(was_training)
+    bias = getattr(network.clip, "logit_bias", None)
+    if bias is not None and bias.requires_grad and not objective.needs_logit_bias:
+        missing.setdefault("clip.logit_bias", "the loss (no loss term reads the logit bias)")
+    return missing
+
+
+def _probe_inputs(network: torch.nn.Module, modality: str, frames: int, device: torch.device) -> dict[str, torch.Tensor]:
+    size = network.image_size
+    inputs = {"text": network.tokenizer(["a probe"]).to(device)}
+    if modality == "image":
+        return {**inputs, "images": torch.zeros(1, 3, size, size, device=device)}
+    return {**inputs, "frames": torch.zeros(1, frames, 3, size, size, device=device),
+            "frame_mask": torch.ones(1, frames, dtype=torch.bool, device=device)}
+
+
+def _parameters_reached(outputs: dict[str, torch.Tensor]) -> set[int]:
+    """``id`` of every leaf tensor (parameter) the autograd graphs of ``outputs`` lead to."""
+    reached: set[int] = set()
+    seen: set[Any] = set()
+    pending = [tensor.grad_fn for tensor in outputs.values() if tensor.grad_fn is not None]
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: the gradient of a leaf ends here
+            reached.add(id(node.variable))
+        pending.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return reached
 
 
 def local_batch_size(global_batch: int, world_size: int, accum_freq: int = 1, key: str = "train.batch_size") -> int:
@@ -345,5 +461,7 @@ def validate(network: torch.nn.Module, config: Config, accelerator: Accelerator,
                                             feature_cache=feature_cache)
         network.train(was_training)
         metrics = {f"val/{name}": value for name, value in results.items() if isinstance(value, (int, float))}
-    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        # every process returns the same summary, not rank 0's metrics and an empty dict elsewhere
+        metrics = broadcast_object_list([metrics], from_process=0)[0]
     return metrics

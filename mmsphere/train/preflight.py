@@ -1,15 +1,27 @@
-"""Checks that run before any work starts: data that exists, an output directory that is ours."""
+"""Checks that run before any work starts: data that exists, an output directory that is ours and every process's."""
 
 from __future__ import annotations
 
+import json
+import logging
+import secrets
+import socket
 import tarfile
 from pathlib import Path
 
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
 from mmsphere.config import Config, ConfigError, DataError, save_config
 from mmsphere.data.reader import expand_urls, is_local
-from mmsphere.train.checkpoint import checkpoint_dir, resolve_resume
+from mmsphere.train.checkpoint import STATE_FILE, checkpoint_dir, resolve_resume
 
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "model.safetensors")
+logger = logging.getLogger(__name__)
+
+# what a run leaves once it has got somewhere; its config.yaml (and train.log) alone are a start that
+# failed before it saved anything, and a corrected retry may use the directory
+RUN_MARKERS = ("metrics.jsonl", "sample_weights.jsonl", "summary.json", "model.safetensors")
+SHARED_CHECK_FILE = ".mmsphere-shared-check"
 
 
 def local_shard_paths(urls: str) -> list[str] | None:
@@ -69,6 +81,8 @@ def check_output_dir(config: Config) -> Path | None:
         if found or checkpoint_dir(output_dir).is_dir():
             raise ConfigError(f"output_dir={str(output_dir)!r} already holds a run ({', '.join(found) or 'checkpoints'}); "
                               f"set train.resume=latest to continue it or choose another output_dir")
+        if (output_dir / "config.yaml").exists():
+            logger.info("output_dir=%s holds the config of a start that saved nothing; starting again there", output_dir)
     return resume_from
 
 
@@ -77,3 +91,49 @@ def write_run_config(config: Config) -> None:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, output_dir / "config.yaml")
+
+
+def check_shared_output_dir(accelerator: Accelerator, output_dir: Path, resume_from: Path | None) -> None:
+    """Every process sees the same output directory and resumes from the same step, or every process raises.
+
+    Several nodes need ``output_dir`` on a file system they all share: checkpoints are written by
+    process 0 and read by all. Process 0 writes a file with a fresh random token into the directory;
+    after a barrier every process reads it back, and the processes gather what they read, their host
+    and the step of the checkpoint they would resume from. Call on every process, after process 0 has
+    created the directory.
+    """
+    if accelerator.num_processes == 1:
+        return
+    marker = output_dir / SHARED_CHECK_FILE
+    if accelerator.is_main_process:
+        marker.write_text(secrets.token_hex(16))
+    accelerator.wait_for_everyone()
+    try:
+        token = marker.read_text()
+    except OSError:
+        token = None
+    views = gather_object([{"process": accelerator.process_index, "host": socket.gethostname(), "token": token,
+                            "step": _checkpoint_step(resume_from)}])
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)  # everyone has read it: gather_object waited for all
+    first = views[0]
+    blind = [view for view in views if view["token"] is None or view["token"] != first["token"]]
+    if blind:
+        who = ", ".join(f"process {view['process']} on {view['host']}" for view in blind)
+        raise DataError(f"output_dir={str(output_dir)!r} is not one directory for all processes: {who} cannot see "
+                        f"the file process 0 on {first['host']} wrote there. Training on several nodes needs "
+                        f"output_dir on a file system every node mounts (NFS, Lustre, ...); point output_dir there")
+    if len({view["step"] for view in views}) > 1:
+        steps = ", ".join(f"process {view['process']} on {view['host']}: "
+                          f"{'none' if view['step'] is None else 'step ' + str(view['step'])}" for view in views)
+        raise DataError(f"train.resume: the processes would resume from different checkpoints ({steps}) of "
+                        f"output_dir={str(output_dir)!r}; every process must see the same checkpoints")
+
+
+def _checkpoint_step(checkpoint: Path | None) -> int | None:
+    if checkpoint is None:
+        return None
+    try:
+        return int(json.loads((checkpoint / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1  # unreadable here: different from any step another process reads

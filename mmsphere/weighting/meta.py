@@ -26,6 +26,8 @@ with a non-finite flag. No collective is ever conditional on rank-local data.
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -187,6 +189,19 @@ def _second_order_meta_gradient(model, losses, weight_net, weight_parameters, tr
     return meta_gradients, virtual_loss, meta_loss, torch.cat(weights_seen) if weights_seen else torch.empty(0)
 
 
+@functools.cache
+def _load_forward_mode() -> None:
+    """Load torch's forward-mode decompositions once, without the FutureWarning that loading prints.
+
+    torch compiles them with ``torch.jit.script`` on the first ``make_dual`` of a process, which
+    warns that ``torch.jit.script`` is deprecated: torch's own use, nothing a user can act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        with forward_ad.dual_level():
+            forward_ad.make_dual(torch.zeros(()), torch.zeros(()))
+
+
 def _jvp_meta_gradient(model, losses, weight_net, weight_parameters, train_inputs, meta_inputs,
                        virtual, rates, buffers):
     """The same meta-gradient from first-order passes and one forward-mode pass (DESIGN §1).
@@ -197,6 +212,7 @@ def _jvp_meta_gradient(model, losses, weight_net, weight_parameters, train_input
     alone (= −α Σ_i c_i ∇_Θ v̄_i with c_i = ⟨g, ∇_w ℓ_i⟩). That tangent comes from one
     forward-mode pass; its graph to Θ is only the WeightNet and the weighting, never the model.
     """
+    _load_forward_mode()
     names = list(virtual)
     random_state = _RandomState(next(iter(virtual.values())).device)
     # 1. virtual step: an ordinary backward of the weighted loss, weights detached

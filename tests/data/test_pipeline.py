@@ -11,7 +11,7 @@ import pytest
 import torch
 from open_clip.transform import image_transform
 
-from mmsphere.config import ConfigError, DataConfig, MmsphereError, SourceConfig
+from mmsphere.config import ConfigError, DataConfig, DataError, MmsphereError, SourceConfig
 from mmsphere.data import build_eval_loader, build_train_stream, skipped_counts
 
 SIZE = 16
@@ -243,6 +243,29 @@ def test_a_source_with_nothing_decodable_stops_with_an_error_instead_of_hanging(
     empty = SourceConfig(urls=str(tmp_path / "empty-0.tar"), modality="video", name="empty")
     with pytest.raises(MmsphereError, match="'empty': 64 shards in a row gave no sample"):
         list(stream_for([empty], media, tokenizer, resampled=True))
+
+
+@pytest.mark.parametrize("resampled", [False, True], ids=["finite", "resampled"])
+def test_image_shards_given_as_a_video_source_stop_at_the_first_batch_with_one_line(tmp_path, media, tokenizer,
+                                                                                    resampled):
+    """After 16 samples, not 10,000: the source, the modality declared, the extensions found and expected.
+
+    From a loader worker the error arrives as it was raised, not as the DataLoader's re-raise with the
+    worker's traceback for a message.
+    """
+    urls, _ = write_image_shards(tmp_path, media, "photos", shards=2, per_shard=20)  # a 40-sample set
+    source = SourceConfig(urls=urls, modality="video", name="clips")
+    messages = []
+    for workers in (0, 1):
+        stream = stream_for([source], media, tokenizer, resampled=resampled, workers=workers)
+        with pytest.raises(DataError) as raised:
+            next(iter(stream))
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("data source 'clips' has modality=video, but its first 16 samples hold .png and "
+                                  "none of .mp4, .webm")
+    assert messages[0].endswith("set the source's modality to image, or point its urls at video shards")
+    assert "\n" not in messages[0]
 
 
 @pytest.mark.slow

@@ -7,12 +7,14 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from mmsphere.config import ConfigError, DataError, config_from_dict
 from mmsphere.losses import Objective
 from mmsphere.models import create_model, load_run
 from mmsphere.train import train
-from mmsphere.train.loop import build_accelerator, local_batch_size
+from mmsphere.train.cli import main as train_command
+from mmsphere.train.loop import build_accelerator, local_batch_size, parameters_without_gradient
 from mmsphere.train.step import train_step
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 from mmsphere.weighting import MetaWeighting
@@ -68,8 +70,63 @@ def test_logit_scale_is_clamped(image_text_shards, tmp_path):
 def test_existing_run_needs_resume(image_text_shards, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("seed: 1\n")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ConfigError, match="already holds a run.*train.resume=latest"):
         train(config_from_dict(tiny_config(image_text_shards, tmp_path / "run")))
+
+
+def test_the_first_hour_in_one_process(image_text_shards, tmp_path, capsys):
+    """A start that fails on its data leaves a directory the corrected retry may use; a run prints only what matters.
+
+    The terminal: where the run and its log are, that the model starts from random initialisation on
+    purpose, a line per checkpoint, the progress bar, and the summary once on stdout. open_clip's
+    messages and the rest go to the run's train.log.
+    """
+    run = tmp_path / "run"
+    raw = tiny_config(image_text_shards, run, train={"max_steps": 2, "checkpoint_every": 1})
+    raw["data"]["train"][0]["modality"] = "video"  # image shards declared as video
+    (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(raw))
+    assert train_command(["--config", str(tmp_path / "wrong.yaml")]) == 2
+    error = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert error[-1].startswith("mmsphere train: error: data source 'train0' has modality=video, but its first 16 ")
+    assert (run / "config.yaml").is_file()  # written before the failure
+
+    raw["data"]["train"][0]["modality"] = "image"
+    (tmp_path / "right.yaml").write_text(yaml.safe_dump(raw))
+    assert train_command(["--config", str(tmp_path / "right.yaml")]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["steps"] == 2  # the summary, once
+    messages = [line for line in printed.err.replace("\r", "\n").splitlines()
+                if line.strip() and not line.startswith("train:")]
+    assert messages == [f"run directory {run} (log: {run / 'train.log'})",
+                        "training mmsphere-tiny from random initialisation (model.pretrained is not set)",
+                        f"saved checkpoint {run / 'checkpoints' / 'step_00000001'}",
+                        f"saved checkpoint {run / 'checkpoints' / 'step_00000002'}"]
+    log = (run / "train.log").read_text()
+    assert "Parsing model identifier" in log and "run summary" in log and "data source 'train0'" in log
+    assert "No pretrained weights loaded" not in log + printed.err  # open_clip's, replaced by the line above
+
+
+def test_ddp_looks_for_unused_parameters_only_where_a_step_leaves_some(image_text_shards, tmp_path):
+    """Images bypass the temporal head; a logit bias no loss term reads gets no gradient; otherwise none."""
+    def unused(model=None, train_sources=("image",), **sections):
+        raw = tiny_config(image_text_shards, tmp_path, **sections)
+        raw["model"].update(model or {})
+        raw["data"]["train"] = [{"urls": image_text_shards["train"], "modality": modality} for modality in train_sources]
+        config = config_from_dict(raw)
+        return parameters_without_gradient(create_model(config.model), Objective(config.loss), config)
+
+    assert unused() == {}
+    assert unused({"temporal_head": "transformer"}, ("video",)) == {}
+    mixed = unused({"temporal_head": "transformer"}, ("video", "image"))
+    assert mixed and all(name.startswith("temporal.") and why == "the forward of a image batch"
+                         for name, why in mixed.items())
+    assert set(mixed) == {name for name, _ in create_model(config_from_dict(tiny_config(
+        image_text_shards, tmp_path, model={"temporal_head": "transformer"})).model).temporal.named_parameters(
+        prefix="temporal")}
+    assert unused({"init_logit_bias": -10.0}) == {"clip.logit_bias": "the loss (no loss term reads the logit bias)"}
+    assert unused({"freeze_image": True, "freeze_text": True, "temporal_head": "transformer"}, ("image",)) == {
+        name: "the forward of a image batch" for name in mixed}
 
 
 def test_missing_shards_fail_before_work(image_text_shards, tmp_path):
