@@ -71,3 +71,26 @@ def test_run_directories_exports_and_results_follow_the_umask(tmp_path, umask):
     assert {"run/model.safetensors", "run/config.yaml", "run/mmsphere.json", "open_clip/open_clip_model.safetensors",
             "retrieval.json", "ood.json"} <= set(written)
     assert written == {name: UMASKS[umask] for name in written}
+
+
+def test_feature_cache_files_and_checkpoints_follow_the_umask(tmp_path, umask):
+    """Feature files sit beside shared shards and checkpoints are resumed by teammates: both readable under 022."""
+    from accelerate import Accelerator
+
+    from mmsphere.cache.store import ShardFeatures, write_shard_features
+    from mmsphere.train.checkpoint import save_checkpoint
+
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"\0" * 1024)
+    features = ShardFeatures(url=str(shard), records=[{"key": "a"}], reader_skips={}, trunk=torch.zeros(1, 4),
+                             frame_mask=None, text_trunk=torch.zeros(1, 4), caption_rows=torch.zeros(1, dtype=torch.long),
+                             caption_offsets=torch.tensor([0, 1]))
+    write_shard_features(tmp_path / "features" / "train-000000.safetensors", features, "0" * 16)
+    assert mode_of(tmp_path / "features" / "train-000000.safetensors") == UMASKS[umask]
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    final = save_checkpoint(Accelerator(cpu=True), tmp_path / "run", 1, {"data_epoch": 0},
+                            {"model": model, "optimizer": optimizer}, keep=1)
+    files = [path for path in final.iterdir() if path.is_file()]
+    assert files and {path.name: mode_of(path) for path in files} == {path.name: UMASKS[umask] for path in files}

@@ -64,6 +64,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mmsphere.atomic import atomic_write, write_text_atomic
 from mmsphere.errors import DataError
 
 # "2": the shard's source identity and a checksum in every file, the folder keyed by the full identity
@@ -158,9 +159,8 @@ def write_shard_features(path: Path, features: ShardFeatures, fingerprint: str,
                 "records": json.dumps(features.records), "reader_skips": json.dumps(features.reader_skips)}
     metadata["checksum"] = _checksum(metadata, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    with atomic_write(path) as temporary:  # readable by whoever shares the shards (umask mode)
+        save_file(tensors, str(temporary), metadata=metadata)
 
 
 def read_shard_features(cache: FeatureCache, url: str) -> ShardFeatures:
@@ -337,6 +337,4 @@ def _first_line(error: BaseException) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    write_text_atomic(path, text)

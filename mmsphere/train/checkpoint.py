@@ -45,6 +45,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
+from mmsphere.atomic import atomic_write
 from mmsphere.console import ON_CONSOLE
 from mmsphere.errors import DataError
 
@@ -215,7 +216,9 @@ def _is_kind(value: Any, kind: str) -> bool:
 
 def _save_object(directory: Path, name: str, obj: Any) -> None:
     if isinstance(obj, torch.nn.Module):
-        save_model(obj, str(directory / f"{name}.safetensors"))  # tied weights are written once
+        # tied weights are written once; through atomic_write for the umask's mode (save_model writes 0600)
+        with atomic_write(directory / f"{name}.safetensors") as temporary:
+            save_model(obj, str(temporary))
     elif isinstance(obj, torch.optim.Optimizer):
         torch.save(obj.state_dict(), directory / f"{name}.pt")
     else:
