@@ -72,6 +72,9 @@ def run_evaluation(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError("--media-root goes with --list or --protocol, not with --data")
     if args.protocol is not None and args.media_root is None:
         raise ConfigError(f"--protocol {args.protocol} needs --media-root DIR, the folder holding its videos")
+    if args.protocol is not None and args.modality != "video":
+        raise ConfigError(f"--protocol {args.protocol} is a video benchmark; --modality {args.modality} goes with "
+                          "--data or --list")
     if args.annotations is not None and args.protocol is None:
         raise ConfigError("--annotations goes with --protocol")
     if args.frames is not None and args.frames < 1:

@@ -2,6 +2,7 @@
 
 from mmsphere.ood.evaluate import OodEvaluation, SetScores, default_temperature, evaluate_ood
 from mmsphere.ood.metrics import CONVENTIONS, METRIC_KEYS, mean_metrics, ood_metrics, roc_curve
+from mmsphere.ood.protocols import OOD_PROTOCOLS, OodProtocol, OodSetSpec, register_ood_protocol, resolve_suite
 from mmsphere.ood.scores import (
     DEFAULT_TEMPERATURE,
     SCORES,
@@ -18,7 +19,10 @@ __all__ = [
     "CONVENTIONS",
     "DEFAULT_TEMPERATURE",
     "METRIC_KEYS",
+    "OOD_PROTOCOLS",
     "OodEvaluation",
+    "OodProtocol",
+    "OodSetSpec",
     "SCORES",
     "SetScores",
     "cosine_logits",
@@ -32,5 +36,7 @@ __all__ = [
     "neglabel_score",
     "ood_metrics",
     "ood_score",
+    "register_ood_protocol",
+    "resolve_suite",
     "roc_curve",
 ]

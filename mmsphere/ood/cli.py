@@ -22,7 +22,7 @@ from mmsphere.eval.protocols import import_modules
 from mmsphere.eval.report import format_table, sibling, versions
 from mmsphere.ood.evaluate import OodEvaluation, evaluate_ood, read_prompts
 from mmsphere.ood.inputs import ImageFiles, image_files, is_folder, is_list_file, parse_ood_sets
-from mmsphere.ood.protocols import OOD_PROTOCOLS, get_ood_protocol, resolve_suite
+from mmsphere.ood.protocols import get_ood_protocol, resolve_suite
 from mmsphere.ood.report import write_ood_report
 from mmsphere.ood.scores import SCORES
 from mmsphere.results.card import make_card, model_identity, model_precision, subset_line, write_card

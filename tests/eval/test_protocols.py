@@ -273,3 +273,27 @@ def test_protocol_definitions_are_checked():
         RetrievalProtocol(name="x", version="1", description="", source="", files=PROTOCOLS["lsmdc"].files,
                           reader=PROTOCOLS["lsmdc"].reader, grouping="one", media_names=("{video}.mp4",))
     assert {"msrvtt-1k-a", "msrvtt-full", "msvd", "didemo", "activitynet", "lsmdc"} <= set(PROTOCOLS)
+
+
+def test_the_library_does_what_the_command_does(run_dir, media, tmp_path):
+    """protocol_set finds the files before any model exists; evaluate_set refuses a subset unless allowed."""
+    from mmsphere.eval import IncompleteDataError, evaluate_set, protocol_set
+    from mmsphere.results import make_card, model_precision, write_card
+
+    place(media, "video0", tmp_path / "videos" / "video7010.mp4")
+    place(media, "video1", tmp_path / "videos" / "video7011.mp4")
+    (tmp_path / "MSRVTT_JSFUSION_test.csv").write_text(
+        "key,vid_key,video_id,sentence\nret0,m0,video7010,red\nret1,m1,video7011,green\nret2,m2,video7012,blue\n")
+    evaluation_set = protocol_set("msrvtt-1k-a", tmp_path / "videos", annotations=tmp_path)
+    assert (evaluation_set.listed, len(evaluation_set.entries)) == (3, 2)
+    assert [(item.name, item.reason) for item in evaluation_set.missing] == [("video7012", "missing")]
+    model = load_run(run_dir)
+    with pytest.raises(IncompleteDataError, match="1 of 3 videos of protocol msrvtt-1k-a"):
+        evaluate_set(model, evaluation_set, frames=2)
+    results = evaluate_set(model, evaluation_set, frames=2, allow_missing=True, progress=False)
+    assert results["data"]["subset"] and results["data"]["n_evaluated"] == 2
+    card = make_card(results, kind="retrieval", model={"name": "x"}, precision=model_precision(model),
+                     versions={}, command=[])
+    json_path, markdown_path = write_card(tmp_path / "results.json", card)
+    assert json.loads(json_path.read_text())["protocol"]["name"] == "msrvtt-1k-a"
+    assert "Evaluated on a subset. 2 of 3 listed videos evaluated (1 missing)" in markdown_path.read_text()
