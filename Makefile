@@ -19,8 +19,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py --out runs/demo
 
+# The suite runs in a random order (pytest-randomly, a dev extra) so that no test leans on another;
+# the order's seed is printed first, and `make test SEED=N` repeats that order.
+ifndef SEED
+SEED := $(shell $(PYTHON) -c 'import random; print(random.randrange(2**31))')
+endif
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	@echo "test order: make test SEED=$(SEED) repeats it"
+	$(BIN)/python -m pytest -q -p randomly --randomly-seed=$(SEED) tests
 
 bench: $(STAMP)
 	$(BIN)/python scripts/benchmark.py losses
