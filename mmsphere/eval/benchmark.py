@@ -157,6 +157,7 @@ def evaluate_set(
     if encoded is None:
         raise DataError(f"none of the {evaluation_set.listed} {evaluation_set.what} decodes; nothing to evaluate")
     results = evaluate_retrieval(model, encoded, **scoring)
+    results["metrics"] = reported(results["metrics"], evaluation_set.protocol)
     evaluated = set(encoded.keys)
     used = [(entry.key, Path(entry.media)) for entry in evaluation_set.entries if entry.key in evaluated]
     results["data"].update(
@@ -171,6 +172,14 @@ def evaluate_set(
     )
     results["protocol"] = evaluation_set.protocol
     return results
+
+
+def reported(metrics: dict[str, dict[str, float]], protocol: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The directions and metrics a protocol reports (all of them when it does not say); DSL rows follow theirs."""
+    directions, names = protocol.get("directions"), protocol.get("metrics")
+    return {direction: {name: value for name, value in values.items() if names is None or name in names}
+            for direction, values in metrics.items()
+            if directions is None or direction.removesuffix("_dsl") in directions}
 
 
 def group_captions(rows: list[CaptionRow], grouping: str, protocol: str) -> dict[str, tuple[list[str], str]]:

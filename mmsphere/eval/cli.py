@@ -144,11 +144,13 @@ def format_results(results: dict[str, Any]) -> str:
     """The terminal report: metrics table (DSL rows labelled), set sizes, tie rule and geometry."""
     labels = {"t2v": "t2v (text->video)", "v2t": "v2t (video->text)",
               "t2v_dsl": "t2v + DSL (post-processed)", "v2t_dsl": "v2t + DSL (post-processed)"}
+    names = [name for name in ("R@1", "R@5", "R@10", "MdR", "MnR")
+             if any(name in metrics for metrics in results["metrics"].values())]
     rows = []
     for direction, metrics in results["metrics"].items():
         base = direction.removesuffix("_dsl")
-        rows.append([labels[direction], metrics["R@1"], metrics["R@5"], metrics["R@10"], metrics["MdR"],
-                     metrics["MnR"], results["num_queries"][base], results["num_gallery"][base]])
+        rows.append([labels[direction], *(metrics.get(name, "") for name in names), results["num_queries"][base],
+                     results["num_gallery"][base]])
     data = results["data"]
     protocol = results.get("protocol") or {}
     version = f" v{protocol['version']}" if protocol.get("version") else ""
@@ -156,7 +158,7 @@ def format_results(results: dict[str, Any]) -> str:
         f"{protocol.get('name', 'retrieval')}{version}: {data['num_videos']} {data['modality']}s with "
         f"{data['num_captions']} captions, {data.get('frames')} frames"
         + (f" ({sum(data['skipped'].values())} samples skipped: {data['skipped']})" if data["skipped"] else ""),
-        format_table(["direction", "R@1", "R@5", "R@10", "MdR", "MnR", "queries", "gallery"], rows),
+        format_table(["direction", *names, "queries", "gallery"], rows),
         f"tie rule: {results['tie_rule']}",
     ]
     if "dsl" in results:
@@ -167,6 +169,10 @@ def format_results(results: dict[str, Any]) -> str:
         "/ union {uniformity_union:.4f}  modality gap {modality_gap:.4f}  mean angle positive "
         "{mean_positive_angle:.2f}° / negative {mean_negative_angle:.2f}°".format(**geometry)
     )
+    published = (protocol.get("published_size") or {}).get("videos")
+    if published and data.get("n_listed") != published:
+        lines.append(f"note: the annotation files list {data.get('n_listed')} videos; {protocol['name']} has "
+                     f"{published:,} (a different or edited list? its digest is in the card)")
     subset = subset_line(results)
     if subset:
         lines.insert(0, f"WARNING ({ALLOW_FLAG}): {subset}")

@@ -110,7 +110,8 @@ class RetrievalProtocol:
         return {"name": self.name, "version": self.version, "description": self.description, "source": self.source,
                 "grouping": self.grouping, "files": [list(role.names) for role in self.files],
                 "format": describe_reader(self.reader), "directions": list(self.directions),
-                "metrics": list(self.metrics), "frames": self.frames, "frame_sampling": UNIFORM_SAMPLING}
+                "metrics": list(self.metrics), "frames": self.frames, "frame_sampling": UNIFORM_SAMPLING,
+                "published_size": dict(self.expected)}
 
 
 def describe_reader(reader: Any) -> str:

@@ -297,3 +297,21 @@ def test_the_library_does_what_the_command_does(run_dir, media, tmp_path):
     json_path, markdown_path = write_card(tmp_path / "results.json", card)
     assert json.loads(json_path.read_text())["protocol"]["name"] == "msrvtt-1k-a"
     assert "Evaluated on a subset. 2 of 3 listed videos evaluated (1 missing)" in markdown_path.read_text()
+
+
+def test_a_protocol_reports_only_its_directions_and_metrics(run_dir, media, tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    place(media, "video0", tmp_path / "video7010.mp4")
+    place(media, "video1", tmp_path / "video7011.mp4")
+    (tmp_path / "MSRVTT_JSFUSION_test.csv").write_text(
+        "key,vid_key,video_id,sentence\nret0,m0,video7010,red\nret1,m1,video7011,green\n")
+    narrow = replace(PROTOCOLS["msrvtt-1k-a"], directions=("t2v",), metrics=("R@1", "MdR"))
+    monkeypatch.setitem(PROTOCOLS, "msrvtt-1k-a", narrow)
+    out = tmp_path / "r.json"
+    assert main(["--run", str(run_dir), "--protocol", "msrvtt-1k-a", "--media-root", str(tmp_path), "--frames", "2",
+                 "--dsl", "--out", str(out)]) == 0
+    card = json.loads(out.read_text())
+    assert {direction: set(values) for direction, values in card["metrics"].items()} == {
+        "t2v": {"R@1", "MdR"}, "t2v_dsl": {"R@1", "MdR"}}
+    assert "note: the annotation files list 2 videos; msrvtt-1k-a has 1,000" in capsys.readouterr().out
