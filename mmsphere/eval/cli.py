@@ -39,7 +39,8 @@ def main(argv: list[str]) -> int:
                       help="webdataset shard URLs, e.g. 'shards/test-{000000..000009}.tar' or 'shards/test-*.tar'")
     data.add_argument("--list", metavar="FILE", help="CSV/JSONL of media paths and captions, or the MSR-VTT 1k-A CSV")
     parser.add_argument("--media-root", metavar="DIR",
-                        help="folder of the videos (searched recursively by --protocol; --list paths are relative to it)")
+                        help="folder of the videos (searched recursively by --protocol; "
+                             "--list paths are relative to it)")
     parser.add_argument("--annotations", metavar="PATH",
                         help="with --protocol: the folder holding its annotation files, or the file itself "
                              "(default: --media-root)")

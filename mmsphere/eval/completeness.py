@@ -1,4 +1,4 @@
-"""No silent results on incomplete data: find every listed media file first, refuse what is missing, fingerprint the rest.
+"""No silent results on incomplete data: find every listed file first, refuse what is missing, fingerprint the rest.
 
 A benchmark's number means something only on the whole benchmark. Every listed item is looked up
 before anything is encoded; items that are missing, empty, unreadable or of an unknown type (and,
@@ -81,7 +81,8 @@ def write_missing(path: str | os.PathLike, missing: Sequence[MissingItem]) -> Pa
 def completeness(listed: int, evaluated: int, missing: Sequence[MissingItem],
                  missing_file: str | os.PathLike | None) -> dict[str, Any]:
     """What every output records: n listed, n evaluated, whether it is a subset and what is missing."""
-    record: dict[str, Any] = {"n_listed": listed, "n_evaluated": evaluated, "subset": bool(missing) or evaluated < listed}
+    record: dict[str, Any] = {"n_listed": listed, "n_evaluated": evaluated,
+                              "subset": bool(missing) or evaluated < listed}
     if missing:
         record["missing"] = {"count": len(missing), "by_reason": dict(Counter(item.reason for item in missing)),
                              "first": [item.name for item in missing[:SHOWN_NAMES]],

@@ -262,7 +262,8 @@ register_protocol(RetrievalProtocol(
     description="LSMDC 2016 challenge test: 1,000 movie clips, one caption each",
     source=f"LSMDC (Rohrbach et al., IJCV 2017), the 1,000-clip public test list as used by {CLIP4CLIP}",
     files=(FileRole("captions", ("LSMDC16_challenge_1000_publictect.csv",),
-                    description="tab-separated, no header: clip id, start/end aligned, start/end extracted, sentence"),),
+                    description="tab-separated, no header: clip id, start/end aligned, start/end extracted, "
+                                "sentence"),),
     reader=DelimitedColumns(video="clip_id", caption="sentence", delimiter="\t",
                             header=("clip_id", "start_aligned", "end_aligned", "start_extracted", "end_extracted",
                                     "sentence")),

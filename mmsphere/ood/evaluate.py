@@ -36,7 +36,15 @@ from mmsphere.eval.completeness import (
     write_missing,
 )
 from mmsphere.eval.encode import encode_texts
-from mmsphere.ood.inputs import ImageFiles, image_batches, image_files, is_folder, is_list_file, read_names, read_templates
+from mmsphere.ood.inputs import (
+    ImageFiles,
+    image_batches,
+    image_files,
+    is_folder,
+    is_list_file,
+    read_names,
+    read_templates,
+)
 from mmsphere.ood.metrics import CONVENTIONS, mean_metrics, ood_metrics
 from mmsphere.ood.scores import DEFAULT_TEMPERATURE, SCORES, cosine_logits, ood_score
 
@@ -47,7 +55,7 @@ ImageSet = Union[str, os.PathLike, ImageFiles, torch.Tensor, np.ndarray]
 # names given directly, or a file of names one per line
 Names = Union[Sequence[str], str, os.PathLike]
 RESERVED_SET_NAMES = ("id", "mean")
-ROLES = ("near", "far", "ood")
+OOD_ROLES = ("near", "far", "ood")  # "ood": a set given without a role
 
 
 @dataclass
@@ -126,9 +134,9 @@ def evaluate_ood(
         raise ValueError(f"positive={positive!r} must be 'id' or 'ood'")
     check_set_names(ood_sets)
     roles = dict(roles or {})
-    unknown = {name: role for name, role in roles.items() if name not in ood_sets or role not in ROLES}
+    unknown = {name: role for name, role in roles.items() if name not in ood_sets or role not in OOD_ROLES}
     if unknown:
-        raise ValueError(f"roles {unknown} must name OoD sets and be one of {ROLES}")
+        raise ValueError(f"roles {unknown} must name OoD sets and be one of {OOD_ROLES}")
     prompts = read_prompts(class_names, templates, negative_labels, score)
     temperature = default_temperature(score, temperature, float(model.log_logit_scale.detach().exp()))
 
@@ -282,7 +290,7 @@ def encode_image_set(model: Any, spec: str, batch_size: int, workers: int,
 
 @torch.inference_mode()
 def encode_images(model: Any, source: str | ImageFiles, batch_size: int, workers: int, set_name: str) -> EncodedImages:
-    """Encode an image folder, list, shards or found :class:`ImageFiles`; undecodable images are recorded, not raised."""
+    """Encode an image folder, list, shards or :class:`ImageFiles`; undecodable images are recorded, not raised."""
     device = next(model.parameters()).device
     skipped: dict[str, int] = {}
     failed: list[MissingItem] = []

@@ -128,7 +128,8 @@ def resolve_suite(protocol: OodProtocol, data_root: str | os.PathLike,
                           f"({', '.join(spec.name for spec in protocol.sets())})")
     locations, not_found = {}, {}
     for spec in protocol.sets():
-        candidates = [Path(overrides[spec.name])] if spec.name in overrides else [root / item for item in spec.locations]
+        candidates = ([Path(overrides[spec.name])] if spec.name in overrides
+                      else [root / item for item in spec.locations])
         found = next((path for path in candidates if path.is_dir() or (path.is_file() and path.suffix == ".txt")),
                      None)
         if found is None:

@@ -205,7 +205,8 @@ def _retrieval_metrics(card: dict[str, Any]) -> list[str]:
 
 def _ood_identity(card: dict[str, Any]) -> list[tuple[str, str]]:
     protocol = card.get("protocol") or {}
-    rows = [("protocol", f"{protocol.get('name', 'custom')} — {protocol.get('description', 'ID and OoD sets given')}")]
+    description = protocol.get("description", "ID and OoD sets given")
+    rows = [("protocol", f"{protocol.get('name', 'custom')} — {description}")]
     if protocol.get("source"):
         rows.append(("source", protocol["source"]))
     identity = card.get("id", {})
@@ -214,8 +215,8 @@ def _ood_identity(card: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((f"OoD {values.get('role', 'ood')}: {name}", _set_line(values)))
     classes = card.get("classes", {})
     rows += [
-        ("score", f"{card.get('score')} (T={card.get('temperature', float('nan')):.4g}), {len(classes.get('names', []))} "
-                  f"classes, {len(card.get('templates', []))} templates"),
+        ("score", f"{card.get('score')} (T={card.get('temperature', float('nan')):.4g}), "
+                  f"{len(classes.get('names', []))} classes, {len(card.get('templates', []))} templates"),
         ("convention", card.get("convention", "—")),
         *_common_identity(card),
     ]

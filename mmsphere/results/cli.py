@@ -41,7 +41,8 @@ def run_compare(args: argparse.Namespace) -> int:
     # a card is labelled by its file name, or by its path where two share a name
     labels = [name if names.count(name) == 1 else path for name, path in zip(names, args.cards)]
     if len(set(labels)) < len(labels):
-        raise ConfigError(f"a card is given twice: {', '.join(sorted({label for label in labels if labels.count(label) > 1}))}")
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        raise ConfigError(f"a card is given twice: {', '.join(twice)}")
     cards = {label: load_card(path) for label, path in zip(labels, args.cards)}
     comparison = compare_cards(cards)
     print(format_table(comparison.header, comparison.rows))
@@ -99,7 +100,8 @@ def describe_protocol(name: str) -> str:
             f"  reports: {', '.join(protocol.metrics)} for {', '.join(protocol.directions)}",
         ]
         if protocol.expected:
-            lines.append(f"  published size: {', '.join(f'{count:,} {what}' for what, count in protocol.expected.items())}")
+            sizes = ", ".join(f"{count:,} {what}" for what, count in protocol.expected.items())
+            lines.append(f"  published size: {sizes}")
         if protocol.notes:
             lines.append(f"  note: {protocol.notes}")
         return "\n".join(lines)

@@ -33,7 +33,8 @@ def msrvtt_1ka(folder: Path, media: Path, listed: int, present: int) -> Path:
         for index in range(listed):
             writer.writerow([f"ret{index}", f"msr{7010 + index}", f"video{7010 + index}", f"caption {index}"])
             if index < present:
-                shutil.copyfile(media / f"video{index % len(CAPTIONS)}.mp4", folder / "videos" / f"video{7010 + index}.mp4")
+                shutil.copyfile(media / f"video{index % len(CAPTIONS)}.mp4",
+                                folder / "videos" / f"video{7010 + index}.mp4")
     return folder / "MSRVTT_JSFUSION_test.csv"
 
 

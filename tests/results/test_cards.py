@@ -61,7 +61,8 @@ def test_a_card_records_what_the_numbers_depend_on(cards, run_dir, benchmark):
     assert card["data"]["frames"] == 2 and card["data"]["frame_sampling"].startswith("uniform")
     assert card["precision"] == {"encoders": "float32", "scores": "float32"}
     assert {"torch", "open-clip-torch", "mmsphere"} <= set(card["versions"]) and card["date"].endswith("+00:00")
-    assert set(card["metrics"]["t2v"]) == {"R@1", "R@5", "R@10", "MdR", "MnR"} and set(card["metrics"]) == {"t2v", "v2t"}
+    assert set(card["metrics"]) == {"t2v", "v2t"}
+    assert set(card["metrics"]["t2v"]) == {"R@1", "R@5", "R@10", "MdR", "MnR"}
     markdown = cards["a"].with_suffix(".md").read_text()
     for text in ("msrvtt-1k-a (version 1)", "sha256 `", "fingerprint `", "4 of 4 listed videos", "| frames | 2;",
                  "config sha256", "| t2v (text→video) |", "torch"):
