@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="decoding processes (default 0: in this process)")
-    parser.add_argument("--out", default="retrieval_results.json",
+    parser.add_argument("--out", default="retrieval/results.json",
                         help="results card JSON; the markdown card goes beside it as .md (default %(default)s)")
     parser.add_argument("--save-sim", metavar="SIM.npy", help="write the caption x video similarity matrix and its keys")
     parser.add_argument("--dsl", action="store_true", help="add dual-softmax (DSL) post-processed rows, labelled as such")

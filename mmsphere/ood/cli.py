@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
                         help="a module that registers your own OoD protocols (repeat for several)")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--workers", type=non_negative_int, default=0)
-    parser.add_argument("--out", default="ood_results.json",
+    parser.add_argument("--out", default="ood/results.json",
                         help="results card JSON; the markdown, CSV and PNGs go beside it (default %(default)s)")
     return run_cli(parser, argv, lambda args: run_scoring(args, argv))
 

@@ -106,7 +106,7 @@ def test_an_empty_file_is_unreadable_before_encoding(run_dir, media, tmp_path, c
     msrvtt_1ka(tmp_path, media, listed=3, present=3)
     (tmp_path / "videos" / "video7012.mp4").write_bytes(b"")
     assert main(["--run", str(run_dir), "--protocol", "msrvtt-1k-a", "--annotations", str(tmp_path),
-                 "--media-root", str(tmp_path / "videos")]) == 2
+                 "--media-root", str(tmp_path / "videos"), "--out", str(tmp_path / "results.json")]) == 2
     error = capsys.readouterr().err
     assert "1 of 3 videos" in error and "(1 empty_file)" in error and "stopped before encoding: video7012" in error
 
