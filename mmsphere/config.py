@@ -7,7 +7,6 @@ suggested), wrong types and impossible values raise :class:`ConfigError` before 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import difflib
 import logging
 import math
@@ -22,6 +21,7 @@ import yaml
 
 # the error family lives in mmsphere.errors; re-exported here, where it was first defined
 from mmsphere.errors import ConfigError, DataError, MmsphereError  # noqa: F401
+from mmsphere.user_modules import import_user_module
 
 if typing.TYPE_CHECKING:
     from mmsphere.losses.terms import ResolvedTerm  # import cycle at run time: the terms import this module
@@ -489,7 +489,7 @@ def validate(config: Config) -> None:
            f"loss.positives={loss.positives!r} must be 'diagonal' or 'group'")
     for module in loss.imports:
         try:
-            importlib.import_module(module)  # registers the user's own terms
+            import_user_module(module)  # registers the user's own terms (found in the working directory too)
         except ImportError as error:
             raise ConfigError(f"loss.imports: cannot import {module!r} ({error})") from None
     # import cycle: mmsphere.losses.objective/terms import mmsphere.config; also keeps this module free of torch

@@ -22,7 +22,6 @@ and ``mmsphere eval-retrieval --imports my_module --protocol my-bench ...``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from mmsphere.eval.annotations import (
     MsrvttJson,
     MsvdCaptions,
 )
+from mmsphere.user_modules import import_user_module
 
 GROUPINGS = ("one", "all", "paragraph")
 DIRECTIONS = ("t2v", "v2t")
@@ -142,10 +142,10 @@ def get_protocol(name: str) -> RetrievalProtocol:
 
 
 def import_modules(modules: list[str]) -> None:
-    """Import the modules that register a user's own protocols (``--imports``)."""
+    """Import the modules that register a user's own protocols (``--imports``), also from the working directory."""
     for module in modules:
         try:
-            importlib.import_module(module)
+            import_user_module(module)
         except ImportError as error:
             raise ConfigError(f"--imports: cannot import {module!r} ({error})") from None
 
