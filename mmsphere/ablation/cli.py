@@ -7,12 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
-from mmsphere.ablation.evaluation import OOD_SCORES, OodSets, read_mismatched_keys
+from mmsphere.ablation.evaluation import OodSets, read_mismatched_keys
 from mmsphere.ablation.runs import run_ablation
 from mmsphere.ablation.summary import RETRIEVAL_COLUMNS, markdown_table
 from mmsphere.ablation.variants import known_variants
 from mmsphere.config import ConfigError, MmsphereError, load_config
 from mmsphere.ood.inputs import parse_ood_sets, read_names, read_templates
+from mmsphere.ood.scores import OOD_SCORES, scores_needing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", metavar="FILE", help="ID class names, one per line")
     parser.add_argument("--templates", metavar="FILE", help="prompt templates with {} (default 'a photo of a {}.')")
     parser.add_argument("--ood-scores", default="mcm,energy", help=f"comma-separated, of {', '.join(OOD_SCORES)}")
-    parser.add_argument("--neg-labels", metavar="FILE", help="negative labels for --ood-scores neglabel, one per line")
+    parser.add_argument("--neg-labels", metavar="FILE",
+                        help=f"negative labels for --ood-scores {scores_needing('negative_features')}, one per line")
     parser.add_argument("--ood-positive", choices=("id", "ood"), default="id", help="FPR@95 convention (default id)")
     parser.add_argument("--mismatched-keys", metavar="FILE",
                         help="keys of mismatched pairs (demo meta.json, JSON list or lines): AUROC of learned weights")

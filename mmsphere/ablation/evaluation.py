@@ -20,9 +20,9 @@ from mmsphere.eval.evaluate import evaluate_retrieval_loader
 from mmsphere.ood.evaluate import encode_image_set, id_accuracy, prompt_features
 from mmsphere.ood.evaluate import evaluate_ood as evaluate_ood_sets
 from mmsphere.ood.inputs import DEFAULT_TEMPLATES, is_folder
+from mmsphere.ood.scores import NEEDS, OOD_SCORES
 from mmsphere.train.preflight import local_shard_paths
 
-OOD_SCORES = ("mcm", "msp", "maxlogit", "energy", "neglabel")  # neglabel needs OodSets.negative_labels
 
 
 @dataclasses.dataclass
@@ -38,7 +38,7 @@ class OodSets:
     templates: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     scores: tuple[str, ...] = ("mcm", "energy")
     positive: str = "id"  # FPR@95 convention (DESIGN §4)
-    negative_labels: list[str] | None = None  # NegLabel's negative label words
+    negative_labels: list[str] | None = None  # negative label words, for the scores that need them (NegLabel)
 
     def check(self) -> None:
         """Raise naming the first impossible field; local folders and shards must exist."""
@@ -47,9 +47,11 @@ class OodSets:
             raise MmsphereError(f"OoD evaluation needs at least 2 distinct ID classes, got {self.classes}")
         unknown = [score for score in self.scores if score not in OOD_SCORES]
         if unknown or not self.scores:
-            raise MmsphereError(f"OoD scores {unknown or '(none)'} are not available here; choose from {OOD_SCORES}")
-        if "neglabel" in self.scores and not self.negative_labels:
-            raise MmsphereError("the neglabel OoD score needs negative labels (--neg-labels FILE)")
+            raise MmsphereError(f"OoD scores {unknown or '(none)'} are not available here; "
+                                f"choose from {', '.join(OOD_SCORES)}")
+        for score in self.scores:
+            if "negative_features" in OOD_SCORES[score].needs and not self.negative_labels:
+                raise MmsphereError(f"the {score} OoD score needs {NEEDS['negative_features']} (--neg-labels FILE)")
         if self.positive not in ("id", "ood"):
             raise MmsphereError(f"positive={self.positive!r} must be 'id' or 'ood'")
         for name, spec in [("id", self.id_images), *self.ood_images.items()]:
@@ -111,7 +113,8 @@ def evaluate_ood(model: torch.nn.Module, ood: OodSets, *, batch_size: int,
     for score in ood.scores if ood.ood_images else ():
         evaluation = evaluate_ood_sets(model, features["id"], {name: features[name] for name in ood.ood_images},
                                        ood.classes, ood.templates, score=score, positive=ood.positive,
-                                       negative_labels=ood.negative_labels if score == "neglabel" else None)
+                                       negative_labels=(ood.negative_labels
+                                                        if "negative_features" in OOD_SCORES[score].needs else None))
         scores.update({f"{score}/{name}": values.scores for name, values in evaluation.per_sample.items()})
         for set_name, values in evaluation.metrics.items():
             metrics.update({f"ood/{score}/{set_name}/{key}": float(value) for key, value in values.items()})

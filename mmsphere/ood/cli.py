@@ -24,7 +24,7 @@ from mmsphere.ood.evaluate import OodEvaluation, evaluate_ood, read_prompts
 from mmsphere.ood.inputs import ImageFiles, image_files, is_folder, is_list_file, parse_ood_sets
 from mmsphere.ood.protocols import get_ood_protocol, resolve_suite
 from mmsphere.ood.report import write_ood_report
-from mmsphere.ood.scores import SCORES
+from mmsphere.ood.scores import OOD_SCORES, scores_needing
 from mmsphere.results.card import make_card, model_identity, model_precision, subset_line, write_card
 
 logger = logging.getLogger(__name__)
@@ -45,17 +45,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--classes", metavar="FILE",
                         help="ID class names, one per line (a protocol's own by default)")
     parser.add_argument("--templates", metavar="FILE", help="prompt templates with {} (default: 'a photo of a {}.')")
-    parser.add_argument("--score", choices=SCORES, default="mcm")
-    parser.add_argument("--neg-labels", metavar="FILE", help="negative labels for --score neglabel, one per line")
+    # checked after --imports, which may register a score of its own
+    parser.add_argument("--score", default="mcm", help=f"one of {', '.join(OOD_SCORES)} (default %(default)s)")
+    parser.add_argument("--neg-labels", metavar="FILE",
+                        help=f"negative labels for --score {scores_needing('negative_features')}, one per line")
+    own = ", ".join(f"{score.temperature:g} for {name}" for name, score in OOD_SCORES.items()
+                    if score.temperature is not None)
     parser.add_argument("--temperature", type=float,
-                        help="logits = cosine / T (default: 1 for mcm, 0.01 for neglabel, 1/logit_scale otherwise)")
+                        help=f"logits = cosine / T (default: {own}, 1/logit_scale otherwise)")
     parser.add_argument("--positive", choices=("id", "ood"), default="id",
                         help="FPR@95 convention: id (MCM/CMA, default) or ood (OpenOOD v1.5)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="score what is found when images or whole sets are missing or do not decode; every "
                              "output then says it is a subset and the names go to <out>.missing.txt")
     parser.add_argument("--imports", action="append", default=[], metavar="MODULE",
-                        help="a module that registers your own OoD protocols (repeat for several)")
+                        help="a module that registers your own OoD protocols or scores (repeat for several)")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument("--out", default="ood/results.json",
@@ -83,6 +87,7 @@ def run_scoring(args: argparse.Namespace, argv: list[str]) -> int:
 def score_ood(args: argparse.Namespace) -> tuple[dict[str, Any], OodEvaluation, Any]:
     """The arguments and image sets checked, the model loaded and :func:`evaluate_ood` run; the results dict."""
     import_modules(args.imports)
+    OOD_SCORES.lookup(args.score)  # an unknown score stops the run before any file is read
     if Path(args.out).suffix == ".md":
         raise ConfigError(f"--out {args.out!r} is the card's JSON; its markdown goes beside it as .md")
     protocol = None
@@ -112,10 +117,12 @@ def score_ood(args: argparse.Namespace) -> tuple[dict[str, Any], OodEvaluation, 
         id_spec, ood_sets, roles, list_root = args.id, parse_ood_sets(args.ood), None, None
         class_names, templates = args.classes, args.templates
     # inputs are read and checked before the model loads, so a typo or a missing file fails in a second
-    if args.score == "neglabel" and args.neg_labels is None:
-        raise ConfigError("--score neglabel needs --neg-labels FILE (negative labels, one per line)")
-    if args.score != "neglabel" and args.neg_labels is not None:
-        raise ConfigError(f"--neg-labels is only used by --score neglabel, not by --score {args.score}")
+    needs_negatives = "negative_features" in OOD_SCORES.lookup(args.score).needs
+    if needs_negatives and args.neg_labels is None:
+        raise ConfigError(f"--score {args.score} needs --neg-labels FILE (negative labels, one per line)")
+    if not needs_negatives and args.neg_labels is not None:
+        raise ConfigError(f"--neg-labels is only used by --score {scores_needing('negative_features')}, "
+                          f"not by --score {args.score}")
     prompts = read_prompts(class_names, templates, args.neg_labels, args.score)
     if args.temperature is not None and not args.temperature > 0:
         raise ConfigError(f"--temperature={args.temperature} must be > 0")

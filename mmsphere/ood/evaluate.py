@@ -46,7 +46,7 @@ from mmsphere.ood.inputs import (
     read_templates,
 )
 from mmsphere.ood.metrics import CONVENTIONS, mean_metrics, ood_metrics
-from mmsphere.ood.scores import DEFAULT_TEMPERATURE, SCORES, cosine_logits, ood_score
+from mmsphere.ood.scores import NEEDS, OOD_SCORES, cosine_logits, ood_score, scores_needing
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def evaluate_ood(
     missing_file: str | os.PathLike | None = None,
     roles: Mapping[str, str] | None = None,
 ) -> OodEvaluation:
-    """Zero-shot OoD detection of ``ood_sets`` against ``id_data`` (MCM, NeurIPS 2022, and the other ``SCORES``).
+    """Zero-shot OoD detection of ``ood_sets`` against ``id_data`` (MCM, NeurIPS 2022, or any score of ``OOD_SCORES``).
 
     Image sets are folders, image lists, image shard URLs, :class:`ImageFiles` or unit-norm features
     ``[N, D]``; names are lists or files of one name per line; ``temperature=None`` applies
@@ -128,8 +128,7 @@ def evaluate_ood(
     file is missing, before scoring when one does not decode) unless ``allow_missing``;
     ``missing_file`` receives their names. ``roles`` (``near``/``far`` per OoD set) adds a mean per role.
     """
-    if score not in SCORES:
-        raise ValueError(f"score {score!r} is unknown; choose one of {', '.join(SCORES)}")
+    OOD_SCORES.lookup(score)
     if positive not in CONVENTIONS:
         raise ValueError(f"positive={positive!r} must be 'id' or 'ood'")
     check_set_names(ood_sets)
@@ -149,8 +148,9 @@ def evaluate_ood(
                       "images of the ID and OoD sets", allow_missing=allow_missing, missing_file=missing_file)
 
     class_features = prompt_features(model, prompts.classes, prompts.templates)
-    negative_features = (prompt_features(model, prompts.negative_labels, prompts.templates)
-                         if prompts.negative_labels else None)
+    # what the score needs besides the class features, encoded once for every set
+    needed = {"negative_features": prompt_features(model, prompts.negative_labels, prompts.templates)
+              if prompts.negative_labels else None}
     per_sample: dict[str, SetScores] = {}
     for name, data in sources.items():
         encoded = image_set_features(model, data, name, batch_size, workers)
@@ -158,8 +158,7 @@ def evaluate_ood(
         listed = data.listed if isinstance(data, ImageFiles) else len(encoded.names) + sum(encoded.lost.values())
         if (missing[name] or encoded.lost) and not allow_missing:
             _refuse_lost(name, missing[name], encoded.lost, listed, missing_file)
-        scores = ood_score(score, encoded.features, class_features, temperature=temperature,
-                           negative_features=negative_features)
+        scores = ood_score(score, encoded.features, class_features, temperature=temperature, **needed)
         predicted = cosine_logits(encoded.features, class_features, 1.0).argmax(dim=1)
         per_sample[name] = SetScores(encoded.spec, encoded.names, encoded.labels, scores.numpy(),
                                      [prompts.classes[index] for index in predicted.tolist()], encoded.skipped,
@@ -187,15 +186,17 @@ def evaluate_ood(
 
 
 def default_temperature(score: str, temperature: float | None, logit_scale: float) -> float:
-    """``temperature`` if given, else the paper's (1 for MCM, 0.01 for NegLabel), else ``1 / logit_scale``.
+    """``temperature`` if given, else the score's own (its paper's: 1 for MCM, 0.01 for NegLabel), else ``1 / logit_scale``.
 
-    ``1 / logit_scale`` makes msp, maxlogit and energy use the model's own zero-shot classifier.
+    ``1 / logit_scale`` (a score registered with ``temperature=None``: msp, maxlogit, energy) makes the
+    score use the model's own zero-shot classifier.
     """
     if temperature is not None:
         if not temperature > 0:
             raise ValueError(f"temperature={temperature} must be > 0")
         return float(temperature)
-    return DEFAULT_TEMPERATURE[score] or 1.0 / logit_scale
+    own = OOD_SCORES.lookup(score).temperature
+    return own if own is not None else 1.0 / logit_scale
 
 
 def check_set_names(ood_sets: Mapping[str, Any]) -> None:
@@ -211,7 +212,7 @@ def check_set_names(ood_sets: Mapping[str, Any]) -> None:
 
 def read_prompts(class_names: Names, templates: Names | None, negative_labels: Names | None,
                  score: str) -> OodPrompts:
-    """Class names, templates and negative labels from lists or files, checked against each other and the score."""
+    """Class names, templates and negative labels from lists or files, checked against each other and the score's needs."""
     classes = _names(class_names, "classes")
     if templates is None or isinstance(templates, (str, os.PathLike)):
         template_list = read_templates(templates)
@@ -221,16 +222,18 @@ def read_prompts(class_names: Names, templates: Names | None, negative_labels: N
             if template.count("{}") != 1:
                 raise MmsphereError(f"template {template!r} must hold exactly one '{{}}' where the class name goes")
     negatives = None
+    needs_negatives = "negative_features" in OOD_SCORES.lookup(score).needs
     if negative_labels is not None:
-        if score != "neglabel":
-            raise MmsphereError(f"negative labels are only used by the neglabel score, not by {score!r}")
+        if not needs_negatives:
+            raise MmsphereError(f"{NEEDS['negative_features']} are only used by the "
+                                f"{scores_needing('negative_features')} score, not by {score!r}")
         negatives = _names(negative_labels, "negative labels")
         shared = sorted(set(negatives) & set(classes))
         if shared:
             where = f" in {str(class_names)!r}" if isinstance(class_names, (str, os.PathLike)) else ""
             raise MmsphereError(f"negative labels {shared} are also ID classes{where}")
-    elif score == "neglabel":
-        raise MmsphereError("the neglabel score needs negative labels (a list, or a file of one label per line)")
+    elif needs_negatives:
+        raise MmsphereError(f"the {score} score needs negative labels (a list, or a file of one label per line)")
     return OodPrompts(classes, template_list, negatives)
 
 
