@@ -5,13 +5,16 @@ from mmsphere.models.export import export_run, load_temporal_head
 from mmsphere.models.factory import (create_model, create_run_model, load_weights, register_model_configs,
                                      resolve_architecture)
 from mmsphere.models.run_dir import file_sha256, load_dual_encoder, load_run, save_run
-from mmsphere.models.temporal import MeanTemporalHead, TransformerTemporalHead, build_temporal_head, masked_mean
+from mmsphere.models.temporal import (TEMPORAL_HEADS, MeanTemporalHead, TemporalHead, TransformerTemporalHead,
+                                      build_temporal_head, masked_mean, register_temporal_head)
 
 register_model_configs()
 
 __all__ = [
+    "TEMPORAL_HEADS",
     "DualEncoder",
     "MeanTemporalHead",
+    "TemporalHead",
     "TransformerTemporalHead",
     "build_temporal_head",
     "create_model",
@@ -24,6 +27,7 @@ __all__ = [
     "load_weights",
     "masked_mean",
     "register_model_configs",
+    "register_temporal_head",
     "resolve_architecture",
     "save_run",
 ]

@@ -1,4 +1,4 @@
-"""Temporal heads against loop-based float64 transcriptions of CLIP4Clip's meanP and seqTransf."""
+"""Temporal heads against loop-based float64 transcriptions of CLIP4Clip's meanP and seqTransf; the head registry."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from mmsphere.config import ConfigError, ModelConfig
-from mmsphere.models import MeanTemporalHead, TransformerTemporalHead, build_temporal_head, masked_mean
+from mmsphere.models import (
+    TEMPORAL_HEADS,
+    MeanTemporalHead,
+    TemporalHead,
+    TransformerTemporalHead,
+    build_temporal_head,
+    masked_mean,
+    register_temporal_head,
+)
+from mmsphere.models.temporal import check_temporal_head
 
 WIDTH, HEADS, MAX_FRAMES = 32, 2, 8
 
@@ -140,3 +149,56 @@ def test_build_temporal_head_heads_from_width():
 def test_build_temporal_head_rejects_bad_heads(heads, message):
     with pytest.raises(ConfigError, match=message):
         build_temporal_head(ModelConfig(temporal_head="transformer", temporal_heads=heads), 32)
+
+
+# --------------------------------------------------------------------------------------------
+# adding a head is one registered definition: a max-pool head registered here only
+
+
+class MaxPoolHead(torch.nn.Module):
+    """Element-wise max over the valid frames (no parameters)."""
+
+    def forward(self, frame_features: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        return frame_features.masked_fill(~frame_mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+
+
+@pytest.fixture
+def max_pool():
+    register_temporal_head(TemporalHead("max-pool", lambda settings, width: MaxPoolHead()))
+    yield
+    TEMPORAL_HEADS.unregister("max-pool")
+
+
+def reference_max_pool_video(model, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each frame through the image tower alone, then a loop max over the valid frames, normalised (float64)."""
+    videos = []
+    for clip, valid in zip(frames, mask):
+        per_frame = [model.encode_image(clip[t:t + 1])[0].double() for t in range(len(valid)) if valid[t]]
+        pooled = [max(values) for values in zip(*(row.tolist() for row in per_frame))]
+        norm = math.sqrt(sum(value * value for value in pooled))
+        videos.append([value / norm for value in pooled])
+    return torch.tensor(videos, dtype=torch.float64)
+
+
+def test_a_head_registered_in_a_test_runs_in_the_factory_built_dual_encoder(max_pool, make_model, random_frames):
+    model = make_model(seed=4, temporal_head="max-pool").eval()
+    assert isinstance(model.temporal, MaxPoolHead)
+    frames = random_frames(3, 4, seed=5)
+    mask = torch.tensor([[True, True, True, True], [True, False, False, False], [True, True, True, False]])
+    with torch.no_grad():
+        videos = model.encode_video(frames, mask)
+        expected = reference_max_pool_video(model, frames, mask)
+    torch.testing.assert_close(videos.double(), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(videos.double(), F.normalize(reference_mean(
+        F.normalize(model.clip.encode_image(frames.flatten(0, 1)), dim=-1).view(3, 4, -1), mask), dim=-1), atol=1e-3)
+
+
+def test_the_config_check_and_the_factory_look_heads_up_in_the_registry(max_pool):
+    assert check_temporal_head(ModelConfig(temporal_head="max-pool", max_frames=2), frames=8) == []
+    assert check_temporal_head(ModelConfig(temporal_head="transformer", max_frames=2), frames=8) == [
+        "data.frames=8 exceeds model.max_frames=2"]
+    assert check_temporal_head(ModelConfig(temporal_head="max_pool")) == [
+        "model.temporal_head='max_pool' must be one of mean, transformer, max-pool"]
+    TEMPORAL_HEADS.unregister("max-pool")
+    with pytest.raises(ConfigError, match="unknown temporal head 'max-pool'; known: mean, transformer"):
+        build_temporal_head(ModelConfig(temporal_head="max-pool"), WIDTH)
