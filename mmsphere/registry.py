@@ -8,7 +8,7 @@ module that registers its protocols is harmless).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Generic, TypeVar
 
 from mmsphere.errors import ConfigError
@@ -16,8 +16,12 @@ from mmsphere.errors import ConfigError
 T = TypeVar("T")
 
 
-class Registry(Mapping[str, T], Generic[T]):
-    """Named definitions of one kind (``kind`` names it in errors), in registration order; a read-only mapping."""
+class Registry(MutableMapping[str, T], Generic[T]):
+    """Named definitions of one kind (``kind`` names it in errors), in registration order; a mapping.
+
+    ``registry[name] = definition`` replaces an entry (a test swapping a definition, ``monkeypatch.setitem``)
+    after the same type check as :meth:`register`; ``del registry[name]`` removes one.
+    """
 
     def __init__(self, kind: str, definition_type: type | tuple[type, ...], *, listing_hint: str = "",
                  unknown: str = "unknown {kind} {name!r}; known: {known}") -> None:
@@ -29,18 +33,14 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def register(self, name: str, definition: T) -> T:
         """Add ``definition`` under ``name``; a different definition under a taken name is refused."""
-        if not isinstance(definition, self.definition_type):
-            expected = getattr(self.definition_type, "__name__", str(self.definition_type))
-            raise TypeError(f"a {self.kind} must be a {expected}, got {type(definition).__name__}")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a {self.kind} needs a non-empty name, got {name!r}")
+        self._check_entry(name, definition)
         if name in self._entries and self._entries[name] != definition:
             raise ValueError(f"a {self.kind} named {name!r} is already registered")
         self._entries[name] = definition
         return definition
 
     def unregister(self, name: str) -> None:
-        """Remove ``name`` (tests that register a definition of their own clean up with this)."""
+        """Remove ``name`` if registered (tests that register a definition of their own clean up with this)."""
         self._entries.pop(name, None)
 
     def lookup(self, name: str) -> T:
@@ -64,6 +64,13 @@ class Registry(Mapping[str, T], Generic[T]):
     def __getitem__(self, name: str) -> T:
         return self._entries[name]
 
+    def __setitem__(self, name: str, definition: T) -> None:
+        self._check_entry(name, definition)
+        self._entries[name] = definition
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
@@ -72,6 +79,13 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._entries)})"
+
+    def _check_entry(self, name: str, definition: T) -> None:
+        if not isinstance(definition, self.definition_type):
+            expected = getattr(self.definition_type, "__name__", str(self.definition_type))
+            raise TypeError(f"a {self.kind} must be a {expected}, got {type(definition).__name__}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {self.kind} needs a non-empty name, got {name!r}")
 
 
 def registering(registry: Registry[T], name: str) -> Callable[[T], T]:

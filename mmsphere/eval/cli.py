@@ -20,7 +20,7 @@ from mmsphere.config import ConfigError, DataError
 from mmsphere.eval.benchmark import evaluate_set, list_set, protocol_set
 from mmsphere.eval.completeness import ALLOW_FLAG, refuse_incomplete
 from mmsphere.eval.evaluate import evaluate_retrieval
-from mmsphere.eval.protocols import PROTOCOLS, import_modules
+from mmsphere.eval.protocols import get_protocol, import_modules
 from mmsphere.eval.report import format_table, sibling, versions
 from mmsphere.results.card import make_card, model_identity, model_precision, subset_line, write_card
 
@@ -92,9 +92,7 @@ def run_evaluation(args: argparse.Namespace, argv: list[str]) -> int:
     missing_file = sibling(args.out, ".missing.txt")
     evaluation_set = None
     if args.protocol is not None:
-        if args.protocol not in PROTOCOLS:
-            raise ConfigError(f"unknown --protocol {args.protocol!r}; known: {', '.join(sorted(PROTOCOLS))} "
-                              "(mmsphere protocols lists them with their files)")
+        get_protocol(args.protocol)  # an unknown name stops here, listing the known ones
         evaluation_set = protocol_set(args.protocol, args.media_root, args.annotations)
     elif args.list is not None:
         evaluation_set = list_set(args.list, args.media_root)

@@ -37,6 +37,7 @@ from mmsphere.eval.annotations import (
     MsrvttJson,
     MsvdCaptions,
 )
+from mmsphere.registry import Registry
 from mmsphere.user_modules import import_user_module
 
 GROUPINGS = ("one", "all", "paragraph")
@@ -105,6 +106,27 @@ class RetrievalProtocol:
         """The files it reads, for ``mmsphere protocols``."""
         return "; ".join(" or ".join(role.names) + ("" if role.required else " (optional)") for role in self.files)
 
+    def describe(self) -> str:
+        """The definition in words (``mmsphere protocols NAME``): files and format, grouping, media names, frames."""
+        lines = [
+            f"{self.name} (version {self.version}): {self.description}",
+            f"  source: {self.source}",
+            *(f"  file ({role.role}{'' if role.required else ', optional'}): {' or '.join(role.names)}"
+              + (f" — {role.description}" if role.description else "") for role in self.files),
+            f"  format: {describe_reader(self.reader)}",
+            f"  captions per video: {self.grouping}",
+            f"  media under --media-root (recursive): {', '.join(self.media_names)}"
+            + (f" (bare = id without {self.id_prefix!r})" if self.id_prefix else ""),
+            f"  frames: {self.frames}, {self.frame_sampling}",
+            f"  reports: {', '.join(self.metrics)} for {', '.join(self.directions)}",
+        ]
+        if self.expected:
+            sizes = ", ".join(f"{count:,} {what}" for what, count in self.expected.items())
+            lines.append(f"  published size: {sizes}")
+        if self.notes:
+            lines.append(f"  note: {self.notes}")
+        return "\n".join(lines)
+
     def summary(self) -> dict[str, Any]:
         """What a results card records of the protocol."""
         return {"name": self.name, "version": self.version, "description": self.description, "source": self.source,
@@ -120,25 +142,18 @@ def describe_reader(reader: Any) -> str:
     return describe() if callable(describe) else getattr(reader, "__name__", type(reader).__name__)
 
 
-PROTOCOLS: dict[str, RetrievalProtocol] = {}
+PROTOCOLS: Registry[RetrievalProtocol] = Registry("protocol", RetrievalProtocol,
+                                                  listing_hint="mmsphere protocols lists them with their files")
 
 
 def register_protocol(protocol: RetrievalProtocol) -> RetrievalProtocol:
     """Make ``protocol`` available as ``eval-retrieval --protocol <protocol.name>``."""
-    if not isinstance(protocol, RetrievalProtocol):
-        raise TypeError(f"register_protocol takes a RetrievalProtocol, got {type(protocol).__name__}")
-    if protocol.name in PROTOCOLS and PROTOCOLS[protocol.name] != protocol:
-        raise ValueError(f"a protocol named {protocol.name!r} is already registered")
-    PROTOCOLS[protocol.name] = protocol
-    return protocol
+    return PROTOCOLS.register(getattr(protocol, "name", ""), protocol)
 
 
 def get_protocol(name: str) -> RetrievalProtocol:
     """The registered protocol ``name``; an unknown name lists the known ones."""
-    if name not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {name!r}; known: {', '.join(sorted(PROTOCOLS))} "
-                          "(mmsphere protocols lists them with their files)")
-    return PROTOCOLS[name]
+    return PROTOCOLS.lookup(name)
 
 
 def import_modules(modules: list[str]) -> None:

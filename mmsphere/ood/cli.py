@@ -87,7 +87,8 @@ def run_scoring(args: argparse.Namespace, argv: list[str]) -> int:
 def score_ood(args: argparse.Namespace) -> tuple[dict[str, Any], OodEvaluation, Any]:
     """The arguments and image sets checked, the model loaded and :func:`evaluate_ood` run; the results dict."""
     import_modules(args.imports)
-    OOD_SCORES.lookup(args.score)  # an unknown score stops the run before any file is read
+    if args.score not in OOD_SCORES:  # argparse's own words; checked here as --imports may register a score
+        raise ConfigError(f"argument --score: invalid choice: {args.score!r} (choose from {', '.join(OOD_SCORES)})")
     if Path(args.out).suffix == ".md":
         raise ConfigError(f"--out {args.out!r} is the card's JSON; its markdown goes beside it as .md")
     protocol = None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsphere.errors import ConfigError, DataError
+from mmsphere.registry import Registry
 
 ROLES = ("id", "near", "far")
 
@@ -73,6 +74,18 @@ class OodProtocol:
         """The ID set, then the OoD sets in order."""
         return (self.id_set, *self.ood_sets)
 
+    def describe(self) -> str:
+        """The definition in words (``mmsphere protocols NAME``): its sets and where they lie, classes, metrics."""
+        lines = [f"{self.name} (version {self.version}): {self.description}", f"  source: {self.source}"]
+        lines += [f"  {spec.role} set {spec.name}: first of {', '.join(spec.locations)} under --data-root"
+                  + (f" — {spec.description}" if spec.description else "") for spec in self.sets()]
+        lines.append(f"  classes: {len(self.classes)} shipped" if self.classes is not None
+                     else "  classes: --classes FILE")
+        lines.append(f"  reports: {', '.join(self.metrics)} per set, mean per role and overall")
+        if self.notes:
+            lines.append(f"  note: {self.notes}")
+        return "\n".join(lines)
+
     def summary(self) -> dict[str, Any]:
         """What a results card records of the protocol."""
         return {"name": self.name, "version": self.version, "description": self.description, "source": self.source,
@@ -94,25 +107,18 @@ class ResolvedSuite:
         return {spec.name: spec.role for spec in self.protocol.ood_sets if spec.name in self.locations}
 
 
-OOD_PROTOCOLS: dict[str, OodProtocol] = {}
+OOD_PROTOCOLS: Registry[OodProtocol] = Registry("OoD protocol", OodProtocol,
+                                                listing_hint="mmsphere protocols lists them with their sets")
 
 
 def register_ood_protocol(protocol: OodProtocol) -> OodProtocol:
     """Make ``protocol`` available as ``score-ood --protocol <protocol.name>``."""
-    if not isinstance(protocol, OodProtocol):
-        raise TypeError(f"register_ood_protocol takes an OodProtocol, got {type(protocol).__name__}")
-    if protocol.name in OOD_PROTOCOLS and OOD_PROTOCOLS[protocol.name] != protocol:
-        raise ValueError(f"an OoD protocol named {protocol.name!r} is already registered")
-    OOD_PROTOCOLS[protocol.name] = protocol
-    return protocol
+    return OOD_PROTOCOLS.register(getattr(protocol, "name", ""), protocol)
 
 
 def get_ood_protocol(name: str) -> OodProtocol:
     """The registered OoD protocol ``name``; an unknown name lists the known ones."""
-    if name not in OOD_PROTOCOLS:
-        raise ConfigError(f"unknown OoD protocol {name!r}; known: {', '.join(sorted(OOD_PROTOCOLS))} "
-                          "(mmsphere protocols lists them with their sets)")
-    return OOD_PROTOCOLS[name]
+    return OOD_PROTOCOLS.lookup(name)
 
 
 def resolve_suite(protocol: OodProtocol, data_root: str | os.PathLike,

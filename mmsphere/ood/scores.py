@@ -53,7 +53,8 @@ class OodScore:
             raise ValueError(f"OoD score {self.name!r}: temperature={self.temperature} must be > 0 or None")
 
 
-OOD_SCORES: Registry[OodScore] = Registry("score", OodScore, unknown="{kind} {name!r} is unknown; choose one of {known}")
+OOD_SCORES: Registry[OodScore] = Registry("score", OodScore,
+                                          unknown="{kind} {name!r} is unknown; choose one of {known}")
 
 
 def register_ood_score(score: OodScore) -> OodScore:
@@ -178,6 +179,6 @@ class _Temperatures(Mapping[str, "float | None"]):
         return len(OOD_SCORES)
 
 
-# the names before the registry, kept for one release; both follow registrations (read-only)
+# the names before the registry, kept for one release; both follow registrations
 SCORES = OOD_SCORES
 DEFAULT_TEMPERATURE: Mapping[str, float | None] = _Temperatures()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mmsphere.cli_errors import ArgumentParser, run_cli
 from mmsphere.errors import ConfigError
-from mmsphere.eval.protocols import PROTOCOLS, describe_reader, import_modules
+from mmsphere.eval.protocols import PROTOCOLS, import_modules
 from mmsphere.eval.report import format_table
 from mmsphere.ood.protocols import OOD_PROTOCOLS
 from mmsphere.results.card import load_card
@@ -84,37 +84,8 @@ def run_protocols(args: argparse.Namespace) -> int:
 
 
 def describe_protocol(name: str) -> str:
-    """One protocol's definition in words: files and format, grouping, media names, frames, source."""
-    if name in PROTOCOLS:
-        protocol = PROTOCOLS[name]
-        lines = [
-            f"{protocol.name} (version {protocol.version}): {protocol.description}",
-            f"  source: {protocol.source}",
-            *(f"  file ({role.role}{'' if role.required else ', optional'}): {' or '.join(role.names)}"
-              + (f" — {role.description}" if role.description else "") for role in protocol.files),
-            f"  format: {describe_reader(protocol.reader)}",
-            f"  captions per video: {protocol.grouping}",
-            f"  media under --media-root (recursive): {', '.join(protocol.media_names)}"
-            + (f" (bare = id without {protocol.id_prefix!r})" if protocol.id_prefix else ""),
-            f"  frames: {protocol.frames}, {protocol.frame_sampling}",
-            f"  reports: {', '.join(protocol.metrics)} for {', '.join(protocol.directions)}",
-        ]
-        if protocol.expected:
-            sizes = ", ".join(f"{count:,} {what}" for what, count in protocol.expected.items())
-            lines.append(f"  published size: {sizes}")
-        if protocol.notes:
-            lines.append(f"  note: {protocol.notes}")
-        return "\n".join(lines)
-    if name in OOD_PROTOCOLS:
-        protocol = OOD_PROTOCOLS[name]
-        lines = [f"{protocol.name} (version {protocol.version}): {protocol.description}",
-                 f"  source: {protocol.source}"]
-        lines += [f"  {spec.role} set {spec.name}: first of {', '.join(spec.locations)} under --data-root"
-                  + (f" — {spec.description}" if spec.description else "") for spec in protocol.sets()]
-        lines.append(f"  classes: {len(protocol.classes)} shipped" if protocol.classes is not None
-                     else "  classes: --classes FILE")
-        lines.append(f"  reports: {', '.join(protocol.metrics)} per set, mean per role and overall")
-        if protocol.notes:
-            lines.append(f"  note: {protocol.notes}")
-        return "\n".join(lines)
+    """One protocol's definition in words, retrieval or OoD: files and format, sets, media names, frames, source."""
+    for registry in (PROTOCOLS, OOD_PROTOCOLS):
+        if name in registry:
+            return registry[name].describe()
     raise ConfigError(f"unknown protocol {name!r}; known: {', '.join(sorted([*PROTOCOLS, *OOD_PROTOCOLS]))}")

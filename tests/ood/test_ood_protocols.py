@@ -190,3 +190,15 @@ def test_suites_are_registered_definitions():
     assert [spec.name for spec in cifar10.ood_sets] == ["cifar100", "svhn", "textures", "places365", "lsun", "isun"]
     assert [spec.name for spec in OOD_PROTOCOLS["imagenet1k-mos"].ood_sets] == ["inaturalist", "sun", "places",
                                                                                 "textures"]
+
+
+def test_protocols_name_shows_an_ood_suite_in_full(capsys):
+    assert mmsphere(["protocols", "imagenet1k-mos"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("imagenet1k-mos (version 1): ImageNet-1k val as ID")
+    assert "  id set imagenet: first of imagenet/val, ImageNet/val, imagenet_val, val under --data-root — " \
+           "ImageNet-1k val" in lines
+    assert "  far set sun: first of SUN, sun under --data-root — SUN (MOS subset, 10,000 images)" in lines
+    assert "  classes: --classes FILE" in lines and "  reports: FPR95, AUROC per set, mean per role and overall" in lines
+    assert mmsphere(["protocols", "cifar10"]) == 0
+    assert "  classes: 10 shipped" in capsys.readouterr().out.splitlines()

@@ -7,7 +7,10 @@ float64 written from the formulas (not from the library).
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from mmsphere.config import MmsphereError
 from mmsphere.models import load_run
 from mmsphere.ood import evaluate_ood
 from mmsphere.ood.evaluate import prompt_features
+from mmsphere.ood.cli import main as score_ood
 from mmsphere.ood.scores import OOD_SCORES, OodScore, cosine_logits, on_logits, ood_score, register_ood_score
 from tests.ood.test_metrics import sklearn_reference
 
@@ -133,3 +137,35 @@ def test_every_registered_score_gives_one_finite_value_per_image(name):
     extras = {"negative_features": negatives} if "negative_features" in OOD_SCORES[name].needs else {}
     scores = ood_score(name, images, classes, temperature=0.5, **extras)
     assert scores.shape == (5,) and torch.isfinite(scores).all()
+
+
+MY_SCORES = """
+import torch
+from mmsphere.ood import OodScore, on_logits, register_ood_score
+
+def gen(logits):
+    probabilities = torch.softmax(logits, dim=1)
+    return -(probabilities**0.1 * (1 - probabilities) ** 0.1).sum(dim=1)
+
+register_ood_score(OodScore("my-gen", on_logits(gen), temperature=1.0))
+"""
+
+
+def test_score_ood_takes_a_score_registered_by_an_imported_module(run_dir, image_sets, tmp_path, monkeypatch):
+    (tmp_path / "my_scores.py").write_text(MY_SCORES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "ood.json"
+    try:
+        code = score_ood(["--run", str(run_dir), "--id", image_sets["id"], "--ood", f"flat={image_sets['flat']}",
+                          "--classes", image_sets["classes"], "--imports", "my_scores", "--score", "my-gen",
+                          "--out", str(out)])
+        assert code == 0
+        assert json.loads(out.read_text())["score"] == "my-gen"
+        with open(tmp_path / "ood.scores.csv", newline="") as handle:
+            printed = [float(row["score"]) for row in csv.DictReader(handle)]
+        library = evaluate_ood(load_run(run_dir), image_sets["id"], {"flat": image_sets["flat"]},
+                               image_sets["classes"], score="my-gen")
+        assert printed == pytest.approx([*library.per_sample["id"].scores, *library.per_sample["flat"].scores])
+    finally:
+        OOD_SCORES.unregister("my-gen")
+        sys.modules.pop("my_scores", None)
