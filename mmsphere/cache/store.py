@@ -65,6 +65,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mmsphere.atomic import atomic_write, write_text_atomic
+from mmsphere.digest import file_sha256
 from mmsphere.errors import DataError
 
 # "2": the shard's source identity and a checksum in every file, the folder keyed by the full identity
@@ -194,7 +195,7 @@ def source_identity(url: str) -> dict[str, Any]:
         if index is not None:
             identity["tar_index_sha256"] = index
         else:
-            identity["content_sha256"] = _content_digest(url)
+            identity["content_sha256"] = file_sha256(url)
     except OSError as error:
         # an unreadable shard has no features to reuse; the build reads (and counts) it as the reader does
         return {"unreadable": f"{type(error).__name__}: {error}"}
@@ -311,14 +312,6 @@ def _tar_size(field: bytes) -> int | None:
         return int(field.rstrip(b"\0 ").strip() or b"0", 8)
     except ValueError:
         return None
-
-
-def _content_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_local(url: str) -> bool:

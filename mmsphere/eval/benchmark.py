@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from mmsphere.data.sample_list import ListEntry, read_sample_list
+from mmsphere.digest import file_sha256
 from mmsphere.errors import ConfigError, DataError, MmsphereError
 from mmsphere.eval.annotations import CaptionRow
 from mmsphere.eval.completeness import (
@@ -28,7 +29,6 @@ from mmsphere.eval.completeness import (
     MissingItem,
     check_file,
     completeness,
-    file_digest,
     media_fingerprint,
     refuse_incomplete,
 )
@@ -77,7 +77,7 @@ def protocol_set(protocol: str | RetrievalProtocol, media_root: str | os.PathLik
             entries.append(ListEntry(video, path, captions, where=where))
         else:
             missing.append(problem)
-    digests = {role: {"file": str(path.resolve()), "sha256": file_digest(path)} for role, path in files.items()}
+    digests = {role: {"file": str(path.resolve()), "sha256": file_sha256(path)} for role, path in files.items()}
     return EvaluationSet(
         name=protocol.name,
         what=f"videos of protocol {protocol.name} under {str(media_root)!r}",
@@ -105,7 +105,7 @@ def list_set(list_file: str | os.PathLike, media_root: str | os.PathLike | None 
             entries.append(entry)
         else:
             missing.append(problem)
-    digest = file_digest(list_file)
+    digest = file_sha256(list_file)
     return EvaluationSet(
         name="list", what=f"samples of {str(list_file)!r}", entries=entries, missing=missing,
         listed=len(rows) + len(skipped), captions_listed=sum(len(entry.captions) for entry in rows),

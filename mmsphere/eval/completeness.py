@@ -215,10 +215,3 @@ def shard_fingerprint(urls: str) -> dict[str, Any] | None:
     return media_fingerprint([(Path(url).name, Path(url)) for url in expanded])
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (annotation lists, shards), read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

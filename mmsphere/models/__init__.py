@@ -4,7 +4,8 @@ from mmsphere.models.dual_encoder import DualEncoder
 from mmsphere.models.export import export_run, load_temporal_head
 from mmsphere.models.factory import (create_model, create_run_model, load_weights, register_model_configs,
                                      resolve_architecture)
-from mmsphere.models.run_dir import file_sha256, load_dual_encoder, load_run, save_run
+from mmsphere.digest import file_sha256
+from mmsphere.models.run_dir import load_dual_encoder, load_run, save_run
 from mmsphere.models.temporal import (TEMPORAL_HEADS, MeanTemporalHead, TemporalHead, TransformerTemporalHead,
                                       build_temporal_head, masked_mean, register_temporal_head)
 

@@ -24,7 +24,7 @@ from open_clip.pretrained import download_pretrained_from_hf
 from torch import nn
 
 from mmsphere.config import Config, ConfigError, DataError, MmsphereError, ModelConfig
-from mmsphere.models.checkpoint import check_compatible, read_state_dict, shapes_of
+from mmsphere.models.weight_files import check_compatible, read_state_dict, shapes_of
 from mmsphere.models.dual_encoder import DualEncoder
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,6 @@ image tower (pooled features → projection) does not have.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import re
@@ -41,7 +40,8 @@ from torch import nn
 
 from mmsphere.atomic import atomic_write
 from mmsphere.config import MmsphereError
-from mmsphere.models.checkpoint import check_compatible, read_state_dict, shapes_of
+from mmsphere.digest import file_sha256
+from mmsphere.models.weight_files import check_compatible, read_state_dict, shapes_of
 from mmsphere.models.factory import resolve_architecture
 
 logger = logging.getLogger(__name__)
@@ -205,9 +205,9 @@ def build_offline_towers_clip(architecture_path: str | Path, image_checkpoint: s
     provenance = {
         "architecture": architecture,
         "text_tower": {"package": PACKAGES["text"], "version": _version(PACKAGES["text"]),
-                       "directory": str(text_directory), "sha256": _sha256(text_directory / "model.safetensors")},
+                       "directory": str(text_directory), "sha256": file_sha256(text_directory / "model.safetensors")},
         "image_tower": {"package": PACKAGES["image"], "version": _version(PACKAGES["image"]),
-                        "checkpoint": str(image_checkpoint), "sha256": _sha256(Path(image_checkpoint)),
+                        "checkpoint": str(image_checkpoint), "sha256": file_sha256(Path(image_checkpoint)),
                         "tensors_loaded": len(image_state) - len(left_out), "left_out": left_out},
         "projection_seed": seed,
         "image_mean": list(IMAGE_MEAN),
@@ -249,14 +249,6 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _few(keys: list[str]) -> str:

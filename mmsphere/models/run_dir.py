@@ -9,7 +9,6 @@ restore. Files are written to temporary names, flushed to disk, then renamed ove
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +21,8 @@ from safetensors.torch import load_model, save_model
 import mmsphere
 from mmsphere.atomic import atomic_write
 from mmsphere.config import Config, ConfigError, DataError, MmsphereError, ModelConfig, config_to_dict, load_config, save_config
-from mmsphere.models.checkpoint import check_compatible, tensor_shapes
+from mmsphere.digest import file_sha256
+from mmsphere.models.weight_files import check_compatible, tensor_shapes
 from mmsphere.models.dual_encoder import DualEncoder
 from mmsphere.models.factory import build_dual_encoder, create_model
 
@@ -128,15 +128,6 @@ def load_dual_encoder(run: str | os.PathLike | None = None, name: str | None = N
     identity.update(embed_dim=model.embed_dim, image_size=model.image_size, logit_scale=float(
         model.log_logit_scale.detach().exp()))
     return model, identity
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, read in blocks (weights files are large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_info(path: Path) -> dict:

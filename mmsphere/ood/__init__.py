@@ -1,4 +1,4 @@
-"""Out-of-distribution detection with a dual encoder: zero-shot scores (a registry), their metrics, the library entry."""
+"""Out-of-distribution detection with a dual encoder: registered zero-shot scores, their metrics, the library entry."""
 
 from mmsphere.ood.evaluate import OodEvaluation, SetScores, default_temperature, evaluate_ood
 from mmsphere.ood.metrics import CONVENTIONS, METRIC_KEYS, mean_metrics, ood_metrics, roc_curve

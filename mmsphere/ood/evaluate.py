@@ -186,7 +186,7 @@ def evaluate_ood(
 
 
 def default_temperature(score: str, temperature: float | None, logit_scale: float) -> float:
-    """``temperature`` if given, else the score's own (its paper's: 1 for MCM, 0.01 for NegLabel), else ``1 / logit_scale``.
+    """``temperature`` if given, else the score's own (1 for MCM, 0.01 for NegLabel), else ``1 / logit_scale``.
 
     ``1 / logit_scale`` (a score registered with ``temperature=None``: msp, maxlogit, energy) makes the
     score use the model's own zero-shot classifier.
@@ -212,7 +212,7 @@ def check_set_names(ood_sets: Mapping[str, Any]) -> None:
 
 def read_prompts(class_names: Names, templates: Names | None, negative_labels: Names | None,
                  score: str) -> OodPrompts:
-    """Class names, templates and negative labels from lists or files, checked against each other and the score's needs."""
+    """Class names, templates and negative labels from lists or files, checked against each other and the score."""
     classes = _names(class_names, "classes")
     if templates is None or isinstance(templates, (str, os.PathLike)):
         template_list = read_templates(templates)

@@ -9,7 +9,6 @@ versions, the date, the command and the metrics. ``results.md`` renders the same
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsphere.atomic import write_text_atomic
+from mmsphere.digest import file_sha256
 from mmsphere.errors import DataError
 
 CARD_VERSION = 1
@@ -45,7 +45,7 @@ def model_identity(identity: dict[str, Any]) -> dict[str, Any]:
     identity = dict(identity)
     if "run_dir" in identity:
         config = Path(identity["run_dir"]) / "config.yaml"
-        identity["config_sha256"] = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
+        identity["config_sha256"] = file_sha256(config) if config.is_file() else None
     return identity
 
 

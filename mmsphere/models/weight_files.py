@@ -1,4 +1,6 @@
-"""Reading weight files safely and checking them against an architecture before loading.
+"""Weight files (pretrained open_clip checkpoints, a run's ``model.safetensors``): read safely, checked before loading.
+
+Not the trainer's resumable state, which is :mod:`mmsphere.train.checkpoint`.
 
 Only tensors are ever read: safetensors files directly, anything else through
 ``torch.load(weights_only=True)``. A mismatch is reported by naming a few offending keys rather than
