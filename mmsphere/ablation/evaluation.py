@@ -37,7 +37,7 @@ class OodSets:
     classes: list[str]
     templates: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     scores: tuple[str, ...] = ("mcm", "energy")
-    positive: str = "id"  # FPR@95 convention (DESIGN §4)
+    positive: str = "id"  # FPR@95 convention (ARCHITECTURE.md, Evaluation conventions)
     negative_labels: list[str] | None = None  # negative label words, for the scores that need them (NegLabel)
 
     def check(self) -> None:

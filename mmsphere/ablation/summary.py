@@ -69,7 +69,7 @@ def ablation_markdown(results: dict[str, Any]) -> str:
         f"seeds {results['seeds']}. Evaluated on `{results['data']['val']}` ({results['data']['modality']}).",
         *([f"Command: `{' '.join(results['description']['command'])}`"] if "command" in results["description"] else []),
         "Every cell is the mean ± sample standard deviation (n − 1) over the seeds; every run's numbers are in "
-        "`ablation.json`. Retrieval ties count against the query (DESIGN §4).",
+        "`ablation.json`. Retrieval ties count against the query (ARCHITECTURE.md, Evaluation conventions).",
         f"Machine: {machine_info['cpu_count']} CPU cores, {machine_info['accelerator']}, torch "
         f"{machine_info['torch']}; training and evaluation took {_compute_seconds(results['runs']):.0f} s summed "
         "over the runs.", "",

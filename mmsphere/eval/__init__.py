@@ -1,4 +1,7 @@
-"""Retrieval evaluation: metrics with the DESIGN §4 tie rule, geometry, benchmark protocols, the library entries."""
+"""Retrieval evaluation: metrics, geometry, benchmark protocols, the library entries.
+
+Ties count against the query (ARCHITECTURE.md, Evaluation conventions).
+"""
 
 from mmsphere.eval.benchmark import EvaluationSet, evaluate_set, list_set, protocol_set
 from mmsphere.eval.completeness import IncompleteDataError, MissingItem, media_fingerprint

@@ -174,6 +174,18 @@ def evaluate_set(
     return results
 
 
+def evaluate_shards(model: torch.nn.Module, urls: str, *, frames: int = DEFAULT_FRAMES, modality: str = "video",
+                    **options: Any) -> dict[str, Any]:
+    """Retrieval results of webdataset shards, recorded as a card records them (the URLs, frames, "shards").
+
+    ``options``: the rest of :func:`evaluate_retrieval`'s keywords (batch size, workers, DSL, ...).
+    """
+    results = evaluate_retrieval(model, urls, modality=modality, frames=frames, **options)
+    results["data"].update(urls=urls, frames=frames if modality == "video" else 1)
+    results["protocol"] = {"name": "shards", "version": None, "description": "webdataset shards", "grouping": "all"}
+    return results
+
+
 def reported(metrics: dict[str, dict[str, float]], protocol: dict[str, Any]) -> dict[str, dict[str, float]]:
     """The directions and metrics a protocol reports (all of them when it does not say); DSL rows follow theirs."""
     directions, names = protocol.get("directions"), protocol.get("metrics")

@@ -17,9 +17,8 @@ import torch
 
 from mmsphere.cli_errors import ArgumentParser, non_negative_int, positive_float, positive_int, run_cli
 from mmsphere.config import ConfigError, DataError
-from mmsphere.eval.benchmark import evaluate_set, list_set, protocol_set
+from mmsphere.eval.benchmark import DEFAULT_FRAMES, evaluate_set, evaluate_shards, list_set, protocol_set
 from mmsphere.eval.completeness import ALLOW_FLAG, refuse_incomplete
-from mmsphere.eval.evaluate import evaluate_retrieval
 from mmsphere.eval.protocols import get_protocol, import_modules
 from mmsphere.eval.report import format_table, sibling, versions
 from mmsphere.results.card import make_card, model_identity, model_precision, subset_line, write_card
@@ -112,11 +111,8 @@ def run_evaluation(args: argparse.Namespace, argv: list[str]) -> int:
         results = evaluate_set(model, evaluation_set, frames=args.frames, missing_file=missing_file, **common,
                                **scoring)
     else:
-        frames = 12 if args.frames is None else args.frames
-        results = evaluate_retrieval(model, args.data, frames=frames, **common, **scoring)
-        results["data"].update(urls=args.data, frames=frames if args.modality == "video" else 1)
-        results["protocol"] = {"name": "shards", "version": None, "description": "webdataset shards",
-                               "grouping": "all"}
+        results = evaluate_shards(model, args.data, frames=DEFAULT_FRAMES if args.frames is None else args.frames,
+                                  **common, **scoring)
     card = make_card(results, kind="retrieval", model=model_identity(identity), precision=model_precision(model),
                      versions=versions(), command=["eval-retrieval", *argv])
     print(format_results(card))

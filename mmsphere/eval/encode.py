@@ -1,7 +1,7 @@
 """Batched encoding of an evaluation set: every video (or image) once, every caption once.
 
 The result keeps the caption → video mapping that the retrieval metrics need when a video has
-several captions (DESIGN §4).
+several captions (ARCHITECTURE.md, Evaluation conventions).
 """
 
 from __future__ import annotations

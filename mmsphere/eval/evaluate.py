@@ -50,7 +50,9 @@ def evaluate_retrieval(
     feature_cache: FeatureCache | None = None,
     allow_missing: bool = False,
 ) -> dict[str, Any]:
-    """Text→video and video→text retrieval metrics, geometry diagnostics and set sizes (DESIGN §4).
+    """Text→video and video→text retrieval metrics, geometry diagnostics and set sizes.
+
+    Ranks and ties as ARCHITECTURE.md, Evaluation conventions says.
 
     ``data``: shard URLs (decoded exactly by ``mmsphere.data.build_eval_loader``), an iterable of
     evaluation batches, or an already encoded set. ``dsl`` adds dual-softmax rows
@@ -167,7 +169,8 @@ def evaluate_retrieval_loader(
     feature_cache: FeatureCache | None = None,
 ) -> dict[str, float]:
     """Flat ``{"t2v/R@1": ..., "geometry/alignment": ...}`` metrics of a shard set, for training-time validation."""
-    # training-time validation never stops a run on a bad sample: it is counted and reported (DESIGN §5)
+    # training-time validation never stops a run on a bad sample: it is counted and reported
+    # (ARCHITECTURE.md, Bad input)
     results = evaluate_retrieval(model, urls, modality=modality, frames=frames, batch_size=batch_size,
                                  workers=workers, progress=progress, feature_cache=feature_cache, allow_missing=True)
     flat = {f"{direction}/{name}": value for direction, values in results["metrics"].items()

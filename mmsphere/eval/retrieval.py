@@ -1,4 +1,4 @@
-"""Retrieval metrics on a query-by-gallery similarity matrix, with the tie rule of DESIGN §4.
+"""Retrieval metrics on a query-by-gallery similarity matrix, with the tie rule of ARCHITECTURE.md.
 
 The rank of a query is the number of *non*-ground-truth gallery items scoring at least as high as
 its best ground-truth item. Ranks are found by comparison counting, one chunk of query rows at a
@@ -49,7 +49,7 @@ class GroundTruth:
 
 
 def as_ground_truth(query_to_gallery: QueryToGallery, num_queries: int, num_gallery: int) -> GroundTruth:
-    """Validate ``query_to_gallery`` (DESIGN §4) and turn it into a :class:`GroundTruth`.
+    """Validate ``query_to_gallery`` (ARCHITECTURE.md, Evaluation conventions) and turn it into a :class:`GroundTruth`.
 
     ``None``: query i matches gallery item i (square matrix); a 1-D integer array: one item per
     query; a list of integer sequences (or a 2-D integer array): several items per query.
@@ -163,7 +163,7 @@ def _resolve_chunk_size(chunk_size: int | None, num_gallery: int) -> int:
 def retrieval_ranks(
     sim: ArrayLike, query_to_gallery: QueryToGallery = None, *, chunk_size: int | None = None
 ) -> np.ndarray:
-    """Zero-based rank of every query under the DESIGN §4 tie rule.
+    """Zero-based rank of every query under the tie rule of ARCHITECTURE.md (Evaluation conventions).
 
     ``sim``: ``[Q, G]`` scores, rows are queries. Returns int64 ``[Q]``: the number of
     non-ground-truth gallery items scoring ``>=`` the query's best ground-truth score.
@@ -232,7 +232,8 @@ def retrieval_metrics(
 ) -> dict[str, float]:
     """Recall at 1/5/10 (percent), median and mean rank of a ``[Q, G]`` similarity matrix.
 
-    Rows are queries. ``query_to_gallery`` and the tie rule follow DESIGN §4 (see ``TIE_RULE``).
+    Rows are queries. ``query_to_gallery`` and the tie rule follow ARCHITECTURE.md, Evaluation conventions
+    (see ``TIE_RULE``).
     Scoring is chunked over queries (``chunk_size`` rows at a time), so memory is ``O(chunk × G)``.
     """
     return metrics_from_ranks(retrieval_ranks(sim, query_to_gallery, chunk_size=chunk_size))

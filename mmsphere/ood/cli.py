@@ -23,7 +23,7 @@ from mmsphere.eval.report import format_table, sibling, versions
 from mmsphere.ood.evaluate import OodEvaluation, evaluate_ood, read_prompts
 from mmsphere.ood.inputs import ImageFiles, image_files, is_folder, is_list_file, parse_ood_sets
 from mmsphere.ood.protocols import get_ood_protocol, resolve_suite
-from mmsphere.ood.report import write_ood_report
+from mmsphere.ood.report import ood_results, write_ood_report
 from mmsphere.ood.scores import OOD_SCORES, scores_needing
 from mmsphere.results.card import make_card, model_identity, model_precision, subset_line, write_card
 
@@ -144,29 +144,8 @@ def score_ood(args: argparse.Namespace) -> tuple[dict[str, Any], OodEvaluation, 
                               negative_labels=prompts.negative_labels, batch_size=args.batch_size,
                               workers=args.workers, allow_missing=args.allow_missing, missing_file=missing_file,
                               roles=roles)
-    samples = evaluation.per_sample
-    results: dict[str, Any] = {
-        "model": model_identity_found,
-        "protocol": protocol.summary() if protocol is not None else {"name": "custom", "version": None,
-                                                                      "description": "ID and OoD sets given"},
-        "score": evaluation.score,
-        "temperature": evaluation.temperature,
-        "positive": evaluation.positive,
-        "convention": evaluation.convention,
-        "metrics": evaluation.metrics,
-        "group_means": evaluation.group_means,
-        "id": {"spec": id_spec, "role": "id", "num_samples": len(samples["id"].names),
-               "accuracy": evaluation.id_accuracy, "skipped": samples["id"].skipped, "media": samples["id"].media,
-               **samples["id"].completeness},
-        "ood": {name: {"spec": ood_sets[name], "role": samples[name].role, "num_samples": len(samples[name].names),
-                       "skipped": samples[name].skipped, "media": samples[name].media, **samples[name].completeness}
-                for name in ood_sets},
-        "sets_missing": sorted(sets_missing),
-        "classes": {"file": str(Path(args.classes).resolve()) if args.classes else None, "names": evaluation.classes},
-        "templates": evaluation.templates,
-        "negative_labels": ({"file": str(Path(args.neg_labels).resolve()), "count": len(evaluation.negative_labels)}
-                            if evaluation.negative_labels else None),
-    }
+    results = ood_results(evaluation, model_identity_found, protocol, id_spec, ood_sets, sets_missing=sets_missing,
+                          classes_file=args.classes, negative_labels_file=args.neg_labels)
     return results, evaluation, model
 
 

@@ -1,4 +1,4 @@
-"""OoD detection metrics: AUROC, AUPR-In, AUPR-Out and FPR@95TPR (DESIGN §4).
+"""OoD detection metrics: AUROC, AUPR-In, AUPR-Out and FPR@95TPR (ARCHITECTURE.md, Evaluation conventions).
 
 Scores follow one convention everywhere: higher = more in-distribution. ``positive`` says which
 class the detector is meant to find, which only changes FPR@95 (MCM/CMA report it with ID as the

@@ -1,16 +1,53 @@
-"""The files of an OoD evaluation: a per-sample scores CSV, a ROC-curve PNG and a score-histogram PNG."""
+"""What an OoD evaluation reports: the results a card records, a per-sample scores CSV, a ROC and a histogram PNG."""
 
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mmsphere.eval.report import sibling
 from mmsphere.ood.evaluate import OodEvaluation
 from mmsphere.ood.metrics import roc_curve
+from mmsphere.ood.protocols import OodProtocol
+
+
+def ood_results(evaluation: OodEvaluation, model: dict[str, Any], protocol: OodProtocol | None, id_spec: str,
+                ood_specs: Mapping[str, Any], *, sets_missing: Mapping[str, Any] | None = None,
+                classes_file: str | os.PathLike | None = None,
+                negative_labels_file: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What a results card records of an evaluation: model, protocol (or "custom"), settings, metrics, every set.
+
+    ``id_spec`` / ``ood_specs``: where the sets were read from; ``sets_missing``: a protocol's sets not
+    found (evaluated without them); the files the class names and negative labels came from, if any.
+    """
+    samples = evaluation.per_sample
+    custom = {"name": "custom", "version": None, "description": "ID and OoD sets given"}
+    return {
+        "model": model,
+        "protocol": protocol.summary() if protocol is not None else custom,
+        "score": evaluation.score,
+        "temperature": evaluation.temperature,
+        "positive": evaluation.positive,
+        "convention": evaluation.convention,
+        "metrics": evaluation.metrics,
+        "group_means": evaluation.group_means,
+        "id": {"spec": id_spec, "role": "id", "num_samples": len(samples["id"].names),
+               "accuracy": evaluation.id_accuracy, "skipped": samples["id"].skipped, "media": samples["id"].media,
+               **samples["id"].completeness},
+        "ood": {name: {"spec": spec, "role": samples[name].role, "num_samples": len(samples[name].names),
+                       "skipped": samples[name].skipped, "media": samples[name].media, **samples[name].completeness}
+                for name, spec in ood_specs.items()},
+        "sets_missing": sorted(sets_missing or {}),
+        "classes": {"file": str(Path(classes_file).resolve()) if classes_file else None, "names": evaluation.classes},
+        "templates": evaluation.templates,
+        "negative_labels": ({"file": str(Path(negative_labels_file).resolve()) if negative_labels_file else None,
+                             "count": len(evaluation.negative_labels)} if evaluation.negative_labels else None),
+    }
 
 
 def write_ood_report(results_path: str | os.PathLike, evaluation: OodEvaluation) -> dict[str, Path]:

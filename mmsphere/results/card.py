@@ -1,10 +1,10 @@
 """Results cards: what every evaluation writes, ``results.json`` and ``results.md``, and how cards are read back.
 
 A card is the evaluation's JSON with everything needed to trust, reproduce and compare its numbers
-(DESIGN §4): the protocol and its version, the list files' digest and a fingerprint of the media used,
-n listed / n evaluated (a subset says so in bold), the model (run directory with its config and
-weights digests, or open_clip name + pretrained tag), frames and their sampling, precision, package
-versions, the date, the command and the metrics. ``results.md`` renders the same card for people.
+(ARCHITECTURE.md, Evaluation conventions): the protocol and its version, the list files' digest and a
+fingerprint of the media used, n listed / n evaluated (a subset says so in bold), the model (run
+directory with its config and weights digests, or open_clip name + pretrained tag), frames and their
+sampling, precision, package versions, the date, the command and the metrics. ``results.md`` renders the same card for people.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def model_identity(identity: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_precision(model: Any) -> dict[str, str]:
-    """The dtype the encoders ran in and the one scores are computed in (always float32, DESIGN §4)."""
+    """The dtype the encoders ran in and the one scores are computed in (always float32, as ARCHITECTURE.md says)."""
     parameter = next(model.parameters(), None)
     encoders = str(parameter.dtype).removeprefix("torch.") if parameter is not None else "unknown"
     return {"encoders": encoders, "scores": "float32"}

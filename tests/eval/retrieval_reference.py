@@ -1,4 +1,4 @@
-"""Loop-based float64 transcriptions of DESIGN §4, the independent side of the retrieval tests."""
+"""Loop-based float64 transcriptions of ARCHITECTURE.md, Evaluation conventions: the independent side of the tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 
 def loop_ranks(sim: np.ndarray, truths: list[list[int]]) -> list[int]:
-    """DESIGN §4 word for word: non-ground-truth items scoring >= the best ground-truth score."""
+    """The tie rule word for word: non-ground-truth items scoring >= the best ground-truth score."""
     ranks = []
     for query, items in enumerate(truths):
         best = max(float(sim[query][item]) for item in items)

@@ -1,4 +1,7 @@
-"""retrieval_metrics, dual_softmax and topk_search against loop-based float64 transcriptions of DESIGN §4."""
+"""retrieval_metrics, dual_softmax and topk_search against loop-based float64 transcriptions.
+
+The rank and tie rule transcribed are those of ARCHITECTURE.md, Evaluation conventions.
+"""
 
 from __future__ import annotations
 
