@@ -1,8 +1,9 @@
 """Zero-shot OoD scores of a dual encoder: pure functions on features and logits, and their registry.
 
-Convention (ARCHITECTURE.md, OoD): higher score = more in-distribution. The temperature is always an
-explicit argument, because it changes the ranking of softmax-based scores: MCM's point is that
-``T = 1`` on raw cosines separates ID from OoD far better than CLIP's own ``T = 1/100``.
+Convention (ARCHITECTURE.md, Evaluation conventions): higher score = more in-distribution. The
+temperature is always an explicit argument, because it changes the ranking of softmax-based scores:
+MCM's point is that ``T = 1`` on raw cosines separates ID from OoD far better than CLIP's own
+``T = 1/100``.
 
 Every score is one :class:`OodScore` in :data:`OOD_SCORES`: how it scores, the temperature its paper
 uses, and what it needs besides the image and class features (NegLabel: the text features of
@@ -165,6 +166,7 @@ register_ood_score(OodScore("energy", on_logits(energy_score), temperature=None,
                             paper="Energy (Liu et al., NeurIPS 2020)"))
 register_ood_score(OodScore("neglabel", neglabel_score, temperature=0.01, needs=("negative_features",),
                             paper="NegLabel (Jiang et al., ICLR 2024)"))
+
 
 class _Temperatures(Mapping[str, "float | None"]):
     """Score name -> its own temperature, read from the registry (the public name before the registry)."""
