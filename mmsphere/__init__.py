@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
-
-if TYPE_CHECKING:  # import cycle: every submodule imports this package first; `import mmsphere` stays light
-    from mmsphere.config import Config
 
 
 def load(run_dir: str, device: str = "cpu") -> Any:
@@ -18,8 +15,8 @@ def load(run_dir: str, device: str = "cpu") -> Any:
     return load_run(run_dir, device=device)
 
 
-def train(config: "Config") -> Any:
-    """Fine-tune from a :class:`~mmsphere.config.Config`; returns the training summary."""
+def train(config: Any) -> Any:
+    """Fine-tune from a :class:`~mmsphere.train.config.Config`; returns the training summary."""
     # import cycle: mmsphere.train imports this package; lazy also keeps `import mmsphere` free of torch
     from mmsphere.train import train as _train
 

@@ -1,176 +1,38 @@
-"""One typed configuration tree, loaded from YAML with ``dotted.key=value`` overrides.
+"""The configuration machinery: YAML, typed ``dotted.key=value`` overrides, the typed tree, error reports.
 
-Validation happens here, when the config is built: unknown keys (with the closest valid key
-suggested), wrong types and impossible values raise :class:`ConfigError` before any work starts.
+A configuration is a tree of dataclasses. Each *section* (``model``, ``data``, ``loss``, ...) is
+declared, and validated, by the package that uses it, and the run's root assembles them
+(ARCHITECTURE.md, Layers); this module knows none of them. It reads YAML, applies overrides parsed
+by the declared type of their field, builds the tree (unknown keys are reported with the closest
+valid key, wrong types with the key and the value) and writes a tree back as YAML.
+
+A section class may define two hooks, both called while the tree is built:
+
+- ``migrate(cls, raw: dict) -> dict`` (a classmethod): rewrites the section's raw mapping before
+  its keys are checked (older spellings of keys, for instance);
+- ``validate(self) -> None``: raises :class:`ConfigError` for values that are well-typed but
+  impossible; called on each section once its own fields are built, so a root sees valid sections.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
-import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 # the error family lives in mmsphere.errors; re-exported here, where it was first defined
 from mmsphere.errors import ConfigError, DataError, MmsphereError  # noqa: F401
-from mmsphere.user_modules import import_user_module
 
-if typing.TYPE_CHECKING:
-    from mmsphere.losses.terms import ResolvedTerm  # import cycle at run time: the terms import this module
+__all__ = ["BOOLEAN_WORDS", "NULL_WORDS", "load_yaml", "read_yaml_file", "read_config", "apply_override", "build_config",
+           "config_to_dict", "save_config", "require"]
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelConfig:
-    """The dual encoder: an open_clip architecture plus a temporal head for video."""
-
-    name: str = "ViT-B-32"  # open_clip architecture name or path to a JSON model config
-    pretrained: str | None = None  # open_clip tag, local file, local directory or hf-hub:ORG/NAME
-    temporal_head: str = "mean"  # mean (CLIP4Clip meanP) | transformer (CLIP4Clip seqTransf)
-    temporal_layers: int = 1
-    temporal_heads: int = 0  # 0 = width // 64, at least 1
-    max_frames: int = 32  # size of the frame position embedding of the transformer head
-    freeze_image: bool = False
-    freeze_text: bool = False
-    # all | heads: with "heads" the towers' trunks are frozen and only the projection heads, the
-    # temporal head and logit_scale train (LiT-style probing of pretrained towers; cheap on CPU)
-    trainable: str = "all"
-    image_lr: float | None = None  # None = train.lr
-    text_lr: float | None = None
-    gradient_checkpointing: bool = False
-    # the starts of the learnable logit bias b (created only when set) and of log s, open_clip's
-    # init_logit_bias / init_logit_scale; null = the loss terms' defaults (siglip: b = -10, log s =
-    # ln 10, open_clip's SigLIP start), else no bias and open_clip's ln(1/0.07). A pretrained
-    # checkpoint's own values replace them.
-    init_logit_bias: float | None = None
-    init_logit_scale: float | None = None
-
-
-@dataclass
-class SourceConfig:
-    """One stream of shards: a webdataset URL pattern, its modality and its sampling weight."""
-
-    urls: str = ""
-    modality: str = "video"  # video | image
-    weight: float = 1.0
-    name: str = ""
-
-
-@dataclass
-class DataConfig:
-    """Where samples come from and how they are decoded."""
-
-    train: list[SourceConfig] = field(default_factory=list)
-    meta: SourceConfig | None = None  # clean meta set for meta-learned weighting
-    val: SourceConfig | None = None
-    frames: int = 8
-    image_size: int | None = None  # None = the model's own input size
-    workers: int = 0
-    shuffle_buffer: int = 1000
-    resampled: bool = True
-    fast_decode: bool = False  # seek to the nearest keyframe instead of exact decoding (train only)
-    random_offset: bool = False  # random-offset segments instead of linspace frames (train only)
-    epoch_samples: int = 10000  # length of a virtual epoch, in samples per process
-    # frozen trunks (model.trainable=heads): encode each sample once into a feature cache next to the
-    # shards and train, validate and evaluate the heads from it (mmsphere.cache; `mmsphere cache`)
-    feature_cache: bool = False
-    feature_cache_dir: str | None = None  # None = beside each shard folder, in features/<fingerprint>/
-
-
-@dataclass
-class LossConfig:
-    """The composed objective: which terms, their weights and their hyper-parameters."""
-
-    # term name -> weight, or -> {weight: ..., <the term's fields>}; the names are those of the term
-    # registry (mmsphere.losses.terms), including a user's own terms from the modules in `imports`
-    terms: dict[str, Any] = field(default_factory=lambda: {"angular_margin": 1.0})
-    positives: str = "diagonal"  # diagonal | group: samples sharing a group id are positives of each other
-    imports: list[str] = field(default_factory=list)  # modules that register terms (loss.imports: [my_terms])
-    # the flat fields of configs written before per-term fields; a term's own field wins
-    margin: float = 0.1
-    m2mix_alpha: float = 0.5
-    tau_mix: float = 0.07
-    uniformity_t: float = 2.0
-    calibration_alpha: float = 0.5
-    min_sim: float = 0.0
-    max_sim: float = 0.8
-    detach_calibration: bool = True
-    local_loss: bool = False
-    gather_with_grad: bool = True
-
-
-@dataclass
-class MetaConfig:
-    """Meta-Weight-Net sample weighting (NeurIPS'19, as used by MAMA)."""
-
-    enabled: bool = False
-    interval: int = 1
-    hidden: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    virtual_lr: float | None = None  # None = the current learning rate
-    params: str = "heads"  # all | last_blocks | heads
-    last_blocks: int = 1
-    normalize: str = "mean"  # mean | sum
-    batch_size: int | None = None  # None = train.batch_size
-    # sample_weights.jsonl gets every sample of every weights_log_every-th step (bounded, and a sample's
-    # weight is followed through training, which the demo's weight AUROC needs)
-    weights_log_every: int = 10
-    # how the exact meta-gradient is computed: jvp (first-order passes + one forward-mode pass) or
-    # second_order (differentiating through the virtual step; the reference, more memory)
-    gradient: str = "jvp"
-
-
-@dataclass
-class TrainConfig:
-    """The optimisation loop."""
-
-    max_steps: int = 1000
-    batch_size: int = 32  # global: split evenly over processes, then over accum_freq micro-batches
-    lr: float = 1e-5
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    grad_clip: float | None = 1.0
-    precision: str = "no"  # no | bf16 | fp16
-    accum_freq: int = 1
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str | None = None  # path, "latest" or null
-    log_every: int = 10
-    val_every: int = 0  # 0 = only at the end
-    max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
-    cpu: bool = False  # force CPU processes even where CUDA exists
-    # accelerate trackers (log_with names: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive,
-    # swanlab, trackio, all); metrics.jsonl is written either way
-    report_to: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Config:
-    """The whole run."""
-
-    output_dir: str = "runs/default"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    meta: MetaConfig = field(default_factory=MetaConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-# --------------------------------------------------------------------------------------------
-# building from dicts, YAML and overrides
+T = TypeVar("T")
 
 
 # Words a bool field accepts, from YAML files and overrides alike (case-insensitive).
@@ -202,31 +64,38 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a validated :class:`Config` from a YAML file and ``dotted.key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = load_yaml(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+def read_config(root: type, path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw mapping of a YAML file (empty without one) with ``dotted.key=value`` overrides applied.
+
+    ``root`` is the dataclass the mapping describes; overrides are parsed by the types it declares.
+    """
+    raw = read_yaml_file(path) if path is not None else {}
     for override in overrides or []:
-        apply_override(raw, override)
-    return config_from_dict(raw)
+        apply_override(raw, override, root)
+    return raw
 
 
-def apply_override(raw: dict[str, Any], override: str) -> None:
+def read_yaml_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (empty for an empty file); ConfigError if it is missing or no mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], override: str, root: type) -> None:
     """Set ``dotted.key=value`` in a raw config dict, the value read as the declared type of its field.
 
     A string field takes the text as written (``train.precision=no`` is ``"no"``; quote it as YAML,
     ``key="'a b'"``, to strip the quotes); a nullable field takes null, none, ~ or nothing as None;
     a bool field true/false, yes/no, on/off; a number field a number. Lists, mappings, whole
-    sections and keys without a declared type are parsed as YAML. An integer part indexes a list:
+    sections and keys without a declared type (in the dataclass ``root``) are parsed as YAML. An integer part indexes a list:
     ``data.train.0.urls=...`` sets the first source's urls, ``train.betas.1=0.95`` the second beta.
     """
     if "=" not in override:
@@ -242,12 +111,12 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             child = node.get(part)
             if child is None:
                 # a list the config does not set is its default (train.betas), so that an index can name an entry
-                default = _declared_default(parts[: depth + 1]) if parts[depth + 1].isdigit() else None
+                default = _declared_default(root, parts[: depth + 1]) if parts[depth + 1].isdigit() else None
                 child = node[part] = {} if default is None else default
         if not isinstance(child, (dict, list)):
             raise ConfigError(f"override {override!r}: {'.'.join(parts[: depth + 1])} is not a section or a list")
         node = child
-    value = _parse_override(_declared_type(parts), text.strip(), key)
+    value = _parse_override(_declared_type(root, parts), text.strip(), key)
     if isinstance(node, list):
         node[_list_index(node, parts, override)] = value
     else:
@@ -269,9 +138,9 @@ def _list_index(entries: list[Any], parts: list[str], override: str) -> int:
     return index
 
 
-def _declared_type(parts: list[str]) -> Any:
+def _declared_type(root: type, parts: list[str]) -> Any:
     """The type hint of the field that the dotted key names, or None for a key no field declares."""
-    hint: Any = Config
+    hint: Any = root
     for part in parts:
         hint, _ = _without_none(hint)
         if dataclasses.is_dataclass(hint):
@@ -289,9 +158,9 @@ def _declared_type(parts: list[str]) -> Any:
     return hint
 
 
-def _declared_default(parts: list[str]) -> list[Any] | None:
+def _declared_default(root: type, parts: list[str]) -> list[Any] | None:
     """The default of the list field that the dotted key names, as plain data; None for any other key."""
-    default: Any = config_to_dict(Config())
+    default: Any = config_to_dict(root())
     for part in parts:
         default = default.get(part) if isinstance(default, dict) else None
     return default if isinstance(default, list) else None
@@ -336,15 +205,16 @@ def _without_none(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from a plain nested dict."""
-    config = _build(Config, raw, "")
-    validate(config)
-    return config
+def build_config(cls: type[T], raw: dict[str, Any] | None, prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from a plain nested dict, migrating and validating every section.
+
+    ``prefix`` names where the mapping sits in the whole configuration (``"model."``), for messages.
+    """
+    return _build(cls, raw, prefix)
 
 
-def config_to_dict(config: Config) -> dict[str, Any]:
-    """The config as plain YAML-safe data (tuples become lists)."""
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config tree (or one section) as plain YAML-safe data (tuples become lists)."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, (list, tuple)):
@@ -356,7 +226,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
-def save_config(config: Config, path: str | Path) -> None:
+def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
@@ -366,6 +236,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    migrate = getattr(cls, "migrate", None)
+    if migrate is not None:
+        raw = migrate(raw)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     values = {}
@@ -375,7 +248,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
         values[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    return cls(**values)
+    built = cls(**values)
+    validate = getattr(built, "validate", None)
+    if validate is not None:
+        validate()
+    return built
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
@@ -432,112 +309,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# values that parse but are impossible
+# for the sections' own checks
 
 
-def _check(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(message)
-
-
-# training clamps log s to [0, this] (mmsphere.train.step); model.init_logit_scale must lie there too
-MAX_LOG_LOGIT_SCALE = math.log(100.0)
-
-
-def _fill_term_model_defaults(model: ModelConfig, resolved: list[ResolvedTerm]) -> None:
-    """Set the ``model.<field>`` values the config leaves null to the loss terms' ``model_defaults``; log it."""
-    chosen: dict[str, tuple[float, str]] = {}
-    for term in resolved:
-        for key, value in term.term_class.model_defaults.items():
-            if getattr(model, key) is not None:
-                continue
-            if key in chosen and chosen[key][0] != value:
-                raise ConfigError(f"loss.terms.{chosen[key][1]} starts model.{key} at {chosen[key][0]:g}, "
-                                  f"loss.terms.{term.name} at {value:g}: set model.{key}")
-            chosen.setdefault(key, (float(value), term.name))
-    filled: dict[str, list[str]] = {}
-    for key, (value, term) in chosen.items():
-        setattr(model, key, value)
-        filled.setdefault(term, []).append(f"model.{key}={value:.4g}")
-    for term, settings in filled.items():
-        logger.info("unset in the config, so at loss.terms.%s's defaults: %s (set them to override)",
-                    term, ", ".join(settings))
-
-
-def validate(config: Config) -> None:
-    """Raise :class:`ConfigError` for values that are well-typed but impossible; fill the loss terms' model defaults."""
-    model, data, loss, meta, train = config.model, config.data, config.loss, config.meta, config.train
-    _check(model.temporal_head in ("mean", "transformer"),
-           f"model.temporal_head={model.temporal_head!r} must be 'mean' or 'transformer'")
-    _check(model.trainable in ("all", "heads"), f"model.trainable={model.trainable!r} must be 'all' or 'heads'")
-    _check(model.temporal_layers >= 1, f"model.temporal_layers={model.temporal_layers} must be >= 1")
-    _check(model.max_frames >= 1, f"model.max_frames={model.max_frames} must be >= 1")
-    _check(data.frames >= 1, f"data.frames={data.frames} must be >= 1")
-    _check(data.frames <= model.max_frames or model.temporal_head == "mean",
-           f"data.frames={data.frames} exceeds model.max_frames={model.max_frames}")
-    _check(data.workers >= 0, f"data.workers={data.workers} must be >= 0")
-    _check(data.shuffle_buffer >= 0, f"data.shuffle_buffer={data.shuffle_buffer} must be >= 0")
-    _check(data.epoch_samples >= 1, f"data.epoch_samples={data.epoch_samples} must be >= 1")
-    for index, source in enumerate(data.train + [s for s in (data.meta, data.val) if s is not None]):
-        where = f"data source {source.name or index}"
-        _check(bool(source.urls), f"{where}: urls must name at least one shard")
-        _check(source.modality in ("video", "image"),
-               f"{where}: modality={source.modality!r} must be 'video' or 'image'")
-        _check(source.weight > 0, f"{where}: weight={source.weight} must be > 0")
-
-    _check(loss.positives in ("diagonal", "group"),
-           f"loss.positives={loss.positives!r} must be 'diagonal' or 'group'")
-    for module in loss.imports:
-        try:
-            import_user_module(module)  # registers the user's own terms (found in the working directory too)
-        except ImportError as error:
-            raise ConfigError(f"loss.imports: cannot import {module!r} ({error})") from None
-    # import cycle: mmsphere.losses.objective/terms import mmsphere.config; also keeps this module free of torch
-    from mmsphere.losses.objective import legacy_fields
-    from mmsphere.losses.terms import TERMS, resolve_terms
-
-    resolved = resolve_terms(loss.terms, legacy_fields(loss))
-    _fill_term_model_defaults(model, resolved)
-    for key in ("init_logit_bias", "init_logit_scale"):
-        value = getattr(model, key)
-        _check(value is None or math.isfinite(value), f"model.{key}={value} must be a finite number")
-    _check(model.init_logit_scale is None or 0 <= model.init_logit_scale <= MAX_LOG_LOGIT_SCALE,
-           f"model.init_logit_scale={model.init_logit_scale} must be in [0, ln 100 = {MAX_LOG_LOGIT_SCALE:.4f}]: it is "
-           f"the log of the logit multiplier, as open_clip's init_logit_scale (SigLIP: ln 10 = {math.log(10):.4f})")
-    needs_bias = [term.name for term in resolved if TERMS[term.name].needs_logit_bias]
-    _check(not needs_bias or model.init_logit_bias is not None,
-           f"loss.terms.{needs_bias[0] if needs_bias else ''} needs a learnable logit bias: set model.init_logit_bias "
-           f"(SigLIP starts at -10, with the logit scale at 10)")
-    _check(loss.gather_with_grad or not loss.local_loss,
-           "loss.local_loss=true needs loss.gather_with_grad=true: each rank's rows must send gradients "
-           "to the other ranks' features")
-
-    _check(meta.interval >= 1, f"meta.interval={meta.interval} must be >= 1")
-    _check(meta.hidden >= 1, f"meta.hidden={meta.hidden} must be >= 1")
-    _check(meta.params in ("all", "last_blocks", "heads"),
-           f"meta.params={meta.params!r} must be 'all', 'last_blocks' or 'heads'")
-    _check(meta.last_blocks >= 1, f"meta.last_blocks={meta.last_blocks} must be >= 1")
-    _check(meta.normalize in ("mean", "sum"), f"meta.normalize={meta.normalize!r} must be 'mean' or 'sum'")
-    _check(meta.virtual_lr is None or meta.virtual_lr > 0, f"meta.virtual_lr={meta.virtual_lr} must be > 0")
-    _check(meta.batch_size is None or meta.batch_size >= 2, f"meta.batch_size={meta.batch_size} must be >= 2")
-    _check(meta.weights_log_every >= 1, f"meta.weights_log_every={meta.weights_log_every} must be >= 1")
-    _check(meta.gradient in ("jvp", "second_order"),
-           f"meta.gradient={meta.gradient!r} must be 'jvp' or 'second_order'")
-    if meta.enabled:
-        _check(data.meta is not None, "meta.enabled=true needs data.meta (the clean meta set's shards)")
-
-    _check(train.max_steps >= 1, f"train.max_steps={train.max_steps} must be >= 1")
-    _check(train.batch_size >= 2, f"train.batch_size={train.batch_size} must be >= 2 (contrastive)")
-    _check(train.lr > 0, f"train.lr={train.lr} must be > 0")
-    _check(train.weight_decay >= 0, f"train.weight_decay={train.weight_decay} must be >= 0")
-    _check(train.warmup_steps >= 0, f"train.warmup_steps={train.warmup_steps} must be >= 0")
-    _check(train.grad_clip is None or train.grad_clip > 0, f"train.grad_clip={train.grad_clip} must be > 0")
-    _check(train.precision in ("no", "bf16", "fp16"),
-           f"train.precision={train.precision!r} must be 'no', 'bf16' or 'fp16'")
-    _check(train.accum_freq >= 1, f"train.accum_freq={train.accum_freq} must be >= 1")
-    _check(train.batch_size % train.accum_freq == 0,
-           f"train.batch_size={train.batch_size} must be divisible by train.accum_freq={train.accum_freq}")
-    _check(train.checkpoint_every >= 1, f"train.checkpoint_every={train.checkpoint_every} must be >= 1")
-    _check(train.keep_checkpoints >= 1, f"train.keep_checkpoints={train.keep_checkpoints} must be >= 1")
-    _check(train.max_nonfinite_steps >= 1,
-           f"train.max_nonfinite_steps={train.max_nonfinite_steps} must be >= 1")

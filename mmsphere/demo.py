@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmsphere.config import Config, load_config
+from mmsphere.train.config import Config, load_config
 from mmsphere.data.demo import build_demo_data
 from mmsphere.eval.evaluate import evaluate_retrieval
 from mmsphere.ood.evaluate import evaluate_ood
@@ -192,7 +192,7 @@ def report_markdown(report: dict[str, Any], config: Config) -> str:
         f"{report['data']['mismatch_fraction']:.0%} of training captions deliberately mismatched "
         f"({report['data']['mismatched_pairs']} pairs).",
         f"Model `{config.model.name}`, temporal head `{config.model.temporal_head}`, {config.data.frames} frames; "
-        f"objective terms {config.loss.terms}, margin {config.loss.margin}; meta weighting "
+        f"objective terms {config.loss.terms}; meta weighting "
         f"{'on, interval ' + str(config.meta.interval) if config.meta.enabled else 'off'}; "
         f"{report['training']['steps']} steps of global batch {config.train.batch_size}.",
         f"Time: data {report['timing_s']['data']:.0f} s, training {report['timing_s']['train']:.0f} s, "

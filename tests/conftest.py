@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmsphere.config import Config, ModelConfig
+from mmsphere.models.config import ModelConfig
+from mmsphere.train.config import Config
 from mmsphere.models import create_model, save_run
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mmsphere.config import Config
+from mmsphere.train.config import Config
 from mmsphere.models import load_run, save_run
 
 

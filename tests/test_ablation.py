@@ -18,7 +18,8 @@ from sklearn.metrics import roc_auc_score
 
 from mmsphere.ablation import OodSets, ablation_markdown, aggregate, mean_and_std, run_ablation, variant_config
 from mmsphere.ablation.cli import main
-from mmsphere.config import ConfigError, MmsphereError, config_from_dict
+from mmsphere.errors import ConfigError, MmsphereError
+from mmsphere.train.config import config_from_dict
 from mmsphere.eval.evaluate import evaluate_retrieval_loader
 from mmsphere.models import load_run
 
@@ -87,7 +88,7 @@ def base_raw(data: dict, **sections) -> dict:
                  "meta": {"urls": data["meta"], "modality": "image"},
                  "val": {"urls": data["val"], "modality": "image"},
                  "shuffle_buffer": 8, "epoch_samples": 32},
-        "loss": {"terms": {"angular_margin": 1.0}, "margin": 0.2},
+        "loss": {"terms": {"angular_margin": {"weight": 1.0, "margin": 0.2}}},
         "meta": {"hidden": 8},
         "train": {"max_steps": STEPS, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": STEPS,
                   "log_every": 1, "cpu": True},
@@ -115,9 +116,10 @@ def test_every_run_is_trained_with_its_variant_and_seed(study):
             run_dir = out / variant / f"seed_{seed}"
             saved = yaml.safe_load((run_dir / "config.yaml").read_text())
             assert saved["seed"] == seed and saved["train"]["max_steps"] == STEPS
-            assert saved["loss"]["terms"] == ({"clip": 1.0} if variant == "clip" else {"angular_margin": 1.0})
+            # the base config's other settings are kept: its margin goes with the angular margin term
+            assert saved["loss"]["terms"] == ({"clip": 1.0} if variant == "clip" else
+                                              {"angular_margin": {"weight": 1.0, "margin": 0.2}})
             assert saved["meta"]["enabled"] == (variant == "meta")
-            assert saved["loss"]["margin"] == 0.2, "the base config's other settings are kept"
             assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
             assert (run_dir / "sample_weights.jsonl").is_file() == (variant == "meta")
     assert not (out / "zero-shot" / "seed_0" / "model.safetensors").exists(), "zero-shot rows are not trained"
@@ -252,7 +254,7 @@ def test_variants_are_valid_configs_of_their_techniques(study_data, tmp_path):
 ])
 def test_a_technique_variant_takes_another_weight(study_data, tmp_path, variant, term, weight):
     config = variant_config(config_from_dict(base_raw(study_data)), variant, seed=0, output_dir=tmp_path)
-    assert config.loss.terms == {"angular_margin": 1.0, term: weight}
+    assert config.loss.terms == {"angular_margin": {"weight": 1.0, "margin": 0.2}, term: weight}  # the base's margin
     assert not config.meta.enabled
     # the named variant itself keeps its default weight
     assert variant_config(config_from_dict(base_raw(study_data)), variant.partition("@")[0], seed=0,
@@ -260,12 +262,13 @@ def test_a_technique_variant_takes_another_weight(study_data, tmp_path, variant,
 
 
 @pytest.mark.parametrize(("variant", "terms"), [
-    ("angular_margin:margin=0.2", {"angular_margin": {"weight": 1.0, "margin": 0.2}}),
+    ("angular_margin:margin=0.3", {"angular_margin": {"weight": 1.0, "margin": 0.3}}),
     ("siglip:margin=0.1", {"siglip": {"weight": 1.0, "margin": 0.1}}),
-    ("cma@0.01:weight=0.02", {"angular_margin": 1.0, "cma": {"weight": 0.02}}),
+    ("cma@0.01:weight=0.02", {"angular_margin": {"weight": 1.0, "margin": 0.2}, "cma": {"weight": 0.02}}),
 ])
 def test_a_variant_takes_its_terms_options(study_data, tmp_path, variant, terms):
-    """NAME:FIELD=VALUE sets fields of the variant's own term; the other terms keep the variant's defaults."""
+    """NAME:FIELD=VALUE sets fields of the variant's own term (over the base's margin 0.2); the other terms keep the
+    variant's weights with the base config's fields."""
     config = variant_config(config_from_dict(base_raw(study_data)), variant, seed=0, output_dir=tmp_path)
     assert config.loss.terms == terms
 

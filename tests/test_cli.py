@@ -62,7 +62,8 @@ BAD_INPUT = {
         ("key", ["train", "--config", "typo.yaml"], "unknown config key train.max_step; did you mean train.max_steps"),
         ("key", ["train", "--config", "ok.yaml", "trian.lr=0.1"], "trian"),
         ("value", ["train", "--config", "ok.yaml", "train.lr=fast"], "train.lr='fast' must be a number"),
-        ("value", ["train", "--config", "ok.yaml", "loss.margin=-0.1"], "loss.margin=-0.1"),
+        ("value", ["train", "--config", "ok.yaml", "loss.terms.angular_margin.margin=-0.1"],
+         "loss.terms.angular_margin.margin=-0.1"),
     ],
     "eval-retrieval": [
         ("path", ["eval-retrieval", "--run", "absent", "--data", "shard.tar"], "run directory 'absent' does not exist"),
@@ -153,10 +154,10 @@ def test_under_a_launcher_process_0_reports_at_once_and_the_launcher_reads_the_l
     monkeypatch.setattr(cli_errors.time, "sleep", slept.append)
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
     monkeypatch.setenv("RANK", "0")
-    cli_errors.report_error("mmsphere train: error: loss.margin=-1.0 must be in [0, π)")
-    assert capsys.readouterr().err == "mmsphere train: error: loss.margin=-1.0 must be in [0, π)\n" and not slept
+    cli_errors.report_error("mmsphere train: error: loss.terms.angular_margin.margin=-1.0 must be in [0, π)")
+    assert capsys.readouterr().err == "mmsphere train: error: loss.terms.angular_margin.margin=-1.0 must be in [0, π)\n" and not slept
     assert json.loads((tmp_path / "error.json").read_text())["message"] == (
-        "mmsphere train: error: loss.margin=-1.0 must be in [0, π)")
+        "mmsphere train: error: loss.terms.angular_margin.margin=-1.0 must be in [0, π)")
 
 
 def test_another_process_reports_after_a_grace_period_marked_with_its_rank(monkeypatch, capsys):

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import pytest
 
-from mmsphere.config import (Config, ConfigError, SourceConfig, config_from_dict, config_to_dict, load_config,
-                             save_config)
+from mmsphere.config import config_to_dict, load_yaml, save_config
+from mmsphere.data.config import SourceConfig
+from mmsphere.errors import ConfigError
+from mmsphere.losses.config import LEGACY_KEYS
+from mmsphere.train.config import Config, config_from_dict, load_config
 
 GOOD = {
     "output_dir": "runs/x",
     "data": {"train": [{"urls": "a-{000..001}.tar", "modality": "video"}],
              "meta": {"urls": "m.tar", "modality": "image"}},
-    "loss": {"terms": {"angular_margin": 1.0, "m2mix": 0.1}, "margin": 0.2},
+    "loss": {"terms": {"angular_margin": {"weight": 1.0, "margin": 0.2}, "m2mix": 0.1}},
     "meta": {"enabled": True, "interval": 5},
     "train": {"max_steps": 10, "batch_size": 8, "betas": [0.9, 0.95]},
 }
@@ -24,7 +28,7 @@ def test_builds_typed_tree():
     config = config_from_dict(GOOD)
     assert isinstance(config, Config)
     assert config.data.train[0].urls == "a-{000..001}.tar"
-    assert config.loss.margin == 0.2 and isinstance(config.train.lr, float)
+    assert config.loss.terms["angular_margin"] == {"weight": 1.0, "margin": 0.2} and isinstance(config.train.lr, float)
     assert config.train.betas == (0.9, 0.95)
     assert config.meta.interval == 5
 
@@ -39,12 +43,12 @@ def test_round_trip_through_yaml(tmp_path):
 def test_overrides_are_parsed_by_type(tmp_path):
     path = tmp_path / "c.yaml"
     save_config(config_from_dict(GOOD), path)
-    config = load_config(path, ["train.max_steps=3", "loss.margin=0.3", "train.lr=2e-3", "train.resume=latest", "meta.enabled=false",
-                                "loss.terms={clip: 1.0}"])
-    assert config.train.max_steps == 3 and config.loss.margin == 0.3
+    config = load_config(path, ["train.max_steps=3", "loss.terms.angular_margin.margin=0.3", "train.lr=2e-3",
+                                "train.resume=latest", "meta.enabled=false"])
+    assert config.train.max_steps == 3 and config.loss.terms["angular_margin"] == {"weight": 1.0, "margin": 0.3}
     assert config.train.lr == 2e-3  # YAML 1.1 reads 2e-3 as a string
     assert config.train.resume == "latest" and config.meta.enabled is False
-    assert config.loss.terms == {"clip": 1.0}
+    assert load_config(path, ["loss.terms={clip: 1.0}"]).loss.terms == {"clip": 1.0}
 
 
 @pytest.mark.parametrize("override, key, expected", [
@@ -80,7 +84,7 @@ def test_overrides_are_parsed_by_type(tmp_path):
     # numbers, and YAML for lists, mappings and sections
     ("seed=-3", "seed", -3),
     ("train.lr=1e-4", "train.lr", 1e-4),
-    ("loss.margin=1", "loss.margin", 1.0),
+    ("train.weight_decay=1", "train.weight_decay", 1.0),
     ("train.betas=[0.8, 0.9]", "train.betas", (0.8, 0.9)),
     ("loss.terms.m2mix=0.5", "loss.terms", {"angular_margin": 1.0, "m2mix": 0.5}),
 ])
@@ -124,7 +128,7 @@ def test_yaml_booleans_in_string_fields_ask_for_quotes(tmp_path, text, message):
     ("train.max_steps=3.5", r"train.max_steps='3.5' must be an integer"),
     ("train.max_steps=yes", r"train.max_steps='yes' must be an integer"),
     ("train.max_steps=null", r"train.max_steps='null' must be an integer"),
-    ("loss.margin=off", r"loss.margin='off' must be a number"),
+    ("model.image_lr=off", r"model.image_lr='off' must be a number"),
     ("train.grad_clip=none please", r"train.grad_clip='none please' must be a number"),
     ("meta.enabled=1", r"meta.enabled='1' must be true or false"),
     ("meta.enabled=", r"meta.enabled='' must be true or false"),
@@ -136,7 +140,7 @@ def test_override_type_errors_name_the_key_and_value(override, message):
         load_config(None, ["data.train=[{urls: a.tar}]", override])
 
 
-@pytest.mark.parametrize("key, suggestion", [("train.max_step", "train.max_steps"), ("loss.margn", "loss.margin"),
+@pytest.mark.parametrize("key, suggestion", [("train.max_step", "train.max_steps"), ("loss.local_los", "loss.local_loss"),
                                              ("meta.intervall", "meta.interval"), ("outputdir", "output_dir")])
 def test_unknown_key_suggests_closest(key, suggestion):
     raw = {"data": GOOD["data"]}
@@ -147,8 +151,8 @@ def test_unknown_key_suggests_closest(key, suggestion):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("loss.margin=-0.1", r"loss.margin=-0.1 must be in \[0, π\)"),
-    (f"loss.margin={math.pi}", "loss.margin"),
+    ("loss.terms.angular_margin.margin=-0.1", r"loss.terms.angular_margin.margin=-0.1 must be in \[0, π\)"),
+    (f"loss.terms.angular_margin.margin={math.pi}", "loss.terms.angular_margin.margin"),
     ("data.frames=0", "data.frames=0"),
     ("train.batch_size=1", "train.batch_size=1"),
     ("train.max_steps=ten", "train.max_steps='ten' must be an integer"),
@@ -190,6 +194,90 @@ def test_every_shipped_config_loads_and_builds_its_objective(path):
 
     config = load_config(path)
     assert Objective(config.loss).contrastive in ("clip", "angular_margin", "siglip")
+
+
+@pytest.mark.parametrize("path", sorted(str(path) for path in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml")))
+def test_shipped_configs_are_in_the_new_form(path, caplog):
+    raw = load_yaml(Path(path).read_text())
+    assert not set(raw.get("loss", {})) & set(LEGACY_KEYS)
+    with caplog.at_level(logging.INFO, logger="mmsphere.losses.config"):
+        load_config(path)
+    assert not caplog.records  # nothing to migrate
+
+
+# --------------------------------------------------------------------------------------------
+# configs written before per-term fields: the flat loss keys are migrated when the config loads
+
+OLD_FORM = {"terms": {"angular_margin": 1.0, "m2mix": 0.1, "calibrated_uniformity": {"weight": 0.2, "t": 3.0}},
+            "margin": 0.2, "m2mix_alpha": 1.5, "tau_mix": 0.1, "calibration_alpha": 0.4, "min_sim": 0.1,
+            "max_sim": 0.7, "detach_calibration": False, "local_loss": True}
+# written out by hand: where each flat key goes
+NEW_FORM = {"terms": {"angular_margin": {"weight": 1.0, "margin": 0.2},
+                      "m2mix": {"weight": 0.1, "alpha": 1.5, "tau": 0.1},
+                      "calibrated_uniformity": {"weight": 0.2, "t": 3.0, "alpha": 0.4, "min_sim": 0.1, "max_sim": 0.7,
+                                                "detach_calibration": False}},
+            "local_loss": True}
+
+
+def _migration_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "mmsphere.losses.config"]
+
+
+def test_an_old_form_config_loads_as_the_new_form_with_one_line_per_key(caplog):
+    with caplog.at_level(logging.INFO, logger="mmsphere.losses.config"):
+        old = config_from_dict({"data": GOOD["data"], "loss": OLD_FORM})
+    lines = _migration_lines(caplog)
+    new = config_from_dict({"data": GOOD["data"], "loss": NEW_FORM})
+    assert old == new
+    assert old.loss.terms == NEW_FORM["terms"]
+    moved = [key for key in OLD_FORM if key not in ("terms", "local_loss")]
+    assert len(lines) == len(moved) == 7
+    for key, line in zip(moved, lines):
+        term, field = LEGACY_KEYS[key]
+        assert f"loss.{key}=" in line and f"-> loss.terms.{term}.{field}=" in line
+
+
+def test_an_old_form_yaml_file_and_override_load_and_save_in_the_new_form(tmp_path, caplog):
+    path = tmp_path / "old.yaml"
+    path.write_text("data: {train: [{urls: a.tar}]}\nloss:\n  terms: {angular_margin: 1.0, m2mix: 0.1}\n"
+                    "  margin: 0.2\n")
+    with caplog.at_level(logging.INFO, logger="mmsphere.losses.config"):
+        config = load_config(path, ["loss.tau_mix=0.2"])
+    assert config.loss.terms == {"angular_margin": {"weight": 1.0, "margin": 0.2}, "m2mix": {"weight": 0.1, "tau": 0.2}}
+    assert len(_migration_lines(caplog)) == 2
+    save_config(config, tmp_path / "saved.yaml")
+    assert not set(load_yaml((tmp_path / "saved.yaml").read_text())["loss"]) & set(LEGACY_KEYS)
+    assert load_config(tmp_path / "saved.yaml") == config
+
+
+def test_without_terms_the_old_keys_go_to_the_default_terms(caplog):
+    with caplog.at_level(logging.INFO, logger="mmsphere.losses.config"):
+        config = config_from_dict({"data": GOOD["data"], "loss": {"margin": 0.3}})
+    assert config.loss.terms == {"angular_margin": {"weight": 1.0, "margin": 0.3}}
+    assert len(_migration_lines(caplog)) == 1
+
+
+def test_an_old_key_for_a_term_not_in_use_is_dropped_with_one_line(caplog):
+    with caplog.at_level(logging.INFO, logger="mmsphere.losses.config"):
+        config = config_from_dict({"data": GOOD["data"], "loss": {"terms": {"clip": 1.0}, "margin": 0.3,
+                                                                   "uniformity_t": 5.0}})
+    assert config.loss.terms == {"clip": 1.0}
+    lines = _migration_lines(caplog)
+    assert len(lines) == 2
+    assert "loss.margin=0.3 dropped" in lines[0] and "no angular_margin term" in lines[0] and "no effect" in lines[0]
+    assert "loss.uniformity_t=5.0 dropped" in lines[1] and "loss.terms.calibrated_uniformity.t" in lines[1]
+
+
+def test_an_old_key_and_its_new_field_together_name_both():
+    raw = {"data": GOOD["data"], "loss": {"terms": {"angular_margin": {"weight": 1.0, "margin": 0.1}}, "margin": 0.3}}
+    with pytest.raises(ConfigError, match=r"loss.margin=0.3 and loss.terms.angular_margin.margin=0.1 are both set"):
+        config_from_dict(raw)
+
+
+def test_the_migration_leaves_the_callers_dict_alone():
+    raw = {"data": GOOD["data"], "loss": {"terms": {"angular_margin": 1.0}, "margin": 0.3}}
+    config_from_dict(raw)
+    assert raw["loss"] == {"terms": {"angular_margin": 1.0}, "margin": 0.3}
 
 
 @pytest.mark.parametrize("overrides, key, expected", [

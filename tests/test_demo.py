@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mmsphere.config import config_from_dict
+from mmsphere.train.config import config_from_dict
 from mmsphere.demo import weight_separation, write_report
 from mmsphere.eval.evaluate import evaluate_retrieval
 from mmsphere.models import create_model, load_run

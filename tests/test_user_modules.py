@@ -57,7 +57,7 @@ def run(code: str, *arguments: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_loss_imports_find_a_module_in_the_working_directory(tmp_path):
     (tmp_path / "my_terms.py").write_text(MY_TERMS)
-    code = ("from mmsphere.config import load_config; "
+    code = ("from mmsphere.train.config import load_config; "
             f"config = load_config({str(REPO / 'configs' / 'demo.yaml')!r}, sys.argv[1:]); "
             "print(sorted(config.loss.terms))")
     done = run(code, "loss.imports=[my_terms]", "loss.terms={angular_margin: 1.0, positive_gap: {weight: 0.1}}",

@@ -11,7 +11,8 @@ from mmsphere.ablation.evaluation import OodSets, read_mismatched_keys
 from mmsphere.ablation.runs import run_ablation
 from mmsphere.ablation.summary import RETRIEVAL_COLUMNS, markdown_table
 from mmsphere.ablation.variants import known_variants
-from mmsphere.config import ConfigError, MmsphereError, load_config
+from mmsphere.errors import ConfigError, MmsphereError
+from mmsphere.train.config import load_config
 from mmsphere.ood.inputs import parse_ood_sets, read_names, read_templates
 from mmsphere.ood.scores import OOD_SCORES, scores_needing
 

@@ -26,7 +26,9 @@ from mmsphere.ablation.variants import (
     variant_config,
     variant_overrides,
 )
-from mmsphere.config import Config, ConfigError, MmsphereError, config_to_dict, load_config
+from mmsphere.config import config_to_dict
+from mmsphere.errors import ConfigError, MmsphereError
+from mmsphere.train.config import Config, load_config
 from mmsphere.eval.report import versions, write_json
 from mmsphere.models import create_model, load_run
 from mmsphere.train import train

@@ -10,7 +10,9 @@ from typing import Any
 
 import yaml
 
-from mmsphere.config import Config, ConfigError, config_from_dict, config_to_dict
+from mmsphere.config import config_to_dict
+from mmsphere.errors import ConfigError
+from mmsphere.train.config import Config, config_from_dict
 from mmsphere.losses.terms import TERMS
 
 BASELINE_TERM = "angular_margin"  # the contrastive term the techniques are added to (MAMA's)
@@ -106,13 +108,30 @@ def variant_config(base: Config, variant: str, seed: int, output_dir: str | os.P
     raw = config_to_dict(base)
     for key, value in variant_overrides(variant).items():
         section, _, name = key.partition(".")
-        raw[section][name] = value
+        raw[section][name] = _with_base_fields(value, raw["loss"]["terms"]) if key == "loss.terms" else value
     raw.update(output_dir=str(output_dir), seed=seed)
     raw["train"]["resume"] = "latest"  # an interrupted study continues from the last checkpoint
     try:
         return config_from_dict(raw)
     except ConfigError as error:
         raise ConfigError(f"variant {variant!r}: {error}") from None
+
+
+def _with_base_fields(terms: dict[str, Any], base_terms: dict[str, Any]) -> dict[str, Any]:
+    """A variant's ``loss.terms`` with the fields the base config sets for the same terms (the variant's own win).
+
+    The base config's other settings are kept: ``angular_margin: {weight: 1.0, margin: 0.2}`` in the base
+    keeps margin 0.2 in every variant that uses ``angular_margin``.
+    """
+    merged = {}
+    for name, entry in terms.items():
+        base_entry = base_terms.get(name)
+        fields = {key: value for key, value in base_entry.items() if key != "weight"} if isinstance(base_entry, dict) else {}
+        if not fields:
+            merged[name] = entry
+        else:
+            merged[name] = {**fields, **entry} if isinstance(entry, dict) else {"weight": entry, **fields}
+    return merged
 
 
 def seeded_config(base: Config, seed: int, output_dir: str | os.PathLike) -> Config:

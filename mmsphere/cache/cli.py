@@ -8,7 +8,7 @@ import logging
 import time
 
 from mmsphere.cli_errors import ArgumentParser, run_cli
-from mmsphere.config import load_config
+from mmsphere.train.config import load_config
 
 
 def main(argv: list[str] | None) -> int:

@@ -34,13 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmsphere.config import ConfigError, LossConfig
-from mmsphere.losses import distributed
+from mmsphere.errors import ConfigError
+import mmsphere.losses.distributed as distributed
+from mmsphere.losses.config import LossConfig
 from mmsphere.losses.functional import _as_scale, _upcast
 from mmsphere.losses.reducers import NORMALIZATIONS, reduce_weighted
 from mmsphere.losses.terms import ResolvedTerm, Rows, Term, TermContext, resolve_terms
 
-__all__ = ["Objective", "ObjectiveOutput", "ObjectiveTerms", "legacy_fields", "SampleWeights"]
+__all__ = ["Objective", "ObjectiveOutput", "ObjectiveTerms", "SampleWeights"]
 
 SampleWeights = Tensor | Callable[[Tensor], Tensor] | None
 
@@ -69,14 +70,8 @@ class ObjectiveTerms:
         return self.per_sample_rows[self.rows.local]
 
 
-def legacy_fields(config: LossConfig) -> dict[str, object]:
-    """The flat LossConfig fields that older configs set (``margin``, ``tau_mix``, ...), as term defaults."""
-    return {field.name: getattr(config, field.name) for field in dataclasses.fields(config)
-            if field.name not in ("terms", "local_loss", "gather_with_grad", "positives", "imports")}
-
-
 class Objective(nn.Module):
-    """The composed objective of a :class:`~mmsphere.config.LossConfig`; no learnable parameters."""
+    """The composed objective of a :class:`~mmsphere.losses.config.LossConfig`; no learnable parameters."""
 
     def __init__(self, config: LossConfig) -> None:
         super().__init__()
@@ -84,7 +79,7 @@ class Objective(nn.Module):
             raise ConfigError("loss.local_loss=true needs loss.gather_with_grad=true: without gradients through the "
                               "gather each rank misses the other ranks' terms and the result is not the global loss")
         self.config = config
-        resolved = resolve_terms(config.terms, legacy_fields(config))
+        resolved = resolve_terms(config.terms)
         # zero-weight extra terms are not evaluated (nor do they draw); the contrastive one always is
         self.resolved: list[ResolvedTerm] = [term for term in resolved
                                              if term.term_class.contrastive or term.weight > 0]

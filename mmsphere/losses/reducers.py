@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmsphere.losses import distributed
+import mmsphere.losses.distributed as distributed
 from mmsphere.losses.terms import Rows
 
 NORMALIZATIONS = ("mean", "sum")

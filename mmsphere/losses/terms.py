@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmsphere.config import ConfigError, ModelConfig
+from mmsphere.errors import ConfigError
+from mmsphere.models.config import ModelConfig
 from mmsphere.losses.functional import _margin_cosine, _slerp_weights, _upcast
 
 __all__ = ["Term", "TermOptions", "TermContext", "TERMS", "register_term", "resolve_terms", "ResolvedTerm"]
@@ -75,8 +76,6 @@ class Term(abc.ABC):
     # an explicit setting wins. A needed bias with no default here must be set in the config.
     model_defaults: ClassVar[dict[str, float]] = {}
     Options: ClassVar[type[TermOptions]] = TermOptions
-    # flat LossConfig keys of configs written before per-term fields -> this term's field
-    legacy_keys: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: TermOptions) -> None:
         self.options = options
@@ -136,12 +135,8 @@ class ResolvedTerm:
         return self.term_class(self.options)
 
 
-def resolve_terms(terms: dict[str, Any], legacy: dict[str, Any] | None = None) -> list[ResolvedTerm]:
-    """Check ``loss.terms`` against the registry and return each term's weight and options, in registry order.
-
-    ``legacy``: the flat LossConfig fields (``margin``, ``tau_mix``, ...) of older configs, used for a
-    term's field that its own entry does not set.
-    """
+def resolve_terms(terms: dict[str, Any]) -> list[ResolvedTerm]:
+    """Check ``loss.terms`` against the registry and return each term's weight and options, in registry order."""
     if not isinstance(terms, dict) or not terms:
         raise ConfigError(f"loss.terms must be a non-empty mapping of term names, got {terms!r}")
     resolved = []
@@ -162,19 +157,10 @@ def resolve_terms(terms: dict[str, Any], legacy: dict[str, Any] | None = None) -
         weight = values.pop("weight", term_class.default_weight)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
             raise ConfigError(f"loss.terms.{name}.weight={weight!r} must be a finite number >= 0")
-        from_legacy = {}
-        for legacy_key, field_name in term_class.legacy_keys.items():
-            if field_name not in values and legacy and legacy.get(legacy_key) is not None:
-                values[field_name] = legacy[legacy_key]
-                from_legacy[field_name] = legacy_key
-        options = term_class.Options(**{
-            key: _typed(fields[key], value, f"loss.{from_legacy[key]}" if key in from_legacy else f"loss.terms.{name}.{key}")
-            for key, value in values.items()})
+        options = term_class.Options(**{key: _typed(fields[key], value, f"loss.terms.{name}.{key}")
+                                        for key, value in values.items()})
         problems = options.check()
         if problems:
-            field_name = problems[0].split("=", 1)[0]
-            if field_name in from_legacy:  # name the key the config actually set
-                raise ConfigError(f"loss.{from_legacy[field_name]}={problems[0].split('=', 1)[1]}")
             raise ConfigError(f"loss.terms.{name}.{problems[0]}")
         resolved.append(ResolvedTerm(name, float(weight), options))
     contrastive = [term.name for term in resolved if term.term_class.contrastive]
@@ -365,7 +351,6 @@ class AngularMargin(Term):
     description = "subtractive angular margin (MAMA, ECCV'24)"
     contrastive = True
     Options = MarginOptions
-    legacy_keys = {"margin": "margin"}
 
     def forward(self, context: TermContext) -> Tensor:
         margin = self.options.margin
@@ -442,7 +427,6 @@ class M2Mix(Term):
     description = "geodesic multimodal mixup negatives (m²-mix, NeurIPS'23)"
     default_weight = 0.1
     Options = M2MixOptions
-    legacy_keys = {"m2mix_alpha": "alpha", "tau_mix": "tau"}
 
     def draw(self, rng: np.random.Generator, batch_size: int) -> float:
         return float(rng.beta(self.options.alpha, self.options.alpha))
@@ -488,8 +472,6 @@ class CalibratedUniformity(Term):
     description = "calibrated uniformity on both modalities (CM³, 2025)"
     default_weight = 0.1
     Options = CalibratedUniformityOptions
-    legacy_keys = {"uniformity_t": "t", "calibration_alpha": "alpha", "min_sim": "min_sim", "max_sim": "max_sim",
-                   "detach_calibration": "detach_calibration"}
 
     def draw(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         return rng.beta(self.options.alpha, self.options.alpha, size=batch_size)
@@ -530,7 +512,7 @@ class CalibratedUniformity(Term):
                 exponents = exponents.sub_(shift)
             log_sum = exponents.exp_().sum().log() + shift
             if not rows.is_global:
-                from mmsphere.losses import distributed
+                import mmsphere.losses.distributed as distributed
 
                 # log Σ over all pairs = LSE of every rank's partial log-sum; the gather carries the gradient
                 log_sum = torch.logsumexp(distributed.all_gather_with_grad(log_sum.reshape(1)), dim=0)

@@ -36,7 +36,10 @@ from torch import nn
 import mmsphere
 from mmsphere.atomic import atomic_write
 from mmsphere.cli_errors import ArgumentParser, run_cli
-from mmsphere.config import ConfigError, DataError, MmsphereError, ModelConfig
+from mmsphere.config import build_config
+from mmsphere.data.config import DataConfig
+from mmsphere.errors import ConfigError, DataError, MmsphereError
+from mmsphere.models.config import ModelConfig
 from mmsphere.models.dual_encoder import DualEncoder
 from mmsphere.models.factory import resolve_architecture
 from mmsphere.models.run_dir import load_run
@@ -255,8 +258,13 @@ def temporal_head_config(model: DualEncoder) -> dict[str, Any]:
                       temporal_heads=temporal_heads_for(model.config, model.embed_dim),
                       max_frames=model.config.max_frames, weights=TEMPORAL_WEIGHTS_FILE)
     if model.run_config is not None:
-        config["frames"] = model.run_config.data.frames
+        config["frames"] = _run_data(model).frames
     return config
+
+
+def _run_data(model: DualEncoder) -> DataConfig:
+    """The ``data`` section of the run ``model`` was loaded from (``load_run``)."""
+    return build_config(DataConfig, model.run_config.get("data"), "data.")
 
 
 def _check_tokenizer(model: DualEncoder, directory: Path) -> None:
@@ -307,7 +315,7 @@ def _readme(
         notes.append(f"The text tower is a Hugging Face model: transformers reads its architecture (config.json, "
                      f"not its weights) from `{hf_model_name}`, which must exist where you load it (a Hub id "
                      "needs network access or a filled cache).")
-    trained_size = model.run_config.data.image_size if model.run_config is not None else None
+    trained_size = _run_data(model).image_size if model.run_config is not None else None
     if trained_size is not None and trained_size != model.image_size:
         notes.append(f"The run trained on {trained_size} px frames (`data.image_size`); like mmsphere's own "
                      f"evaluation tools, open_clip evaluates at the model's {model.image_size} px.")

@@ -23,7 +23,8 @@ from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed,
 from open_clip.pretrained import download_pretrained_from_hf
 from torch import nn
 
-from mmsphere.config import Config, ConfigError, DataError, MmsphereError, ModelConfig
+from mmsphere.errors import ConfigError, DataError, MmsphereError
+from mmsphere.models.config import ModelConfig
 from mmsphere.models.weight_files import check_compatible, read_state_dict, shapes_of
 from mmsphere.models.dual_encoder import DualEncoder
 
@@ -50,8 +51,10 @@ def create_model(config: ModelConfig, device: str | torch.device = "cpu") -> Dua
     return build_dual_encoder(config, device=device, load_pretrained=True)
 
 
-def create_run_model(config: Config) -> DualEncoder:
+def create_run_model(config: Any) -> DualEncoder:
     """The model a run starts from: every generator seeded with ``config.seed``, then :func:`create_model`.
+
+    ``config``: the run's ``mmsphere.train.config.Config`` (its ``seed`` and ``model`` are read).
 
     Training and ``mmsphere cache`` both build their model here, so randomly initialised towers are
     the same in both and a feature cache built ahead of time is the one a run reads.

@@ -20,7 +20,9 @@ from safetensors.torch import load_model, save_model
 
 import mmsphere
 from mmsphere.atomic import atomic_write
-from mmsphere.config import Config, ConfigError, DataError, MmsphereError, ModelConfig, config_to_dict, load_config, save_config
+from mmsphere.config import build_config, config_to_dict, read_yaml_file, save_config
+from mmsphere.errors import ConfigError, DataError, MmsphereError
+from mmsphere.models.config import ModelConfig
 from mmsphere.digest import file_sha256
 from mmsphere.models.weight_files import check_compatible, tensor_shapes
 from mmsphere.models.dual_encoder import DualEncoder
@@ -34,8 +36,11 @@ CONFIG_FILE = "config.yaml"
 INFO_FILE = "mmsphere.json"
 
 
-def save_run(model: DualEncoder, config: Config, run_dir: str | os.PathLike) -> None:
-    """Write ``model.safetensors``, ``config.yaml`` and ``mmsphere.json`` into ``run_dir`` atomically per file."""
+def save_run(model: DualEncoder, config: Any, run_dir: str | os.PathLike) -> None:
+    """Write ``model.safetensors``, ``config.yaml`` and ``mmsphere.json`` into ``run_dir`` atomically per file.
+
+    ``config``: the run's ``mmsphere.train.config.Config``, whose ``model`` section built ``model``.
+    """
     if not isinstance(model, DualEncoder):
         raise TypeError(
             f"save_run takes a DualEncoder, got {type(model).__name__}; unwrap a distributed model first "
@@ -75,7 +80,10 @@ def save_run(model: DualEncoder, config: Config, run_dir: str | os.PathLike) -> 
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DualEncoder:
-    """Restore the dual encoder of a run directory (in eval mode); its full config is ``.run_config``."""
+    """Restore the dual encoder of a run directory (in eval mode); its ``config.yaml``, as plain data, is ``.run_config``.
+
+    Only the ``model`` section is built and checked here; ``mmsphere.train.config.load_config`` builds the whole run's.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run directory {str(run_dir)!r} does not exist")
@@ -84,11 +92,12 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
             raise DataError(f"run directory {str(run_dir)!r} has no {name}; is it a finished mmsphere run?")
     info = _read_info(run_dir / INFO_FILE)
     try:
-        config = load_config(run_dir / CONFIG_FILE)
+        config = read_yaml_file(run_dir / CONFIG_FILE)
+        model_config = build_config(ModelConfig, config.get("model"), "model.")
     except ConfigError as error:
         raise ConfigError(f"{str(run_dir / CONFIG_FILE)!r}: {error}") from None
 
-    model = build_dual_encoder(config.model, load_pretrained=False)
+    model = build_dual_encoder(model_config, load_pretrained=False)
     weights = run_dir / WEIGHTS_FILE
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     check_compatible(
@@ -117,7 +126,7 @@ def load_dual_encoder(run: str | os.PathLike | None = None, name: str | None = N
             raise ConfigError("--pretrained goes with --model; a run directory holds its own weights")
         model = load_run(run, device=device)
         identity: dict[str, Any] = {"run_dir": str(Path(run).resolve()),
-                                    "config": config_to_dict(model.run_config)["model"],
+                                    "config": config_to_dict(model.config),
                                     "weights_sha256": file_sha256(Path(run) / WEIGHTS_FILE)}
     elif name is not None:
         model = create_model(ModelConfig(name=name, pretrained=pretrained), device=device)

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mmsphere.cli_errors import OTHER_PROCESS_GRACE_S, ArgumentParser, run_cli
-from mmsphere.config import MmsphereError, load_config
+from mmsphere.errors import MmsphereError
+from mmsphere.train.config import load_config
 from mmsphere.console import console_logging, process_rank
 from mmsphere.train import train
 from mmsphere.train.loop import TrainingInterrupted

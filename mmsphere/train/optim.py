@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-from mmsphere.config import Config, ConfigError
+from mmsphere.errors import ConfigError
+from mmsphere.train.config import Config
 
 
 def _no_weight_decay(name: str, parameter: nn.Parameter) -> bool:

@@ -12,7 +12,9 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from mmsphere.config import Config, ConfigError, DataError, save_config
+from mmsphere.config import save_config
+from mmsphere.errors import ConfigError, DataError
+from mmsphere.train.config import Config
 from mmsphere.data.reader import expand_urls, is_local
 from mmsphere.train.checkpoint import STATE_FILE, checkpoint_dir, resolve_resume
 

@@ -20,7 +20,9 @@ from accelerate import Accelerator
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from accelerate.utils import LoggerType, gather_object
 
-from mmsphere.config import Config, ConfigError, config_to_dict
+from mmsphere.config import config_to_dict
+from mmsphere.errors import ConfigError
+from mmsphere.train.config import Config
 
 # the tracker's run is named after the project; TensorBoard writes into OUTPUT_DIR/<project>/
 PROJECT_NAME = "mmsphere"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from mmsphere.config import Config
 from mmsphere.losses import Objective
 from mmsphere.plotting import line_plot  # imports matplotlib only when a plot is drawn
 from mmsphere.weighting.meta import MetaStepResult, meta_step
@@ -20,7 +20,7 @@ class MetaWeighting:
     that term, unweighted, on the clean meta batch).
     """
 
-    def __init__(self, config: Config, network: torch.nn.Module, objective: Objective) -> None:
+    def __init__(self, config: Any, network: torch.nn.Module, objective: Objective) -> None:
         self.config = config
         self.network = network
         self.weight_net = WeightNet(config.meta.hidden)

@@ -34,7 +34,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from mmsphere.cache import build_config_caches
-from mmsphere.config import Config, config_from_dict
+from mmsphere.train.config import Config, config_from_dict
 from mmsphere.models import create_model
 from mmsphere.train import train
 

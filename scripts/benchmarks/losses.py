@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as tf
 from tqdm import tqdm
 
-from mmsphere.config import LossConfig
+from mmsphere.losses.config import LossConfig
 from mmsphere.losses import Objective, functional
+from mmsphere.losses.terms import TERMS
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 BASELINE = "open_clip.ClipLoss"
@@ -34,37 +35,40 @@ FULL_TERMS = {"angular_margin": 1.0, "m2mix": 0.1, "calibrated_uniformity": 0.1,
 def build_cases(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 config: LossConfig, seed: int) -> dict[str, Callable[[], torch.Tensor]]:
     """Each case returns the scalar to backpropagate."""
+    # the terms' default fields, which FULL_TERMS (bare weights) uses
+    margin_options, mix_options, uniformity_options = (TERMS[name].Options() for name in
+                                                       ("angular_margin", "m2mix", "calibrated_uniformity"))
     rng = np.random.default_rng(seed)
-    mix_lam = float(rng.beta(config.m2mix_alpha, config.m2mix_alpha))
-    calibration_lam = torch.as_tensor(rng.beta(config.calibration_alpha, config.calibration_alpha,
+    mix_lam = float(rng.beta(mix_options.alpha, mix_options.alpha))
+    calibration_lam = torch.as_tensor(rng.beta(uniformity_options.alpha, uniformity_options.alpha,
                                                size=image_features.shape[0]))
     clip_baseline = open_clip.ClipLoss()
     siglip_baseline = open_clip.loss.SigLipLoss()
     siglip_objective = Objective(LossConfig(terms={"siglip": {"weight": 1.0, "margin": 0.0}}))
     siglip_margin_objective = Objective(LossConfig(terms={"siglip": {"weight": 1.0, "margin": 0.1}}))
     bias = torch.tensor(-10.0, requires_grad=True)
-    margin_objective = Objective(LossConfig(terms={"angular_margin": 1.0}, margin=config.margin))
+    margin_objective = Objective(LossConfig(terms={"angular_margin": {"weight": 1.0, "margin": margin_options.margin}}))
     full_objective = Objective(config)
     img, txt, scale = image_features, text_features, logit_scale
 
     def calibrated_uniformity_both() -> torch.Tensor:
         with torch.no_grad():  # the calibration is detached (the default)
             fused = functional.slerp(img, txt, calibration_lam.to(img.dtype))
-            calibration = (fused @ fused.T).clamp(config.min_sim, config.max_sim)
-        return 0.5 * (functional.calibrated_uniformity(img, calibration, config.uniformity_t)
-                      + functional.calibrated_uniformity(txt, calibration, config.uniformity_t))
+            calibration = (fused @ fused.T).clamp(uniformity_options.min_sim, uniformity_options.max_sim)
+        return 0.5 * (functional.calibrated_uniformity(img, calibration, uniformity_options.t)
+                      + functional.calibrated_uniformity(txt, calibration, uniformity_options.t))
 
     def plain_composition() -> torch.Tensor:
-        return (FULL_TERMS["angular_margin"] * functional.angular_margin_loss(img, txt, scale, config.margin)
-                + FULL_TERMS["m2mix"] * functional.m2mix_loss(img, txt, mix_lam, config.tau_mix)
+        return (FULL_TERMS["angular_margin"] * functional.angular_margin_loss(img, txt, scale, margin_options.margin)
+                + FULL_TERMS["m2mix"] * functional.m2mix_loss(img, txt, mix_lam, mix_options.tau)
                 + FULL_TERMS["calibrated_uniformity"] * calibrated_uniformity_both()
                 + FULL_TERMS["cma"] * functional.cma_regularizer(img, txt, scale))
 
     return {
         BASELINE: lambda: clip_baseline(img, txt, scale),
         "clip_loss": lambda: functional.clip_loss(img, txt, scale),
-        "angular_margin_loss": lambda: functional.angular_margin_loss(img, txt, scale, config.margin),
-        "m2mix_loss": lambda: functional.m2mix_loss(img, txt, mix_lam, config.tau_mix),
+        "angular_margin_loss": lambda: functional.angular_margin_loss(img, txt, scale, margin_options.margin),
+        "m2mix_loss": lambda: functional.m2mix_loss(img, txt, mix_lam, mix_options.tau),
         "calibrated_uniformity (img+txt, with S)": calibrated_uniformity_both,
         "cma_regularizer": lambda: functional.cma_regularizer(img, txt, scale),
         "Objective(angular_margin)": lambda: margin_objective(img, txt, scale, seed=seed).loss,

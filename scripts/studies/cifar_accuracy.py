@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mmsphere.config import load_config
+from mmsphere.train.config import load_config
 from mmsphere.models import create_model, load_run
 from mmsphere.ood.evaluate import encode_image_set, prompt_features
 from mmsphere.ood.inputs import DEFAULT_TEMPLATES

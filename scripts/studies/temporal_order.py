@@ -20,12 +20,13 @@ import torch
 from mmsphere.data import build_eval_loader
 from mmsphere.eval.encode import encode_eval_set
 from mmsphere.models import load_run
+from mmsphere.train.config import load_config
 
 
 def order_accuracy(run_dir: Path) -> dict[str, float]:
     """``{"v2t": ..., "t2v": ..., "pairs": N}`` of one run on its config's ``data.val`` (a demo val split)."""
     model = load_run(run_dir).eval()
-    config = model.run_config
+    config = load_config(run_dir / "config.yaml")
     batches = build_eval_loader(config.data.val.urls, "video", frames=config.data.frames, image_size=model.image_size,
                                 image_mean=model.image_mean, image_std=model.image_std, batch_size=50)
     encoded = encode_eval_set(model, batches, progress=False)

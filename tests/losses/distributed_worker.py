@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as tf
 
-from mmsphere.config import LossConfig
+from mmsphere.losses.config import LossConfig
 from mmsphere.losses import Objective
 from mmsphere.losses.distributed import all_reduce_with_grad, world_info
 

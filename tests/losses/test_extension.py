@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as tf
 
-from mmsphere.config import ConfigError, load_config
+from mmsphere.errors import ConfigError
+from mmsphere.train.config import load_config
 from mmsphere.losses import TERMS, Objective
 from mmsphere.losses import functional as F
 

@@ -15,7 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as tf
 
-from mmsphere.config import ConfigError, LossConfig
+from mmsphere.config import build_config
+from mmsphere.errors import ConfigError
+from mmsphere.losses.config import LossConfig
 from mmsphere.losses import TERMS, Objective, ObjectiveOutput
 from mmsphere.losses import functional as F
 
@@ -28,14 +30,29 @@ def raw_pair(batch: int, dim: int, seed: int, dtype=torch.float64) -> tuple[torc
             torch.randn(batch, dim, generator=generator, dtype=dtype).requires_grad_())
 
 
+def weight(config: LossConfig, term: str) -> float:
+    """The weight ``loss.terms`` gives ``term`` (0 when absent)."""
+    entry = config.terms.get(term, 0.0)
+    return entry.get("weight", TERMS[term].default_weight) if isinstance(entry, dict) else entry
+
+
+def option(config: LossConfig, term: str, key: str):
+    """A term's field as ``loss.terms`` sets it, else the default the term declares."""
+    entry = config.terms.get(term)
+    if isinstance(entry, dict) and key in entry:
+        return entry[key]
+    return getattr(TERMS[term].Options(), key)
+
+
 def plain_composition(config: LossConfig, img, txt, scale, seed, weights=None, normalize="mean"):
-    """DESIGN §1 Composition from the plain functions; returns (loss, terms, per_sample)."""
+    """The objective's composition (ARCHITECTURE.md, Objective) from the plain functions; returns (loss, terms, per_sample)."""
     rng = np.random.default_rng(seed)
-    lam = rng.beta(config.m2mix_alpha, config.m2mix_alpha) if config.terms.get("m2mix", 0) > 0 else None
+    alpha = option(config, "m2mix", "alpha")
+    lam = rng.beta(alpha, alpha) if weight(config, "m2mix") > 0 else None
     batch = img.shape[0]
     terms = {}
     if "angular_margin" in config.terms:
-        per_sample = F.angular_margin_loss(img, txt, scale, config.margin, reduction="none")
+        per_sample = F.angular_margin_loss(img, txt, scale, option(config, "angular_margin", "margin"), reduction="none")
         name = "angular_margin"
     else:
         per_sample = F.clip_loss(img, txt, scale, reduction="none")
@@ -43,29 +60,31 @@ def plain_composition(config: LossConfig, img, txt, scale, seed, weights=None, n
     weights = torch.ones(batch, dtype=per_sample.dtype) if weights is None else weights
     terms[name] = (weights * per_sample).sum() / (batch if normalize == "mean" else weights.sum())
     if lam is not None:
-        terms["m2mix"] = F.m2mix_loss(img, txt, lam, config.tau_mix)
-    if config.terms.get("calibrated_uniformity", 0) > 0:
-        p = torch.as_tensor(rng.beta(config.calibration_alpha, config.calibration_alpha, size=batch))
-        with torch.set_grad_enabled(not config.detach_calibration):
+        terms["m2mix"] = F.m2mix_loss(img, txt, lam, option(config, "m2mix", "tau"))
+    if weight(config, "calibrated_uniformity") > 0:
+        calibration_option = lambda key: option(config, "calibrated_uniformity", key)  # noqa: E731
+        p = torch.as_tensor(rng.beta(calibration_option("alpha"), calibration_option("alpha"), size=batch))
+        with torch.set_grad_enabled(not calibration_option("detach_calibration")):
             fused = F.slerp(img, txt, p)
-            calibration = (fused @ fused.T).clamp(config.min_sim, config.max_sim)
-        terms["calibrated_uniformity"] = 0.5 * (F.calibrated_uniformity(img, calibration, config.uniformity_t)
-                                                + F.calibrated_uniformity(txt, calibration, config.uniformity_t))
-    if config.terms.get("cma", 0) > 0:
+            calibration = (fused @ fused.T).clamp(calibration_option("min_sim"), calibration_option("max_sim"))
+        terms["calibrated_uniformity"] = 0.5 * (F.calibrated_uniformity(img, calibration, calibration_option("t"))
+                                                + F.calibrated_uniformity(txt, calibration, calibration_option("t")))
+    if weight(config, "cma") > 0:
         terms["cma"] = F.cma_regularizer(img, txt, scale)
-    loss = sum(config.terms[key] * value for key, value in terms.items())
+    loss = sum(weight(config, key) * value for key, value in terms.items())
     return loss, terms, per_sample
 
 
 ALL_TERMS = {"angular_margin": 1.0, "m2mix": 0.5, "calibrated_uniformity": 0.3, "cma": 0.2}
 CONFIGS = {
-    "angular_margin": LossConfig(terms={"angular_margin": 1.0}, margin=0.3),
-    "clip+m2mix": LossConfig(terms={"clip": 0.7, "m2mix": 1.0}, m2mix_alpha=2.0, tau_mix=0.2),
-    "clip+calibrated_uniformity": LossConfig(terms={"clip": 1.0, "calibrated_uniformity": 1.0}, uniformity_t=3.0,
-                                             min_sim=0.1, max_sim=0.6),
-    "calibration_with_grad": LossConfig(terms={"clip": 1.0, "calibrated_uniformity": 1.0}, detach_calibration=False),
+    "angular_margin": LossConfig(terms={"angular_margin": {"weight": 1.0, "margin": 0.3}}),
+    "clip+m2mix": LossConfig(terms={"clip": 0.7, "m2mix": {"weight": 1.0, "alpha": 2.0, "tau": 0.2}}),
+    "clip+calibrated_uniformity": LossConfig(terms={"clip": 1.0, "calibrated_uniformity": {
+        "weight": 1.0, "t": 3.0, "min_sim": 0.1, "max_sim": 0.6}}),
+    "calibration_with_grad": LossConfig(terms={"clip": 1.0, "calibrated_uniformity": {
+        "weight": 1.0, "detach_calibration": False}}),
     # t = 15 spreads the exponents beyond fp32's exp range: the log-sum-exp shift comes from the data
-    "calibrated_uniformity, large t": LossConfig(terms={"clip": 1.0, "calibrated_uniformity": 1.0}, uniformity_t=15.0),
+    "calibrated_uniformity, large t": LossConfig(terms={"clip": 1.0, "calibrated_uniformity": {"weight": 1.0, "t": 15.0}}),
     "angular_margin+cma": LossConfig(terms={"angular_margin": 1.0, "cma": 0.5}),
     "all terms": LossConfig(terms=dict(ALL_TERMS)),
     "all terms, zero-weight m2mix": LossConfig(terms={**ALL_TERMS, "m2mix": 0.0}),
@@ -92,12 +111,12 @@ def test_fast_path_equals_sum_of_plain_functions(name, weighting):
                                weight_normalize=normalize, seed=5)
     expected_weights = None if weighting is None else weights
     if weighting == "callable":
-        per_sample = F.angular_margin_loss(image, text, scale, config.margin, reduction="none") \
+        per_sample = F.angular_margin_loss(image, text, scale, option(config, "angular_margin", "margin"), reduction="none") \
             if "angular_margin" in config.terms else F.clip_loss(image, text, scale, reduction="none")
         expected_weights = per_sample.detach() / per_sample.detach().sum()
     loss, terms, per_sample = plain_composition(config, image, text, scale, 5, expected_weights, normalize)
 
-    active = [key for key, weight in config.terms.items() if weight > 0 or key in ("clip", "angular_margin")]
+    active = [key for key in config.terms if weight(config, key) > 0 or key in ("clip", "angular_margin")]
     assert list(output.terms) == active + ["total"]
     for key, value in terms.items():
         torch.testing.assert_close(output.terms[key], value.detach(), rtol=1e-10, atol=1e-12)
@@ -115,7 +134,7 @@ def test_fast_path_equals_sum_of_plain_functions(name, weighting):
 def test_second_order_gradients_pass_through_the_fast_path():
     """The meta step differentiates a gradient of the objective; check it against finite differences."""
     # a detached calibration is a stop-gradient that finite differences would see through
-    objective = Objective(LossConfig(terms=dict(ALL_TERMS), detach_calibration=False))
+    objective = Objective(LossConfig(terms={**ALL_TERMS, "calibrated_uniformity": {"weight": 0.3, "detach_calibration": False}}))
     raw_image, raw_text = raw_pair(4, 3, seed=3)
 
     def loss(image, text):
@@ -307,9 +326,10 @@ def test_each_matrix_is_built_once_per_call(monkeypatch):
     assert len(built) == 1  # four terms read it
 
 
-def test_short_and_per_term_forms_are_the_same_objective():
+def test_older_flat_and_per_term_forms_are_the_same_objective():
     image, text = (tf.normalize(x.detach(), dim=1) for x in raw_pair(6, 4, seed=17))
-    short = Objective(LossConfig(terms={"angular_margin": 1.0, "m2mix": 0.5}, margin=0.3, tau_mix=0.2))
+    short = Objective(build_config(LossConfig, {"terms": {"angular_margin": 1.0, "m2mix": 0.5}, "margin": 0.3,
+                                                "tau_mix": 0.2}, "loss."))
     per_term = Objective(LossConfig(terms={"angular_margin": {"weight": 1.0, "margin": 0.3},
                                            "m2mix": {"weight": 0.5, "tau": 0.2}}))
     torch.testing.assert_close(short(image, text, 5.0, seed=1).loss, per_term(image, text, 5.0, seed=1).loss,
@@ -331,18 +351,30 @@ def test_short_and_per_term_forms_are_the_same_objective():
         ({"terms": {"angular_margin": {"weight": 1.0, "margn": 0.2}}},
          r"loss.terms.angular_margin: unknown field 'margn'; did you mean 'margin'\?"),
         ({"terms": {"angular_margin": {"margin": "wide"}}}, r"loss.terms.angular_margin.margin='wide' must be of type"),
-        ({"margin": 4.0}, r"loss.margin=4.0 must be in \[0, π\)"),
         ({"terms": {"angular_margin": {"margin": 4.0}}}, r"loss.terms.angular_margin.margin=4.0 must be in \[0, π\)"),
-        ({"terms": {"clip": 1.0, "m2mix": 0.1}, "tau_mix": 0.0}, r"loss.tau_mix=0.0 must be > 0"),
         ({"terms": {"clip": 1.0, "m2mix": {"tau": 0.0}}}, r"loss.terms.m2mix.tau=0.0 must be > 0"),
-        ({"terms": {"clip": 1.0, "calibrated_uniformity": 0.1}, "min_sim": 0.9, "max_sim": 0.1},
-         r"loss.min_sim=0.9, max_sim=0.1 must satisfy"),
+        ({"terms": {"clip": 1.0, "calibrated_uniformity": {"min_sim": 0.9, "max_sim": 0.1}}},
+         r"loss.terms.calibrated_uniformity.min_sim=0.9, max_sim=0.1 must satisfy"),
         ({"local_loss": True, "gather_with_grad": False}, r"loss.local_loss=true needs loss.gather_with_grad=true"),
     ],
 )
 def test_bad_config_raises_config_error(changes, message):
     with pytest.raises(ConfigError, match=message):
         Objective(dataclasses.replace(LossConfig(), **changes))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"margin": 4.0}, r"loss.terms.angular_margin.margin=4.0 must be in \[0, π\)"),
+        ({"terms": {"clip": 1.0, "m2mix": 0.1}, "tau_mix": 0.0}, r"loss.terms.m2mix.tau=0.0 must be > 0"),
+        ({"terms": {"clip": 1.0, "calibrated_uniformity": 0.1}, "min_sim": 0.9, "max_sim": 0.1},
+         r"loss.terms.calibrated_uniformity.min_sim=0.9, max_sim=0.1 must satisfy"),
+    ],
+)
+def test_bad_older_flat_values_are_reported_at_the_field_they_became(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(LossConfig, raw, "loss.")
 
 
 @pytest.mark.parametrize(

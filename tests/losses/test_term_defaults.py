@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmsphere.config import ConfigError, config_from_dict, load_config, save_config
+from mmsphere.config import save_config
+from mmsphere.errors import ConfigError
+from mmsphere.train.config import config_from_dict, load_config
 from mmsphere.losses import TERMS, Objective, Term, register_term
 from mmsphere.models import factory
 from mmsphere.models import create_model, load_run
@@ -31,11 +33,11 @@ OPEN_CLIP_SIGLIP_BIAS, OPEN_CLIP_SIGLIP_LOG_SCALE = -10.0, math.log(10.0)
 
 def _default_lines(caplog) -> list[str]:
     return [record.getMessage() for record in caplog.records
-            if record.name == "mmsphere.config" and "defaults" in record.getMessage()]
+            if record.name == "mmsphere.train.config" and "defaults" in record.getMessage()]
 
 
 def test_siglip_alone_starts_the_bias_and_scale_where_open_clip_does(caplog):
-    with caplog.at_level(logging.INFO, logger="mmsphere.config"):
+    with caplog.at_level(logging.INFO, logger="mmsphere.train.config"):
         config = config_from_dict({"data": DATA, "loss": {"terms": {"siglip": 1.0}}})
     assert config.model.init_logit_bias == OPEN_CLIP_SIGLIP_BIAS
     assert config.model.init_logit_scale == pytest.approx(OPEN_CLIP_SIGLIP_LOG_SCALE, abs=1e-12)
@@ -51,7 +53,7 @@ def test_siglip_alone_starts_the_bias_and_scale_where_open_clip_does(caplog):
     ({"init_logit_bias": -3.0, "init_logit_scale": 1.5}, -3.0, 1.5, []),
 ])
 def test_an_explicit_setting_wins(caplog, model, bias, log_scale, logged):
-    with caplog.at_level(logging.INFO, logger="mmsphere.config"):
+    with caplog.at_level(logging.INFO, logger="mmsphere.train.config"):
         config = config_from_dict({"data": DATA, "model": {"name": "mmsphere-tiny", **model},
                                    "loss": {"terms": {"siglip": 1.0}}})
     assert (config.model.init_logit_bias, config.model.init_logit_scale) == (bias, pytest.approx(log_scale))
@@ -64,7 +66,7 @@ def test_an_explicit_setting_wins(caplog, model, bias, log_scale, logged):
 
 
 def test_terms_without_model_state_leave_the_model_alone(caplog):
-    with caplog.at_level(logging.INFO, logger="mmsphere.config"):
+    with caplog.at_level(logging.INFO, logger="mmsphere.train.config"):
         config = config_from_dict({"data": DATA, "model": {"name": "mmsphere-tiny"},
                                    "loss": {"terms": {"angular_margin": 1.0, "m2mix": 0.1}}})
     assert config.model.init_logit_bias is None and config.model.init_logit_scale is None
@@ -77,7 +79,7 @@ def test_terms_without_model_state_leave_the_model_alone(caplog):
 def test_the_written_config_records_the_starts(tmp_path, caplog):
     config = config_from_dict({"data": DATA, "loss": {"terms": {"siglip": 1.0}}})
     save_config(config, tmp_path / "config.yaml")
-    with caplog.at_level(logging.INFO, logger="mmsphere.config"):
+    with caplog.at_level(logging.INFO, logger="mmsphere.train.config"):
         again = load_config(tmp_path / "config.yaml")
     assert (again.model.init_logit_bias, again.model.init_logit_scale) == (-10.0, pytest.approx(math.log(10)))
     assert _default_lines(caplog) == []  # set in the file: nothing left to default
@@ -184,7 +186,7 @@ def test_the_demo_config_trains_with_siglip_alone(tmp_path, monkeypatch, caplog)
                  f"data.meta={{urls: '{shards['meta']}', modality: image}}", "data.val=null", "data.workers=0",
                  "data.shuffle_buffer=16", "data.epoch_samples=32", "train.max_steps=2", "train.batch_size=8",
                  "train.warmup_steps=1", "train.checkpoint_every=2", "meta.weights_log_every=1"]
-    with caplog.at_level(logging.INFO, logger="mmsphere.config"):
+    with caplog.at_level(logging.INFO, logger="mmsphere.train.config"):
         config = load_config(DEMO, overrides)
     assert len(_default_lines(caplog)) == 1
     summary = train(config)

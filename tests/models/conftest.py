@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 
-from mmsphere.config import ModelConfig
+from mmsphere.models.config import ModelConfig
 from mmsphere.models import DualEncoder, create_model
 
 

@@ -271,7 +271,7 @@ def test_trainable_heads_trains_only_projections_temporal_head_and_logit_scale(m
 
 def test_frozen_trunk_stays_in_eval_mode(random_frames):
     """BatchNorm of a frozen ResNet trunk keeps its running statistics under model.train(); the heads train."""
-    from mmsphere.config import ModelConfig
+    from mmsphere.models.config import ModelConfig
     from mmsphere.models import create_model
 
     torch.manual_seed(0)
@@ -297,7 +297,7 @@ def test_frozen_trunk_stays_in_eval_mode(random_frames):
 
 
 def test_trainable_must_be_all_or_heads():
-    from mmsphere.config import load_config
+    from mmsphere.train.config import load_config
 
     with pytest.raises(ConfigError, match="model.trainable='towers' must be 'all' or 'heads'"):
         load_config(None, ["model.trainable=towers"])

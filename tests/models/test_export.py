@@ -24,7 +24,8 @@ from transformers import BertConfig, BertModel, BertTokenizer
 
 import mmsphere
 from mmsphere.cli import main as mmsphere_main
-from mmsphere.config import Config, ModelConfig
+from mmsphere.models.config import ModelConfig
+from mmsphere.train.config import Config
 from mmsphere.data.transforms import to_model_frames
 from mmsphere.models import create_model, export_run, load_temporal_head, save_run
 from mmsphere.models.export import open_clip_model_config, open_clip_state_dict

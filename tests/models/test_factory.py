@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mmsphere.config import Config, ConfigError, MmsphereError, ModelConfig
+from mmsphere.errors import ConfigError, MmsphereError
+from mmsphere.models.config import ModelConfig
+from mmsphere.train.config import Config
 from mmsphere.models import create_model, save_run
 
 

@@ -17,7 +17,8 @@ import timm
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer
 
-from mmsphere.config import MmsphereError, ModelConfig
+from mmsphere.errors import MmsphereError
+from mmsphere.models.config import ModelConfig
 from mmsphere.models import create_model, offline_towers
 from mmsphere.models.offline_towers import (
     efficientnet_lite_key_map,

@@ -9,7 +9,10 @@ import torch
 import yaml
 
 import mmsphere
-from mmsphere.config import Config, ConfigError, MmsphereError, ModelConfig, load_config
+from mmsphere.config import config_to_dict
+from mmsphere.errors import ConfigError, MmsphereError
+from mmsphere.models.config import ModelConfig
+from mmsphere.train.config import Config, load_config
 from mmsphere.models import load_run, save_run
 
 CAPTIONS = ["a cat on a mat", "a red car", "two dogs in the snow"]
@@ -36,7 +39,7 @@ def test_round_trip_restores_outputs_config_and_preprocessing(trained, random_fr
     assert sorted(path.name for path in (tmp_path / "run").iterdir()) == RUN_FILES
 
     restored = mmsphere.load(str(tmp_path / "run"))
-    assert restored.run_config == config and restored.config == model.config
+    assert restored.run_config == config_to_dict(config) and restored.config == model.config
     assert not restored.training
     assert restored.image_mean == (0.5, 0.5, 0.5) and restored.image_std == (0.25, 0.25, 0.25)
     for (name, expected), (restored_name, actual) in zip(model.state_dict().items(), restored.state_dict().items()):

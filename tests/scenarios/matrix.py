@@ -35,8 +35,8 @@ FACTORS: dict[str, tuple] = {
 }
 
 TOWERS = {"vit": "mmsphere-tiny", "resnet": "mmsphere-tiny-rn"}
-TERMS = {"contrastive": {"angular_margin": 1.0},
-         "all": {"angular_margin": 1.0, "m2mix": 0.1, "calibrated_uniformity": 0.1, "cma": 0.01},
+TERMS = {"contrastive": {"angular_margin": {"weight": 1.0, "margin": 0.1}},
+         "all": {"angular_margin": {"weight": 1.0, "margin": 0.1}, "m2mix": 0.1, "calibrated_uniformity": 0.1, "cma": 0.01},
          "siglip": {"siglip": {"weight": 1.0, "margin": 0.1}, "cma": 0.01}}
 
 
@@ -128,7 +128,7 @@ def train_config(scenario: Scenario, shards: dict[str, str], output_dir: str) ->
                  "meta": {"urls": shards[f"meta_{meta_modality}"], "modality": meta_modality, "name": "meta"},
                  "frames": FRAMES, "shuffle_buffer": 8, "epoch_samples": 32, "workers": 0,
                  "feature_cache": scenario.trunks == "frozen_cached"},
-        "loss": {"terms": TERMS[scenario.terms], "margin": 0.1, "local_loss": scenario.loss_mode == "local_loss",
+        "loss": {"terms": TERMS[scenario.terms], "local_loss": scenario.loss_mode == "local_loss",
                  "positives": scenario.positives},
         "meta": {"enabled": scenario.meta != "off", "params": "all" if scenario.meta == "off" else scenario.meta,
                  "gradient": scenario.meta_gradient, "interval": 1, "hidden": 8, "weights_log_every": 1},

@@ -59,7 +59,7 @@ def tiny_config(shards: dict[str, str], output_dir: Path, **sections) -> dict:
         "data": {"train": [{"urls": shards["train"], "modality": "image"}],
                  "meta": {"urls": shards["meta"], "modality": "image"},
                  "shuffle_buffer": 16, "epoch_samples": 48, "workers": 0},
-        "loss": {"terms": {"angular_margin": 1.0}, "margin": 0.1},
+        "loss": {"terms": {"angular_margin": {"weight": 1.0, "margin": 0.1}}},
         "meta": {"enabled": False},
         "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2,
                   "log_every": 1, "cpu": True},

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from mmsphere.config import load_config
+from mmsphere.train.config import load_config
 from mmsphere.train import loop
 
 HEAD_START_SECONDS = 3.0

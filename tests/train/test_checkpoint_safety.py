@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from mmsphere.cli import run_command
-from mmsphere.config import config_from_dict
+from mmsphere.train.config import config_from_dict
 from mmsphere.errors import DataError
 from mmsphere.train import train
 from mmsphere.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint

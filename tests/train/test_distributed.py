@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from mmsphere.config import config_from_dict
+from mmsphere.train.config import config_from_dict
 from mmsphere.train import train
 
 from .conftest import tiny_config

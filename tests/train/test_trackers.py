@@ -7,7 +7,8 @@ import json
 import pytest
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
-from mmsphere.config import ConfigError, config_from_dict, load_config
+from mmsphere.errors import ConfigError
+from mmsphere.train.config import config_from_dict, load_config
 from mmsphere.train import train
 from mmsphere.train.run_log import PROJECT_NAME, check_trackers, tracker_config
 

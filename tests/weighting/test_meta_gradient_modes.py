@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmsphere.config import config_from_dict
+from mmsphere.train.config import config_from_dict
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
 from mmsphere.weighting import WeightNet, meta_step
