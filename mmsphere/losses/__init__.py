@@ -7,6 +7,7 @@ that composes them, and ``mmsphere.losses.distributed`` the gradient-carrying co
 """
 
 from mmsphere.losses import functional
+from mmsphere.losses import margins  # registers the margin family's terms
 from mmsphere.losses.objective import Objective, ObjectiveOutput, ObjectiveTerms
 from mmsphere.losses.reducers import reduce_weighted
 from mmsphere.losses.terms import TERMS, Term, TermContext, TermOptions, register_term

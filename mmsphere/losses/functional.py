@@ -29,6 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmsphere.losses.numerics import (REDUCTIONS, _arccos_eps, _as_scale, _check_features, _check_pair,  # noqa: F401
+                                      _check_temperature, _positive_mask, _reduce, _upcast)
+from mmsphere.losses.terms import (AngularMargin, Clip, CrossModalAlignment, M2Mix, Siglip, Term, TermOptions,
+                                   evaluate_on_batch)
+
 __all__ = [
     "clip_loss",
     "angular_margin_loss",
@@ -41,8 +46,6 @@ __all__ = [
     "cma_regularizer",
 ]
 
-REDUCTIONS = ("mean", "sum", "none")
-
 
 def clip_loss(
     img: Tensor, txt: Tensor, logit_scale: float | Tensor, reduction: str = "mean", *, group_ids: Tensor | None = None
@@ -53,13 +56,7 @@ def clip_loss(
     group_ids: optional [B] integers; row i's target is then uniform over ``P(i) = {j : g_j = g_i}``
     (UniCL, CVPR 2022): ``CE_P(L)_i = −(1/|P(i)|) Σ_{p∈P(i)} log softmax(L_i)_p``.
     """
-    _check_pair(img, txt)
-    positives = _positive_mask(group_ids, img)
-    img, txt = _upcast(img), _upcast(txt)
-    logits = _as_scale(logit_scale, img) * (img @ txt.T)
-    if positives is None:
-        return _reduce(_symmetric_cross_entropy(logits), reduction)
-    return _reduce(_symmetric_multi_positive_cross_entropy(logits, positives), reduction)
+    return _reduce(evaluate_on_batch(Clip(Clip.Options()), img, txt, logit_scale, group_ids=group_ids), reduction)
 
 
 def angular_margin_loss(
@@ -80,21 +77,8 @@ def angular_margin_loss(
     integers; every pair with ``g_i = g_j`` gets the margin on its own cosine and the targets are
     as in :func:`clip_loss`.
     """
-    _check_pair(img, txt)
-    _check_margin(margin)
-    positives = _positive_mask(group_ids, img)
-    input_dtype = img.dtype
-    img, txt = _upcast(img), _upcast(txt)
-    scale = _as_scale(logit_scale, img)
-    similarity = img @ txt.T
-    if positives is None:
-        positive = scale * _margin_cosine(similarity.diagonal(), margin, input_dtype)
-        logits = torch.diagonal_scatter(scale * similarity, positive)
-        return _reduce(_symmetric_cross_entropy(logits), reduction)
-    # the margin is evaluated on every entry and kept on the positives; the clamp keeps arccos and
-    # its gradient finite on the discarded entries too, so torch.where leaks no NaN backwards
-    logits = torch.where(positives, scale * _margin_cosine(similarity, margin, input_dtype), scale * similarity)
-    return _reduce(_symmetric_multi_positive_cross_entropy(logits, positives), reduction)
+    term = AngularMargin(_options(AngularMargin, margin=margin))
+    return _reduce(evaluate_on_batch(term, img, txt, logit_scale, group_ids=group_ids), reduction)
 
 
 def siglip_loss(
@@ -117,32 +101,9 @@ def siglip_loss(
     group_ids: optional [B] integers; every pair with ``g_i = g_j`` is a positive (``z = +1``, margin
     on its own cosine).
     """
-    _check_pair(img, txt)
-    _check_margin(margin)
-    positives = _positive_mask(group_ids, img)
-    input_dtype = img.dtype
-    img, txt = _upcast(img), _upcast(txt)
-    scale = _as_scale(logit_scale, img)
-    bias = _as_scale(logit_bias, img, name="logit_bias")
-    similarity = img @ txt.T
-    logits = scale * similarity
-    # margin 0 is plain SigLIP: the arccos clamp would only change cosines beyond 1 − ε and stop
-    # their gradient, which SigLIP itself does not do
-    if positives is None:
-        if margin != 0:
-            logits = torch.diagonal_scatter(logits, scale * _margin_cosine(similarity.diagonal(), margin, input_dtype))
-        logits = logits + bias
-        # z·L with z = −1 off the diagonal; negating is exact, so this is log σ(z_ij L_ij) bit for bit
-        signed = torch.diagonal_scatter(-logits, logits.diagonal())
-    else:
-        if margin != 0:
-            logits = torch.where(positives, scale * _margin_cosine(similarity, margin, input_dtype), logits)
-        logits = logits + bias
-        signed = torch.where(positives, logits, -logits)
-    # logsigmoid is stable for large |L| (b = −10 with s up to 100 saturates the negatives)
-    log_likelihood = F.logsigmoid(signed)
-    per_sample = -0.5 * (log_likelihood.sum(dim=1) + log_likelihood.sum(dim=0))
-    return _reduce(per_sample, reduction)
+    term = Siglip(_options(Siglip, margin=margin))
+    return _reduce(evaluate_on_batch(term, img, txt, logit_scale, logit_bias=logit_bias, group_ids=group_ids),
+                   reduction)
 
 
 def slerp(a: Tensor, b: Tensor, lam: float | Tensor) -> Tensor:
@@ -210,17 +171,8 @@ def m2mix_loss(
     _check_pair(img, txt)
     if not tau_mix > 0:
         raise ValueError(f"tau_mix={tau_mix} must be > 0")
-    img, txt = _upcast(img), _upcast(txt)
-    mixed = slerp(img, txt, lam)
-    similarity = img @ txt.T
-    eye = torch.eye(img.shape[0], dtype=torch.bool, device=img.device)
-    image_side = torch.where(eye, similarity, img @ mixed.T) / tau_mix
-    text_side = torch.where(eye, similarity.T, txt @ mixed.T) / tau_mix
-    labels = torch.arange(img.shape[0], device=img.device)
-    per_sample = 0.5 * (
-        F.cross_entropy(image_side, labels, reduction="none") + F.cross_entropy(text_side, labels, reduction="none")
-    )
-    return _reduce(per_sample, reduction)
+    term = M2Mix(_options(M2Mix, tau=tau_mix))
+    return _reduce(evaluate_on_batch(term, img, txt, 1.0, draw=_as_lam(lam, _upcast(img))), reduction)
 
 
 def alignment(x: Tensor, y: Tensor, alpha: float = 2.0, reduction: str = "mean") -> Tensor:
@@ -269,63 +221,21 @@ def cma_regularizer(img: Tensor, txt: Tensor, logit_scale: float | Tensor, reduc
     img, txt: [B, D] unit-norm. ``½[mean_k −LSE_j(s⟨img_k, txt_j⟩) + mean_k −LSE_j(s⟨img_j, txt_k⟩)]``;
     ``reduction="none"`` gives ``−½[LSE_j(s⟨img_k, txt_j⟩) + LSE_j(s⟨img_j, txt_k⟩)]`` per sample k.
     """
-    _check_pair(img, txt)
-    img, txt = _upcast(img), _upcast(txt)
-    logits = _as_scale(logit_scale, img) * (img @ txt.T)
-    per_sample = -0.5 * (torch.logsumexp(logits, dim=1) + torch.logsumexp(logits, dim=0))
-    return _reduce(per_sample, reduction)
+    return _reduce(evaluate_on_batch(CrossModalAlignment(CrossModalAlignment.Options()), img, txt, logit_scale),
+                   reduction)
 
 
 # --------------------------------------------------------------------------------------------
-# pieces shared with the composed objective (mmsphere.losses.objective)
+# helpers of slerp and the uniformity functions
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _upcast(x: Tensor) -> Tensor:
-    return x.to(_compute_dtype(x.dtype))
-
-
-def _arccos_eps(input_dtype: torch.dtype) -> float:
-    """Distance from ±1 at which cosines are clamped before ``arccos``.
-
-    The slope of arccos is ``1/sqrt(1 − c²)``: 707 at ``1 − 1e-6``. Half-precision features carry
-    norm errors of order 1e-3, so cosines that close to 1 hold no angle information and would only
-    amplify rounding into the gradient; 1e-3 bounds the slope at 22 while keeping the clamp angle
-    (0.045 rad) below typical margins.
-    """
-    return 1e-3 if input_dtype in (torch.float16, torch.bfloat16) else 1e-6
-
-
-def _margin_cosine(cosine: Tensor, margin: float, input_dtype: torch.dtype) -> Tensor:
-    """``cos(arccos(clamp(c)) − m)`` for the positive pairs of the angular margin loss."""
-    eps = _arccos_eps(input_dtype)
-    return torch.cos(torch.arccos(cosine.clamp(-1 + eps, 1 - eps)) - margin)
-
-
-def _slerp_weights(cosine: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
-    """Coefficients ``(w_a, w_b)`` with ``slerp(a, b, λ) = w_a·a + w_b·b``, per row; cosine: [B].
-
-    The composed objective mixes already computed similarity blocks with these. A combination of a
-    and b cannot leave their plane, so unlike :func:`slerp` it is not unit-norm at (nearly)
-    antipodal rows, where the cosine is clamped and the point lies inside the sphere.
-    """
-    # Below this gap to 1 the angle is too small for arccos to resolve in the compute dtype; the
-    # chord then equals the arc to O(θ³), far below rounding.
-    near = 1e-12 if cosine.dtype == torch.float64 else 1e-6
-    is_close = cosine > 1 - near
-    # Both branches are evaluated (torch.where), so each gets inputs on which it is finite and has
-    # finite gradients; otherwise a NaN in the unused branch would leak into the backward pass.
-    arc_cosine = torch.where(is_close, torch.zeros_like(cosine), cosine).clamp(min=-1 + near)
-    theta = torch.arccos(arc_cosine)
-    sin_theta = torch.sin(theta)
-    arc_a = torch.sin(lam * theta) / sin_theta
-    arc_b = torch.sin((1 - lam) * theta) / sin_theta
-    chord_cosine = torch.where(is_close, cosine, torch.ones_like(cosine))
-    chord_norm = torch.sqrt(lam**2 + (1 - lam) ** 2 + 2 * lam * (1 - lam) * chord_cosine)
-    return torch.where(is_close, lam / chord_norm, arc_a), torch.where(is_close, (1 - lam) / chord_norm, arc_b)
+def _options(term_class: type[Term], **fields: object) -> TermOptions:
+    """The term's options from a function's arguments; a bad value is a ValueError naming the argument."""
+    options = term_class.Options(**fields)
+    problems = options.check()
+    if problems:
+        raise ValueError(problems[0])
+    return options
 
 
 def _fixed_tangent(unit_b: Tensor) -> Tensor:
@@ -334,44 +244,6 @@ def _fixed_tangent(unit_b: Tensor) -> Tensor:
     direction = torch.zeros_like(unit_b).scatter_(1, axis, 1.0) - unit_b.gather(1, axis) * unit_b
     # |b_k|² <= 1/D, so the norm is at least sqrt(1 − 1/D) > 0 (slerp handles D = 1 before this)
     return F.normalize(direction, dim=1)
-
-
-def _symmetric_cross_entropy(logits: Tensor) -> Tensor:
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels, reduction="none")
-                  + F.cross_entropy(logits.T, labels, reduction="none"))
-
-
-def _symmetric_multi_positive_cross_entropy(logits: Tensor, positives: Tensor) -> Tensor:
-    """``½[CE_P(L)_i + CE_P(Lᵀ)_i]`` with ``CE_P(L)_i = −(1/|P(i)|) Σ_{p∈P(i)} log softmax(L_i)_p``.
-
-    positives: [B, B] symmetric boolean mask (it comes from ``g_i = g_j``), so row and column counts
-    agree. With one positive per row each term is ``−log softmax(L_i)_i`` computed as
-    ``F.cross_entropy`` does (log_softmax along rows of L and of Lᵀ, the only nonzero term summed
-    with zeros and divided by 1), so all-distinct ids reproduce :func:`_symmetric_cross_entropy`.
-    """
-    counts = positives.sum(dim=1).to(logits.dtype)
-    # where, not a product with the mask: a −inf log-probability off the positives would give NaN
-    rows = torch.where(positives, F.log_softmax(logits, dim=1), 0.0).sum(dim=1) / counts
-    columns = torch.where(positives, F.log_softmax(logits.T, dim=1), 0.0).sum(dim=1) / counts
-    return 0.5 * (-rows + -columns)
-
-
-def _positive_mask(group_ids: Tensor | None, like: Tensor) -> Tensor | None:
-    """``[B, B]`` boolean mask of ``g_i = g_j`` for group ids ``[B]``; None stays None (one positive per row)."""
-    if group_ids is None:
-        return None
-    if not isinstance(group_ids, Tensor):
-        raise ValueError(f"group_ids must be None or an integer tensor of shape [B] = [{like.shape[0]}], "
-                         f"got {type(group_ids).__name__}")
-    if group_ids.dim() != 1 or group_ids.shape[0] != like.shape[0]:
-        raise ValueError(f"group_ids must have shape [B] = [{like.shape[0]}] for features of shape "
-                         f"{list(like.shape)}, got {list(group_ids.shape)}")
-    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
-        raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
-    if group_ids.device != like.device:
-        raise ValueError(f"group_ids must be on the features' device {like.device}, got {group_ids.device}")
-    return group_ids[:, None] == group_ids[None, :]
 
 
 def _squared_distances(x: Tensor) -> Tensor:
@@ -388,23 +260,6 @@ def _log_mean_upper(exponents: Tensor) -> Tensor:
     return torch.logsumexp(masked.flatten(), dim=0) - math.log(size * (size - 1) / 2)
 
 
-def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    if reduction == "none":
-        return per_sample
-    raise ValueError(f"reduction={reduction!r} must be one of {REDUCTIONS}")
-
-
-def _as_scale(logit_scale: float | Tensor, like: Tensor, name: str = "logit_scale") -> Tensor:
-    scale = torch.as_tensor(logit_scale, dtype=like.dtype, device=like.device)
-    if scale.numel() != 1:
-        raise ValueError(f"{name} must be a float or a one-element tensor, got shape {list(scale.shape)}")
-    return scale.reshape(())
-
-
 def _as_lam(lam: float | Tensor, like: Tensor) -> Tensor:
     if isinstance(lam, (int, float)) and not 0 <= lam <= 1:
         raise ValueError(f"lam={lam} must be in [0, 1]")
@@ -414,30 +269,8 @@ def _as_lam(lam: float | Tensor, like: Tensor) -> Tensor:
     return lam
 
 
-def _check_features(x: Tensor, name: str, min_rows: int = 2) -> None:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [B, D], got shape {list(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a float tensor, got {x.dtype}")
-    if x.shape[0] < min_rows or x.shape[1] == 0:
-        raise ValueError(f"{name} must hold at least {min_rows} rows of dimension >= 1, got shape {list(x.shape)}")
+# the margin family of face recognition: each function is its registered term evaluated on the whole batch
+from mmsphere.losses.margins import (arcface_loss, cam_softmax_loss, cosface_loss, sface_loss,  # noqa: E402
+                                     sphereface2_loss, sphereface_r_loss)
 
-
-def _check_pair(first: Tensor, second: Tensor, names: tuple[str, str] = ("img", "txt")) -> None:
-    _check_features(first, names[0], min_rows=1)
-    _check_features(second, names[1], min_rows=1)
-    if first.shape != second.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must have the same shape [B, D], "
-                         f"got {list(first.shape)} and {list(second.shape)}")
-
-
-def _check_margin(margin: float) -> None:
-    if not 0 <= margin < math.pi:
-        raise ValueError(f"margin={margin} must be in [0, π)")
-
-
-def _check_temperature(t: float) -> None:
-    if not t > 0:
-        raise ValueError(f"t={t} must be > 0")
+__all__ += ["cosface_loss", "arcface_loss", "sphereface_r_loss", "cam_softmax_loss", "sface_loss", "sphereface2_loss"]

@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmsphere.losses import Term, TermContext, TermOptions, register_term
+# from the defining module, not the package: mmsphere.losses.functional re-exports the functions below,
+# so this module is imported while the package's __init__ is still running
+from mmsphere.losses.terms import Term, TermContext, TermOptions, register_term
 from mmsphere.losses.functional import (REDUCTIONS, _arccos_eps, _as_scale, _check_pair, _positive_mask, _reduce,
                                         _upcast)
 
@@ -688,10 +690,12 @@ class SphereFace2Options(TermOptions):
         return problems
 
 
-# the row loss's minimiser at the default options for a global batch of 256 and CLIP's initial scale;
-# the actual batch size and scale move it by about log(B/256) and with r
-_SPHEREFACE2_DEFAULT_BIAS = sphereface2_bias_init(256, SphereFace2Options.lam, SphereFace2Options.t,
-                                                  SphereFace2Options.margin, CLIP_SCALE, SphereFace2Options.variant)
+# the row loss's minimiser at the default options for a global batch of 256 and CLIP's initial scale
+# (the actual batch size and scale move it by about log(B/256) and with r), rounded to the float32
+# the model stores, so the parameter starts exactly at the declared value
+_SPHEREFACE2_DEFAULT_BIAS = float(torch.tensor(sphereface2_bias_init(
+    256, SphereFace2Options.lam, SphereFace2Options.t, SphereFace2Options.margin, CLIP_SCALE,
+    SphereFace2Options.variant), dtype=torch.float32))
 
 
 @register_term

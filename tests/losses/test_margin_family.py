@@ -115,14 +115,16 @@ def _leaves(seed: int = 0):
 def test_function_equals_its_loop_transcription(name, groups):
     _, _, function, reference = CASES[name]
     image, text, norms = _leaves()
-    expected = reference(image, text, SCALE, groups, norms)
-    per_sample = function(image, text, SCALE, groups, "none", norms)
+    # a learnable s, so its gradient is compared too (SFace takes its fixed scale the same way)
+    scale = torch.tensor(SCALE, dtype=torch.float64, requires_grad=True)
+    expected = reference(image, text, scale, groups, norms)
+    per_sample = function(image, text, scale, groups, "none", norms)
     torch.testing.assert_close(per_sample, expected, rtol=1e-10, atol=1e-12)
-    mean = function(image, text, SCALE, groups, "mean", norms)
+    mean = function(image, text, scale, groups, "mean", norms)
     torch.testing.assert_close(mean, expected.mean(), rtol=1e-10, atol=1e-12)
-    leaves = [image, text] + (list(norms) if _reads_norms(name) else [])
-    got = torch.autograd.grad(mean, leaves)
-    want = torch.autograd.grad(expected.mean(), leaves)
+    leaves = [image, text, scale] + (list(norms) if _reads_norms(name) else [])
+    got = torch.autograd.grad(mean, leaves, allow_unused=True, materialize_grads=True)
+    want = torch.autograd.grad(expected.mean(), leaves, allow_unused=True, materialize_grads=True)
     for actual, wanted in zip(got, want):
         torch.testing.assert_close(actual, wanted, rtol=1e-9, atol=1e-11)
 
@@ -171,7 +173,7 @@ def test_the_six_terms_are_registered_contrastive_terms_with_valid_defaults():
         assert term.contrastive and term.description and term.Options().check() == []
     assert TERMS["sphereface2"].needs_logit_bias
     assert TERMS["sphereface2"].model_defaults["init_logit_bias"] == pytest.approx(
-        M.sphereface2_bias_init(256, 0.7, 1.0, 0.1, 1 / 0.07))
+        M.sphereface2_bias_init(256, 0.7, 1.0, 0.1, 1 / 0.07), abs=1e-6)
     problems = TERMS["sphereface_r"].Options(normalization="soft").check()
     assert problems and "feature norms" in problems[0]
 
