@@ -8,17 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmsphere.config import ConfigError, ModelConfig
+from mmsphere.errors import ConfigError
+from mmsphere.models.config import ModelConfig
 from mmsphere.models import (
     TEMPORAL_HEADS,
     MeanTemporalHead,
     TemporalHead,
     TransformerTemporalHead,
     build_temporal_head,
+    load_run,
     masked_mean,
     register_temporal_head,
+    save_run,
 )
 from mmsphere.models.temporal import check_temporal_head
+from mmsphere.train.config import Config
 
 WIDTH, HEADS, MAX_FRAMES = 32, 2, 8
 
@@ -193,12 +197,29 @@ def test_a_head_registered_in_a_test_runs_in_the_factory_built_dual_encoder(max_
         F.normalize(model.clip.encode_image(frames.flatten(0, 1)), dim=-1).view(3, 4, -1), mask), dim=-1), atol=1e-3)
 
 
+def test_a_registered_head_is_saved_and_loaded_through_the_run_directory(max_pool, make_model, random_frames,
+                                                                         tmp_path):
+    model = make_model(seed=6, temporal_head="max-pool").eval()
+    save_run(model, Config(output_dir=str(tmp_path / "out"), model=model.config), tmp_path / "run")
+    restored = load_run(tmp_path / "run")
+    assert isinstance(restored.temporal, MaxPoolHead) and restored.config.temporal_head == "max-pool"
+    frames = random_frames(2, 3, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.encode_video(frames), model.encode_video(frames))
+
+
 def test_the_config_check_and_the_factory_look_heads_up_in_the_registry(max_pool):
     assert check_temporal_head(ModelConfig(temporal_head="max-pool", max_frames=2), frames=8) == []
     assert check_temporal_head(ModelConfig(temporal_head="transformer", max_frames=2), frames=8) == [
         "data.frames=8 exceeds model.max_frames=2"]
     assert check_temporal_head(ModelConfig(temporal_head="max_pool")) == [
         "model.temporal_head='max_pool' must be one of mean, transformer, max-pool"]
+    ModelConfig(temporal_head="max-pool").validate()  # the model section's own check reads the registry
+    Config(model=ModelConfig(temporal_head="max-pool", max_frames=2)).validate()  # max-pool has no frame limit
+    with pytest.raises(ConfigError, match=r"data.frames=\d+ exceeds model.max_frames=2"):
+        Config(model=ModelConfig(temporal_head="transformer", max_frames=2)).validate()
     TEMPORAL_HEADS.unregister("max-pool")
+    with pytest.raises(ConfigError, match="model.temporal_head='max-pool' must be one of mean, transformer"):
+        ModelConfig(temporal_head="max-pool").validate()
     with pytest.raises(ConfigError, match="unknown temporal head 'max-pool'; known: mean, transformer"):
         build_temporal_head(ModelConfig(temporal_head="max-pool"), WIDTH)
