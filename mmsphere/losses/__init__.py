@@ -1,7 +1,8 @@
 """Objective terms on the unit hypersphere: pure functions, the term registry and the composed objective.
 
-``mmsphere.losses.functional`` holds the functions of DESIGN §1, ``mmsphere.losses.terms`` the term
-registry (built-in terms and :func:`register_term` for a user's own), ``mmsphere.losses.reducers``
+``mmsphere.losses.functional`` holds the losses as functions (each its term on one whole batch),
+``mmsphere.losses.terms`` the term registry (built-in terms and :func:`register_term` for a user's
+own), ``mmsphere.losses.config`` the ``loss`` config section, ``mmsphere.losses.reducers``
 the weighted reduction of per-sample losses, ``mmsphere.losses.objective`` the :class:`Objective`
 that composes them, and ``mmsphere.losses.distributed`` the gradient-carrying collectives.
 """

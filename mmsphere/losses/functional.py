@@ -1,8 +1,15 @@
-"""The hyperspherical objective family as pure functions (DESIGN §1).
+"""The hyperspherical objective family as pure functions (ARCHITECTURE.md, Objective).
 
 Every function takes L2-normalised feature rows ``[B, D]`` and returns a tensor; nothing here holds
 state, reads a config or moves data between devices, so each one can be checked against a direct
 transcription of its formula.
+
+One definition per loss: :func:`clip_loss`, :func:`angular_margin_loss`, :func:`siglip_loss`,
+:func:`m2mix_loss` and :func:`cma_regularizer` build their registered objective term
+(:mod:`mmsphere.losses.terms`) from their arguments and evaluate it on the whole batch
+(:func:`~mmsphere.losses.terms.evaluate_on_batch`), so function and term are one code path.
+:func:`slerp`, :func:`alignment`, :func:`uniformity` and :func:`calibrated_uniformity` (one modality
+against a given calibration matrix) are the geometric building blocks of Wang & Isola and CM³.
 
 Precision: inputs of any float dtype are accepted. Half-precision inputs (fp16, bf16) are upcast
 and the arithmetic runs in fp32, because logits at ``logit_scale = 100`` and cosines near ±1 need
@@ -15,7 +22,7 @@ Inside an autocast region the matmuls would still run in half precision; :class:
 one-element tensor; gradients flow into it when it is a tensor that requires them. The same holds
 for the additive ``logit_bias`` of :func:`siglip_loss`.
 
-Multi-positive batches (DESIGN §1, ``loss.positives: group``): :func:`clip_loss`,
+Multi-positive batches (``loss.positives: group``): :func:`clip_loss`,
 :func:`angular_margin_loss` and :func:`siglip_loss` take an optional ``group_ids: [B]`` integer
 tensor; every pair ``(i, j)`` with ``g_i = g_j`` is a positive. ``group_ids=None`` keeps the
 single-positive code path, and all-distinct ids give the same values as ``None``.

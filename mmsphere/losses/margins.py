@@ -41,8 +41,8 @@ from torch import Tensor
 # from the defining module, not the package: mmsphere.losses.functional re-exports the functions below,
 # so this module is imported while the package's __init__ is still running
 from mmsphere.losses.terms import Term, TermContext, TermOptions, register_term
-from mmsphere.losses.functional import (REDUCTIONS, _arccos_eps, _as_scale, _check_pair, _positive_mask, _reduce,
-                                        _upcast)
+from mmsphere.losses.numerics import (REDUCTIONS, _arccos_eps, _as_scale, _check_pair, _positive_mask, _reduce,
+                                      _upcast)
 
 __all__ = [
     "cosface_loss",

@@ -1,6 +1,6 @@
 """The composed training objective: registered terms over shared similarities, reduced with sample weights.
 
-``loss = w_c·R(ℓ, v) + Σ_k w_k·term_k`` (DESIGN §1, Composition): ``ℓ`` the per-sample losses of the
+``loss = w_c·R(ℓ, v) + Σ_k w_k·term_k`` (ARCHITECTURE.md, Objective): ``ℓ`` the per-sample losses of the
 one contrastive term (``clip``, ``angular_margin`` or ``siglip``), ``v`` the sample weights (``v ≡ 1``
 without meta weighting), R the reducer of :mod:`mmsphere.losses.reducers`, and the other terms
 (m²-mix, calibrated uniformity, CMA, or a user's) as registered in :mod:`mmsphere.losses.terms`.
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from mmsphere.errors import ConfigError
 import mmsphere.losses.distributed as distributed
 from mmsphere.losses.config import LossConfig
-from mmsphere.losses.functional import _as_scale, _upcast
+from mmsphere.losses.numerics import _as_scale, _upcast
 from mmsphere.losses.reducers import NORMALIZATIONS, reduce_weighted
 from mmsphere.losses.terms import ResolvedTerm, Rows, Term, TermContext, resolve_terms
 

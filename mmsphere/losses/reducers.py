@@ -1,7 +1,7 @@
 """Reducers: per-sample contrastive losses and sample weights in, the contrastive loss out.
 
 The pytorch-metric-learning idea: the objective returns unreduced per-sample losses, and one
-place turns them and their weights into the loss, over the GLOBAL batch (DESIGN §1, Composition):
+place turns them and their weights into the loss, over the GLOBAL batch (ARCHITECTURE.md, Objective):
 
 - ``"mean"``: ``(1/N) Σ_i v_i·ℓ_i``, N the global batch (``v ≡ 1`` without weights);
 - ``"sum"``: ``Σ_i v_i·ℓ_i / Σ_i v_i`` (weights normalised to sum 1 over the global batch).

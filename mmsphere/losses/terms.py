@@ -45,9 +45,10 @@ from torch import Tensor
 
 from mmsphere.errors import ConfigError
 from mmsphere.models.config import ModelConfig
-from mmsphere.losses.functional import _margin_cosine, _slerp_weights, _upcast
+from mmsphere.losses.numerics import _as_scale, _check_pair, _margin_cosine, _positive_mask, _slerp_weights, _upcast
 
-__all__ = ["Term", "TermOptions", "TermContext", "TERMS", "register_term", "resolve_terms", "ResolvedTerm"]
+__all__ = ["Term", "TermOptions", "TermContext", "TERMS", "register_term", "resolve_terms", "ResolvedTerm",
+           "evaluate_on_batch"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,15 +280,20 @@ class TermContext:
         if self.same_group is None:
             return log_probabilities.diagonal(self.offset)
         mask = self.same_group
-        return (log_probabilities * mask).sum(dim=1) / mask.sum(dim=1)
+        # where, not a product with the mask: a −inf log-probability off the positives would give NaN
+        return torch.where(mask, log_probabilities, 0.0).sum(dim=1) / mask.sum(dim=1)
 
     def with_positive_margin(self, logits: Tensor, margin: float) -> Tensor:
         """``logits`` with every positive ``s⟨·,·⟩`` replaced by ``s·cos(θ − m)``."""
-        if self.same_group is None:
-            positive = self.scale * _margin_cosine(self.positive_cosine, margin, self.input_dtype)
-            return torch.diagonal_scatter(logits, positive, self.offset)
-        cosine = logits / self.scale
-        return torch.where(self.same_group, self.scale * _margin_cosine(cosine, margin, self.input_dtype), logits)
+        positive = self.scale * _margin_cosine(self.positive_cosine, margin, self.input_dtype)
+        if self.same_group is not None:
+            # the margin is evaluated on every entry and kept on the positives; the clamp keeps arccos and
+            # its gradient finite on the discarded entries too, so torch.where leaks no NaN backwards
+            cosine = logits / self.scale
+            logits = torch.where(self.same_group, self.scale * _margin_cosine(cosine, margin, self.input_dtype), logits)
+        # a sample's own pair reads its cosine directly, grouped or not, so all-distinct group ids give
+        # exactly the single-positive values
+        return torch.diagonal_scatter(logits, positive, self.offset)
 
     def scaled_sum(self, per_row: Tensor) -> Tensor:
         """The global mean of a per-row quantity [r] (local mode: this rank's share of it)."""
@@ -319,7 +325,8 @@ class _SymmetricGram(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
-# the built-in terms (DESIGN §1); each value equals its function in mmsphere.losses.functional
+# the built-in terms (ARCHITECTURE.md, Objective); each is also a function of mmsphere.losses.functional,
+# which evaluates it on one whole batch
 
 
 @register_term
@@ -432,8 +439,12 @@ class M2Mix(Term):
         return float(rng.beta(self.options.alpha, self.options.alpha))
 
     def forward(self, context: TermContext) -> Tensor:
-        # fused form of functional.m2mix_loss: n_j = slerp(img_j, txt_j, λ) = a_j·img_j + b_j·txt_j,
-        # so ⟨x_i, n_j⟩ = a_j⟨x_i, img_j⟩ + b_j⟨x_i, txt_j⟩ reuses the logits and Gram matrices
+        return context.scaled_sum(self.per_sample(context))
+
+    def per_sample(self, context: TermContext) -> Tensor:
+        """``½[CE(P_img/τ)_i + CE(P_txt/τ)_i]`` of this rank's rows [r]."""
+        # n_j = slerp(img_j, txt_j, λ) = a_j·img_j + b_j·txt_j, so ⟨x_i, n_j⟩ = a_j⟨x_i, img_j⟩ + b_j⟨x_i, txt_j⟩
+        # reuses the logits and Gram matrices instead of building the mixed points
         rows, scale, tau = context.rows, context.scale, self.options.tau
         logits, logits_t = context.logits, context.logits_t
         lam = torch.as_tensor(context.draws[self.name], dtype=logits.dtype, device=logits.device)
@@ -444,9 +455,8 @@ class M2Mix(Term):
         positive = context.positive_cosine / tau
         mixed_image.diagonal(rows.offset).copy_(positive)
         mixed_text.diagonal(rows.offset).copy_(positive)
-        per_sample = -0.5 * (torch.log_softmax(mixed_image, dim=1).diagonal(rows.offset)
-                             + torch.log_softmax(mixed_text, dim=1).diagonal(rows.offset))
-        return context.scaled_sum(per_sample)
+        return -0.5 * (torch.log_softmax(mixed_image, dim=1).diagonal(rows.offset)
+                       + torch.log_softmax(mixed_text, dim=1).diagonal(rows.offset))
 
 
 @dataclass(frozen=True)
@@ -529,14 +539,43 @@ class CrossModalAlignment(Term):
     default_weight = 0.001
 
     def forward(self, context: TermContext) -> Tensor:
+        return context.scaled_sum(self.per_sample(context))
+
+    def per_sample(self, context: TermContext) -> Tensor:
+        """``−½[LSE_j L_kj + LSE_j L_jk]`` of this rank's rows [r]."""
         # LSE_i = L_ii − log_softmax(L)_ii, exact also when the positive dominates the row
         logits, logits_t, offset = context.logits, context.logits_t, context.offset
         plain_positive = logits.diagonal(offset)
-        per_sample = -0.5 * ((plain_positive - torch.log_softmax(logits, dim=1).diagonal(offset))
-                             + (plain_positive - torch.log_softmax(logits_t, dim=1).diagonal(offset)))
-        return context.scaled_sum(per_sample)
+        return -0.5 * ((plain_positive - torch.log_softmax(logits, dim=1).diagonal(offset))
+                       + (plain_positive - torch.log_softmax(logits_t, dim=1).diagonal(offset)))
 
 
 def upcast_rows(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
-    """Half-precision features in fp32 (see functional.py), others unchanged."""
+    """Half-precision features in fp32 (see :mod:`mmsphere.losses.numerics`), others unchanged."""
     return _upcast(image), _upcast(text)
+
+
+# --------------------------------------------------------------------------------------------
+# a term on one whole batch: what the functions of mmsphere.losses.functional are
+
+
+def evaluate_on_batch(term: Term, img: Tensor, txt: Tensor, logit_scale: float | Tensor, *,
+                      logit_bias: float | Tensor | None = None, group_ids: Tensor | None = None, draw: Any = None,
+                      per_sample: bool = True) -> Tensor:
+    """``term`` on one batch held by one process: per-sample values [B] (``per_sample``), else its value.
+
+    img, txt: [B, D] unit-norm, any float dtype (half precision is computed in fp32); logit_scale: the
+    multiplier s; logit_bias: b, for terms that read it; group_ids: optional [B] integers, samples of
+    one group are positives of each other; draw: the term's random draw (m²-mix's λ). A non-contrastive
+    term gives per-sample values through its ``per_sample`` method.
+    """
+    _check_pair(img, txt)
+    _positive_mask(group_ids, img)  # checks the ids
+    image, text = _upcast(img), _upcast(txt)
+    rows = Rows(image, text, image, text, 0, [img.shape[0]], 0, True)
+    scale = _as_scale(logit_scale, image)
+    bias = None if logit_bias is None else _as_scale(logit_bias, image, name="logit_bias")
+    context = TermContext(rows, scale, img.dtype, {term.name: draw}, bias, group_ids)
+    if not per_sample or term.contrastive:
+        return term.forward(context)
+    return term.per_sample(context)  # type: ignore[attr-defined]

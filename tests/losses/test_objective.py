@@ -1,7 +1,7 @@
 """The composed objective and the term registry.
 
 The shared-matrix fast path of :class:`Objective` is compared with the sum of the plain functions
-of ``mmsphere.losses.functional``, composed here by hand from DESIGN §1 with the documented random
+of ``mmsphere.losses.functional``, composed here by hand (ARCHITECTURE.md, Objective) with the documented random
 draws (``default_rng(seed)``: the m²-mix λ, then one calibration p_i per sample).
 """
 
@@ -200,8 +200,10 @@ def _calibrated_uniformity_reference(img, txt, scale, bias, options, draw, reduc
     return 0.5 * (F.calibrated_uniformity(img, calibration, options.t) + F.calibrated_uniformity(txt, calibration, options.t))
 
 
-# each built-in term's plain definition from mmsphere.losses.functional (DESIGN §1); adding a term to the
-# registry means adding its reference here, or the contract test fails
+# each built-in term as its function in mmsphere.losses.functional (the term on one whole batch in one process;
+# test_functional.py checks those against float64 loop transcriptions and finite differences), so these tests
+# check the objective's composition: gathering, rows, draws, reduction; adding a term to the registry means
+# adding its reference here, or the contract test fails
 REFERENCES = {
     "clip": lambda img, txt, s, b, options, draw, reduction, **kw: F.clip_loss(img, txt, s, reduction, **kw),
     "angular_margin": lambda img, txt, s, b, options, draw, reduction, **kw: F.angular_margin_loss(
