@@ -7,9 +7,10 @@ transcription of its formula.
 One definition per loss: :func:`clip_loss`, :func:`angular_margin_loss`, :func:`siglip_loss`,
 :func:`m2mix_loss` and :func:`cma_regularizer` build their registered objective term
 (:mod:`mmsphere.losses.terms`) from their arguments and evaluate it on the whole batch
-(:func:`~mmsphere.losses.terms.evaluate_on_batch`), so function and term are one code path.
-:func:`slerp`, :func:`alignment`, :func:`uniformity` and :func:`calibrated_uniformity` (one modality
-against a given calibration matrix) are the geometric building blocks of Wang & Isola and CM³.
+(:func:`~mmsphere.losses.terms.evaluate_on_batch`), so function and term are one code path;
+:func:`calibrated_uniformity` (one modality against a given calibration matrix) is the core of the
+``calibrated_uniformity`` term. :func:`slerp`, :func:`alignment` and :func:`uniformity` are the
+geometric building blocks of Wang & Isola, not objective terms.
 
 Precision: inputs of any float dtype are accepted. Half-precision inputs (fp16, bf16) are upcast
 and the arithmetic runs in fp32, because logits at ``logit_scale = 100`` and cosines near ±1 need
@@ -38,8 +39,8 @@ from torch import Tensor
 
 from mmsphere.losses.numerics import (REDUCTIONS, _arccos_eps, _as_scale, _check_features, _check_pair,  # noqa: F401
                                       _check_temperature, _positive_mask, _reduce, _upcast)
-from mmsphere.losses.terms import (AngularMargin, Clip, CrossModalAlignment, M2Mix, Siglip, Term, TermOptions,
-                                   evaluate_on_batch)
+from mmsphere.losses.terms import (AngularMargin, CalibratedUniformity, Clip, CrossModalAlignment, M2Mix, Rows, Siglip,
+                                   Term, TermOptions, evaluate_on_batch)
 
 __all__ = [
     "clip_loss",
@@ -219,7 +220,12 @@ def calibrated_uniformity(x: Tensor, sim: Tensor, t: float = 2.0) -> Tensor:
         raise ValueError(f"sim must be a tensor of shape [B, B] = {[x.shape[0]] * 2} for x of shape "
                          f"{list(x.shape)}, got {shape}")
     x = _upcast(x)
-    return _log_mean_upper(-t * (_squared_distances(x) - 2 + 2 * sim.to(x.dtype)))
+    # the term's core over ordered pairs, with S mirrored from its upper triangle (the pairs i < j)
+    upper = sim.to(x.dtype).triu(diagonal=1)
+    base = (-2 * t) * (upper + upper.T)
+    base.fill_diagonal_(-math.inf)
+    rows = Rows(x, x, x, x, 0, [x.shape[0]], 0, True)
+    return CalibratedUniformity.log_mean_exp(base, x @ x.T, 2 * t, None, rows)
 
 
 def cma_regularizer(img: Tensor, txt: Tensor, logit_scale: float | Tensor, reduction: str = "mean") -> Tensor:

@@ -511,23 +511,31 @@ class CalibratedUniformity(Term):
             # ⟨x_i, x_j⟩ and S_ij are symmetric, so the mean over pairs i < j is the mean over all i ≠ j:
             # only the diagonal is masked (and every rank's row block holds as many pairs in local mode)
             base.diagonal(rows.offset).fill_(-math.inf)
-        ordered_pairs = rows.total * (rows.total - 1)
-        result = []
-        for gram in (gram_image, gram_text):
-            # −t(‖x_i − x_j‖² − 2 + 2·S_ij) = 2t(⟨x_i, x_j⟩ − S_ij) for unit rows: the value equals the
-            # plain function's, the gradient lacks only the radial part that L2 normalisation removes
-            exponents = torch.add(base, gram, alpha=two_t)
-            if not fixed_shift:
-                shift = exponents.detach().amax()
-                exponents = exponents.sub_(shift)
-            log_sum = exponents.exp_().sum().log() + shift
-            if not rows.is_global:
-                import mmsphere.losses.distributed as distributed
+        shift = shift if fixed_shift else None
+        return 0.5 * (self.log_mean_exp(base, gram_image, two_t, shift, rows)
+                      + self.log_mean_exp(base, gram_text, two_t, shift, rows))
 
-                # log Σ over all pairs = LSE of every rank's partial log-sum; the gather carries the gradient
-                log_sum = torch.logsumexp(distributed.all_gather_with_grad(log_sum.reshape(1)), dim=0)
-            result.append(log_sum - math.log(ordered_pairs))
-        return 0.5 * (result[0] + result[1])
+    @staticmethod
+    def log_mean_exp(base: Tensor, gram: Tensor, two_t: float, shift: float | None, rows: Rows) -> Tensor:
+        """``log mean_{i≠j} exp(base_ij + 2t⟨x_i, x_j⟩)`` over the whole batch: one modality's calibrated uniformity.
+
+        base: [r, N] the exponents' calibration part ``−2t·S_ij``, −inf on the diagonal, less ``shift``
+        when one is given; gram: [r, N] ``⟨x_i, x_j⟩``; shift: an upper bound of the exponents already
+        taken off ``base``, or None (their maximum is taken off here). ``−t(‖x_i − x_j‖² − 2 + 2·S_ij) = 2t(⟨x_i, x_j⟩ − S_ij)`` for unit rows, and for a
+        symmetric S the mean over i ≠ j is the mean over i < j (CM³'s definition); the gradient lacks
+        only the radial part that L2 normalisation removes.
+        """
+        exponents = torch.add(base, gram, alpha=two_t)
+        if shift is None:
+            shift = exponents.detach().amax()
+            exponents = exponents.sub_(shift)
+        log_sum = exponents.exp_().sum().log() + shift
+        if not rows.is_global:
+            import mmsphere.losses.distributed as distributed
+
+            # log Σ over all pairs = LSE of every rank's partial log-sum; the gather carries the gradient
+            log_sum = torch.logsumexp(distributed.all_gather_with_grad(log_sum.reshape(1)), dim=0)
+        return log_sum - math.log(rows.total * (rows.total - 1))
 
 
 @register_term
