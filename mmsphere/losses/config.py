@@ -98,7 +98,7 @@ def migrate_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
         entry = dict(entry) if isinstance(entry, dict) else {"weight": entry}
         if field_name in entry:
             raise ConfigError(f"loss.{key}={value!r} and {new_key}={entry[field_name]!r} are both set: they are the "
-                              f"same field, the first in the older flat form; keep {new_key}")
+                              f"same field (loss.{key} is its older flat form); set only {new_key}")
         entry[field_name] = value
         terms[name] = entry
         logger.warning("loss.%s=%r -> %s=%r (older flat key rewritten; write the new form)",
