@@ -1,4 +1,4 @@
-"""The nine functions of DESIGN §1 against independent references.
+"""The nine functions of mmsphere.losses.functional against independent references.
 
 References: ``open_clip.ClipLoss`` and ``open_clip.loss.SigLipLoss``; Wang & Isola's ``pdist``
 formulation of uniformity; and
