@@ -13,7 +13,7 @@ import webdataset as wds
 from sklearn.metrics import roc_auc_score
 
 from mmsphere.ablation import OodSets, run_ablation
-from mmsphere.config import config_from_dict
+from mmsphere.train.config import config_from_dict
 from mmsphere.data import build_eval_loader
 from mmsphere.models import load_run
 from tests.test_ablation import COLOURS, colour_image, write_shards
@@ -68,8 +68,8 @@ def test_cached_ablation_scores_equal_an_uncached_computation(tmp_path):
             loader = build_eval_loader(spec, "image", frames=1, image_size=model.image_size, image_mean=model.image_mean,
                                        image_std=model.image_std, batch_size=7)
             batches = list(loader)
-            return (torch.cat([model.encode_image(batch["frames"][:, 0]) for batch in batches]),
-                    [group for batch in batches for group in batch["group"]])
+            return (torch.cat([model.encode_image(batch.media) for batch in batches]),
+                    [group for batch in batches for group in batch.groups])
 
         id_features, id_labels = encoded(id_set)
         ood_features, _ = encoded(ood_set)

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmsphere.atomic import atomic_write, write_text_atomic
-from mmsphere.config import Config, ModelConfig
+from mmsphere.models.config import ModelConfig
+from mmsphere.train.config import Config
 from mmsphere.eval.report import write_json
 from mmsphere.models import create_model, export_run, save_run
 
@@ -77,7 +78,7 @@ def test_feature_cache_files_and_checkpoints_follow_the_umask(tmp_path, umask):
     """Feature files sit beside shared shards and checkpoints are resumed by teammates: both readable under 022."""
     from accelerate import Accelerator
 
-    from mmsphere.cache.store import ShardFeatures, write_shard_features
+    from mmsphere.data.feature_files import ShardFeatures, write_shard_features
     from mmsphere.train.checkpoint import save_checkpoint
 
     shard = tmp_path / "train-000000.tar"

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from mmsphere.cache import build_feature_cache, cache_for, config_caches
-from mmsphere.config import Config, MmsphereError
+from mmsphere.errors import MmsphereError
+from mmsphere.train.config import Config
 from mmsphere.data import build_eval_loader
 from mmsphere.demo import weight_separation
 from mmsphere.eval.evaluate import evaluate_retrieval_loader
@@ -140,8 +141,8 @@ def _image_set(model: torch.nn.Module, spec: str, name: str, batch_size: int,
     loader = build_eval_loader(spec, "image", frames=1, image_size=model.image_size, image_mean=model.image_mean,
                                image_std=model.image_std, batch_size=batch_size, feature_cache=cache)
     for batch in loader:
-        features.append(model.encode_image_trunk(batch["image_trunk"]).float().cpu())
-        labels.extend(group if group != key else None for group, key in zip(batch["group"], batch["key"]))
+        features.append(model.encode_visual(**batch.media_inputs()).float().cpu())
+        labels.extend(group if group != key else None for group, key in zip(batch.groups, batch.keys))
     if not features:
         raise MmsphereError(f"image set {name}={spec!r} produced no image (every sample was skipped)")
     return torch.cat(features), labels

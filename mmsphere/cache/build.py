@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmsphere.cache.store import FeatureCache, ShardFeatures, make_cache, source_identity, write_shard_features
-from mmsphere.config import Config, ConfigError, DataConfig
+from mmsphere.data.batching import collate_eval
+from mmsphere.data.feature_files import FeatureCache, ShardFeatures, make_cache, source_identity, write_shard_features
+from mmsphere.data.config import DataConfig
+from mmsphere.errors import ConfigError
 from mmsphere.data.decode import DecodeError
 from mmsphere.data.reader import check_shards, is_local, read_tar_samples
 from mmsphere.data.samples import DecodeOptions, decode_sample
@@ -88,7 +90,7 @@ def cache_for(model: torch.nn.Module, data: DataConfig, modality: str, *, digest
     (``train.precision``): the trunks run under that autocast while the cache is built, as they do
     in a training step (the meta step, which an uncached run computes in float32, reads the same
     stored values). The identity holds everything a stored value depends on (see
-    :mod:`mmsphere.cache.store`); its digest names the cache's folder.
+    :mod:`mmsphere.data.feature_files`); its digest names the cache's folder.
     """
     import open_clip  # lazy: seconds to import, and `mmsphere train --help` imports this module
 
@@ -131,7 +133,7 @@ def architecture_config(model: torch.nn.Module) -> dict[str, Any]:
     return config
 
 
-def config_caches(model: torch.nn.Module, config: Config) -> tuple[dict[str, FeatureCache], FeatureCache | None]:
+def config_caches(model: torch.nn.Module, config: Any) -> tuple[dict[str, FeatureCache], FeatureCache | None]:
     """The caches a run reads: per modality of its training (and meta) sources, and its validation set's."""
     digest = trunk_digest(model)
     sources = list(config.data.train) + ([config.data.meta] if config.meta.enabled and config.data.meta else [])
@@ -145,7 +147,7 @@ def config_caches(model: torch.nn.Module, config: Config) -> tuple[dict[str, Fea
     return train, val
 
 
-def cache_jobs(config: Config, train: dict[str, FeatureCache],
+def cache_jobs(config: Any, train: dict[str, FeatureCache],
                val: FeatureCache | None) -> list[tuple[str, FeatureCache, str]]:
     """(source name, cache, shard URLs) of every source a run reads: train, meta (when enabled) and val."""
     jobs = [(source.name or f"train{index}", train[source.modality], source.urls)
@@ -157,7 +159,7 @@ def cache_jobs(config: Config, train: dict[str, FeatureCache],
     return jobs
 
 
-def build_config_caches(model: torch.nn.Module, config: Config, *, rank: int = 0, world_size: int = 1,
+def build_config_caches(model: torch.nn.Module, config: Any, *, rank: int = 0, world_size: int = 1,
                         progress: bool = True) -> tuple[dict[str, FeatureCache], FeatureCache | None]:
     """Build what is missing of every cache a run reads (this process's share of the shards); returns the caches."""
     check_cacheable(model, config.data)
@@ -281,9 +283,11 @@ def _encode_shard(model: torch.nn.Module, url: str, options: DecodeOptions,
 
 
 def _visual_trunk(model: torch.nn.Module, samples: list, modality: str) -> torch.Tensor:
-    frames = torch.stack([sample.frames for sample in samples]).to(_device_of(model))
+    # stacked as the collates stack a batch, so the trunks see exactly what an uncached step feeds them
+    media = collate_eval(samples, modality=modality, skipped={}).media.to(_device_of(model))
     if modality == "image":
-        return model.image_trunk_features(frames[:, 0]).float().cpu()
+        return model.image_trunk_features(media).float().cpu()
+    frames = media
     batch, length = frames.shape[:2]
     # every frame slot, padded ones too: the uncached video path encodes them as well (the mask drops them)
     trunk = model.image_trunk_features(frames.flatten(0, 1)).float().cpu()

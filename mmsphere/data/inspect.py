@@ -11,7 +11,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from tqdm import tqdm
 
 from mmsphere.data.decode import DEFAULT_MAX_IMAGE_PIXELS
-from mmsphere.data.pipeline import iterate_single_threaded
+from mmsphere.data.loading import iterate_single_threaded
 from mmsphere.data.reader import check_shards, read_tar_samples
 from mmsphere.data.samples import DecodeOptions, decode_samples
 from mmsphere.data.stats import SkipCounter, add_skipped

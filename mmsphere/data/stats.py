@@ -2,9 +2,9 @@
 
 A bad sample never stops a run: the stage that meets it records a *reason* on a
 :class:`SkipCounter` and moves on. Counts reach the main process through the batches themselves:
-every batch carries ``batch["skipped"]`` (the reasons recorded by its producer since that
+every batch carries ``batch.skipped`` (the reasons recorded by its producer since that
 producer's previous batch) and each DataLoader worker ends with a :class:`SkipReport` holding what
-it recorded after its last batch. The loaders in :mod:`mmsphere.data.pipeline` add both into this
+it recorded after its last batch. The loaders (:func:`mmsphere.data.loading.deliver`) add both into this
 module's process-wide totals as they hand batches out, so :func:`skipped_counts` in the training
 process sees the skips of every worker, with or without worker processes, and none twice.
 """

@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from mmsphere.config import MmsphereError
+from mmsphere.data.batch import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class EncodedEvalSet:
 @torch.inference_mode()
 def encode_eval_set(
     model: torch.nn.Module,
-    batches: Iterable[dict[str, Any]],
+    batches: Iterable[Batch],
     *,
     text_batch_size: int = 256,
     progress: bool = True,
@@ -59,9 +59,8 @@ def encode_eval_set(
 ) -> EncodedEvalSet:
     """Encode evaluation batches (``mmsphere.data.build_eval_loader`` layout) with a dual encoder.
 
-    Each batch holds ``key``, ``modality``, ``frames [B, T, 3, H, W]``, ``frame_mask [B, T]`` and
-    ``captions`` (a list of caption lists). Images go through ``encode_image`` as in training
-    (an image is a one-frame video), videos through ``encode_video``.
+    Each batch is a :class:`~mmsphere.data.Batch` holding every caption of each sample; its media go
+    through the dual encoder's ``encode_visual`` as in training.
     """
     if text_batch_size < 1:
         raise ValueError(f"text_batch_size={text_batch_size} must be >= 1")
@@ -77,13 +76,13 @@ def encode_eval_set(
     modality = None
     try:
         for batch in tqdm(batches, desc=f"{description} (visual)", unit="batch", disable=not progress):
-            batch_modality = batch["modality"]
+            batch_modality = batch.modality
             if modality is None:
                 modality = batch_modality
             elif batch_modality != modality:
                 raise MmsphereError(f"the evaluation set mixes modalities: {modality!r} and {batch_modality!r}")
             features = _encode_visual(model, batch, device)
-            for key, sample_captions, row in zip(batch["key"], batch["captions"], features):
+            for key, sample_captions, row in zip(batch.keys, batch.captions, features):
                 if key in seen:
                     raise MmsphereError(f"sample key {key!r} appears twice in the evaluation set")
                 if not sample_captions:
@@ -96,7 +95,7 @@ def encode_eval_set(
                 caption_to_video.extend([len(keys)] * len(sample_captions))
                 keys.append(key)
                 captions.extend(sample_captions)
-            caption_trunks.extend(batch.get("caption_trunk", []))
+            caption_trunks.extend(batch.caption_trunk)
             image_features.append(features)
         if not keys:
             raise MmsphereError("the evaluation set produced no sample (empty, or every sample was skipped)")
@@ -124,17 +123,8 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _encode_visual(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-    if "image_trunk" in batch:
-        return model.encode_image_trunk(batch["image_trunk"].to(device)).float().cpu()
-    if "frame_trunk" in batch:
-        return model.encode_video_trunk(batch["frame_trunk"].to(device), batch["frame_mask"].to(device)).float().cpu()
-    frames = batch["frames"].to(device, non_blocking=True)
-    if batch["modality"] == "image":
-        features = model.encode_image(frames[:, 0])
-    else:
-        features = model.encode_video(frames, batch["frame_mask"].to(device, non_blocking=True))
-    return features.float().cpu()
+def _encode_visual(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    return model.encode_visual(**batch.to(device).media_inputs()).float().cpu()
 
 
 @torch.inference_mode()

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmsphere.cache.store import FeatureCache
+from mmsphere.data.feature_files import FeatureCache
 from mmsphere.config import MmsphereError
 from mmsphere.data import build_eval_loader
 from mmsphere.data.stats import skipped_counts

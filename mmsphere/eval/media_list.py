@@ -19,7 +19,8 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset
 
 from mmsphere.data.decode import DecodeError
-from mmsphere.data.pipeline import collate_eval
+from mmsphere.data.batch import Batch
+from mmsphere.data.batching import collate_eval
 from mmsphere.data.sample_list import ListEntry
 from mmsphere.data.samples import DecodeOptions, RawSample, decode_sample
 from mmsphere.eval.completeness import MissingItem
@@ -49,7 +50,7 @@ class MediaListLoader:
     def __len__(self) -> int:
         return (len(self.entries) + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         self.failed = []
         loader = DataLoader(_ListDataset(self.entries, self.options), batch_size=self.batch_size,
                             num_workers=self.workers, collate_fn=_keep_as_list)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from mmsphere.config import Config, ConfigError, ModelConfig
+from mmsphere.errors import ConfigError
+from mmsphere.models.config import ModelConfig
 from mmsphere.models.temporal import build_temporal_head
 
 TOWERS = ("image", "text", "temporal", "logit_scale")
@@ -52,7 +54,7 @@ class DualEncoder(nn.Module):
         self.image_mean = tuple(float(value) for value in image_mean)
         self.image_std = tuple(float(value) for value in image_std)
         self.context_length = context_length
-        self.run_config: Config | None = None  # set by load_run
+        self.run_config: dict[str, Any] | None = None  # set by load_run: the run's config.yaml as plain data
         self.architecture_config: dict | None = None  # the resolved open_clip config, set by create_model
         heads = self.head_prefixes()
         for name, parameter in self.named_parameters():
@@ -106,6 +108,26 @@ class DualEncoder(nn.Module):
         frame_features = _normalize(frame_features).view(batch, length, -1)
         return _normalize(self.temporal(frame_features, frame_mask))
 
+    def encode_visual(
+        self,
+        images: torch.Tensor | None = None,
+        frames: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+        *,
+        image_trunk: torch.Tensor | None = None,
+        frame_trunk: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Unit-norm features ``[B, D]`` of one visual input: the keyword arguments of ``Batch.media_inputs()``."""
+        if images is not None:
+            return self.encode_image(images)
+        if frames is not None:
+            return self.encode_video(frames, frame_mask)
+        if image_trunk is not None:
+            return self.encode_image_trunk(image_trunk)
+        if frame_trunk is not None:
+            return self.encode_video_trunk(frame_trunk, frame_mask)
+        raise ValueError("pass one of images [B, 3, H, W], frames [B, T, 3, H, W], image_trunk or frame_trunk")
+
     def forward(
         self,
         text: torch.Tensor | None = None,
@@ -140,16 +162,9 @@ class DualEncoder(nn.Module):
                 f"{'text' if text is not None else 'text_trunk'} of shape {tuple(textual.shape)} and {visual_name} "
                 f"of shape {tuple(visual.shape)} must hold the same number of samples"
             )
-        if images is not None:
-            image_features = self.encode_image(images)
-        elif frames is not None:
-            image_features = self.encode_video(frames, frame_mask)
-        elif image_trunk is not None:
-            image_features = self.encode_image_trunk(image_trunk)
-        else:
-            image_features = self.encode_video_trunk(frame_trunk, frame_mask)
         outputs = {
-            "image_features": image_features,
+            "image_features": self.encode_visual(images=images, frames=frames, frame_mask=frame_mask,
+                                                 image_trunk=image_trunk, frame_trunk=frame_trunk),
             "text_features": self.encode_text(text) if text is not None else self.encode_text_trunk(text_trunk),
             "logit_scale": self.clip.logit_scale.exp(),
         }

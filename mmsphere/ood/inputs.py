@@ -249,4 +249,4 @@ def image_batches(
         return
     for batch in build_eval_loader(spec, "image", frames=1, image_size=image_size, image_mean=image_mean,
                                    image_std=image_std, batch_size=batch_size, workers=workers):
-        yield ImageBatch(batch["frames"][:, 0], list(batch["key"]), [None] * len(batch["key"]))
+        yield ImageBatch(batch.media, list(batch.keys), [None] * len(batch))

@@ -8,11 +8,11 @@ sit below their caller.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,20 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from mmsphere.cache import FeatureCache, build_config_caches
-from mmsphere.config import Config, ConfigError, MmsphereError
+from mmsphere.cache import build_config_caches
+from mmsphere.errors import ConfigError, MmsphereError
+from mmsphere.train.config import Config
 from mmsphere.console import ON_CONSOLE, process_rank, run_log_file
-from mmsphere.data import build_train_stream, stats
+from mmsphere.data import Batch, TrainStream, build_train_stream, stats
+from mmsphere.data.feature_files import FeatureCache
 from mmsphere.eval.evaluate import evaluate_retrieval_loader
 from mmsphere.losses import Objective
 from mmsphere.train.checkpoint import discard_partial_checkpoints, list_checkpoints, load_checkpoint, save_checkpoint
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 from mmsphere.train.preflight import check_data_sources, check_output_dir, check_shared_output_dir, write_run_config
 from mmsphere.train.run_log import RunLog, check_trackers
-from mmsphere.train.step import optimization_step
+from mmsphere.train.step import StepResult, optimization_step
+from mmsphere.train.task import Task
 from mmsphere.weighting import MetaWeighting
 
 logger = logging.getLogger(__name__)
@@ -79,9 +82,71 @@ def train(config: Config) -> dict[str, Any]:
 
 
 def _train(config: Config, stack: contextlib.ExitStack) -> dict[str, Any]:
-    # lazy: mmsphere.models imports open_clip (seconds); `mmsphere train --help` imports this package
-    from mmsphere.models import create_run_model, save_run
+    """data -> task -> step -> log -> checkpoint; each stage is a helper below."""
+    run = _open_run(config, stack)
+    task, optimizer, checkpointed = _build_task(config, run)
+    state = _resume(run, checkpointed)
+    streams = _build_streams(config, run, task.network, state)
+    train_batches = _epochs(streams["train"])
+    meta_batches = _epochs(streams["meta"]) if "meta" in streams else None
+    log = RunLog(run.output_dir, run.accelerator, config)  # starts the train.report_to trackers
+    if state is not None:
+        run.nonfinite_total, run.meta_skipped = _restore_counters(state, run.resume_from, run.skipped, log,
+                                                                  run.accelerator.is_main_process)
+    progress = tqdm(total=config.train.max_steps, initial=run.step, disable=not run.accelerator.is_main_process,
+                    desc="train", unit="step", dynamic_ncols=True)
+    stack.callback(progress.close)  # also when the run stops: an error or Ctrl-C then prints below the bar
+    run.started = time.time()
+    while run.step < config.train.max_steps:
+        run.data_epoch, batch = next(train_batches)
+        batch = batch.to(run.accelerator.device)
+        meta_batch = None
+        if meta_batches is not None and run.step % config.meta.interval == 0:
+            meta_batch = next(meta_batches)[1].to(run.accelerator.device)
+        # the same draws on every rank and every micro-batch
+        outcome = optimization_step(task, batch, optimizer, meta_batch=meta_batch,
+                                    seed=config.seed * 1_000_003 + run.step)
+        if not _count_step(run, outcome):
+            continue
+        progress.update(1)
+        _log_step(run, task, log, batch, outcome, progress)
+        if config.data.val is not None and config.train.val_every and run.step % config.train.val_every == 0:
+            log.metrics({"step": run.step, **validate(task.network, config, run.accelerator, run.val_cache)})
+        if run.step % config.train.checkpoint_every == 0 or run.step == config.train.max_steps:
+            save_checkpoint(run.accelerator, run.output_dir, run.step,
+                            {"data_epoch": run.data_epoch, **_counters(run), "max_loss_seen": log.max_loss_seen},
+                            checkpointed, keep=config.train.keep_checkpoints,
+                            data_position={name: stream.state_dict() for name, stream in streams.items()})
+    progress.close()
+    return _finish(run, task, log)
 
+
+@dataclass
+class _Run:
+    """One process's view of a run: its accelerator, directory, feature caches and counters."""
+
+    config: Config
+    accelerator: Accelerator
+    output_dir: Path
+    resume_from: Path | None
+    owns_process_group: bool  # torch.distributed set up here, so torn down at the end
+    local_batch: int
+    meta_local: int | None
+    skipped: stats.SkipTally = field(default_factory=stats.SkipTally)  # this run's, not the process's
+    feature_caches: dict[str, FeatureCache] | None = None
+    val_cache: FeatureCache | None = None
+    step: int = 0
+    data_epoch: int = 0
+    resumed_from_step: int | None = None
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    meta_skipped: int = 0
+    samples_seen: int = 0
+    started: float = 0.0
+
+
+def _open_run(config: Config, stack: contextlib.ExitStack) -> _Run:
+    """Everything before the model: the accelerator, the batch sizes and data checked, the run directory claimed, its log."""
     # a caller that set up torch.distributed itself (a test harness, a sweep over runs) keeps its
     # process group; one that accelerate creates here is torn down at the end
     owns_process_group = not (dist.is_available() and dist.is_initialized())
@@ -103,135 +168,132 @@ def _train(config: Config, stack: contextlib.ExitStack) -> dict[str, Any]:
     check_shared_output_dir(accelerator, output_dir, resume_from)
     log_file = stack.enter_context(run_log_file(output_dir, rank))
     logger.info("run directory %s (log: %s)", output_dir, log_file, extra=ON_CONSOLE)
+    return _Run(config, accelerator, output_dir, resume_from, owns_process_group, local_batch, meta_local)
 
+
+def _build_task(config: Config, run: _Run) -> tuple[Task, torch.optim.Optimizer, dict[str, Any]]:
+    """The task (model prepared, objective, meta weighting), its optimiser, and what a checkpoint restores."""
+    # lazy: mmsphere.models imports open_clip (seconds); `mmsphere train --help` imports this package
+    from mmsphere.models import create_run_model
+
+    accelerator = run.accelerator
     model = create_run_model(config)  # seeded: identical initialisation on every rank, and in `mmsphere cache`
-    if not config.model.pretrained and resume_from is None:
+    if not config.model.pretrained and run.resume_from is None:
         logger.info("training %s from random initialisation (model.pretrained is not set)", config.model.name,
                     extra=ON_CONSOLE)
     objective = Objective(config.loss)
     optimizer = build_optimizer(model, config)
     scheduler = cosine_schedule(optimizer, config.train.warmup_steps, config.train.max_steps)
-    if world_size > 1:
+    if accelerator.num_processes > 1:
         configure_ddp(accelerator, model, objective, config)
     model, optimizer = accelerator.prepare(model, optimizer)
     network = accelerator.unwrap_model(model)
     # what a checkpoint restores besides the trainer state (no pickle: mmsphere/train/checkpoint.py); the
     # scheduler is not prepared: accelerate would step it once per process
     checkpointed = {"model": network, "optimizer": optimizer, "scheduler": scheduler}
-    feature_caches = val_cache = None
     if config.data.feature_cache:
         # frozen trunks: each process encodes its share of the missing shards, then all read every shard
-        feature_caches, val_cache = build_config_caches(network, config, rank=rank, world_size=world_size,
-                                                        progress=accelerator.is_main_process)
+        run.feature_caches, run.val_cache = build_config_caches(
+            network, config, rank=accelerator.process_index, world_size=accelerator.num_processes,
+            progress=accelerator.is_main_process)
         accelerator.wait_for_everyone()
-
     weighting = MetaWeighting(config, network, objective) if config.meta.enabled else None
     if weighting is not None:
         weighting.weight_net.to(accelerator.device)
         checkpointed.update(weight_net=weighting.weight_net, weight_net_optimizer=weighting.optimizer)
+    task = Task.from_config(config, network, accelerator, model=model, objective=objective, weighting=weighting,
+                            scheduler=scheduler)
+    return task, optimizer, checkpointed
 
-    step, data_epoch, resumed_from_step = 0, 0, None
-    if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, checkpointed)
-        step, data_epoch = state["step"], state["data_epoch"] + 1
-        resumed_from_step = step
-        logger.info("resumed from %s at step %d", resume_from, step, extra=ON_CONSOLE)
 
-    stream_kwargs = dict(image_size=network.image_size, image_mean=network.image_mean,
-                         image_std=network.image_std, tokenizer=network.tokenizer,
-                         rank=rank, world_size=world_size, seed=config.seed, feature_caches=feature_caches)
-    # skips are counted per run: a process that trains several times (the ablation tool) or also
-    # validates must not report another run's skips
-    skipped = stats.SkipTally()
-    data_streams = {"train": build_train_stream(config.data.train, config.data, batch_size=local_batch,
-                                                split="train", skipped=skipped, **stream_kwargs)}
-    if weighting is not None:
-        data_streams["meta"] = build_train_stream([config.data.meta], config.data, batch_size=meta_local,
-                                                  split="meta", skipped=skipped, **stream_kwargs)
-    if resume_from is not None:
-        _resume_streams(data_streams, state["data_position"], next_epoch=data_epoch)
-    train_batches = _epochs(data_streams["train"])
-    meta_batches = _epochs(data_streams["meta"]) if weighting is not None else None
+def _resume(run: _Run, checkpointed: dict[str, Any]) -> dict[str, Any] | None:
+    """Restore the checkpoint ``run`` resumes from (None: a fresh run) into ``checkpointed``; its trainer state."""
+    if run.resume_from is None:
+        return None
+    state = load_checkpoint(run.accelerator, run.resume_from, checkpointed)
+    run.step, run.data_epoch = state["step"], state["data_epoch"] + 1
+    run.resumed_from_step = run.step
+    logger.info("resumed from %s at step %d", run.resume_from, run.step, extra=ON_CONSOLE)
+    return state
 
-    log = RunLog(output_dir, accelerator, config)  # starts the train.report_to trackers
-    nonfinite_in_row, nonfinite_total, meta_skipped = 0, 0, 0
-    if resume_from is not None:
-        nonfinite_total, meta_skipped = _restore_counters(state, resume_from, skipped, log, accelerator.is_main_process)
-    samples_seen, started = 0, time.time()
-    progress = tqdm(total=config.train.max_steps, initial=step, disable=not accelerator.is_main_process,
-                    desc="train", unit="step", dynamic_ncols=True)
-    stack.callback(progress.close)  # also when the run stops: an error or Ctrl-C then prints below the bar
-    while step < config.train.max_steps:
-        data_epoch, batch = next(train_batches)
-        inputs = model_inputs(batch, accelerator.device)
-        group_ids = batch_group_ids(batch, config, accelerator.device)
-        step_seed = config.seed * 1_000_003 + step  # same draws on every rank and every micro-batch
 
-        meta_inputs = meta_group_ids = None
-        if weighting is not None and step % config.meta.interval == 0:
-            _, meta_batch = next(meta_batches)
-            meta_inputs = model_inputs(meta_batch, accelerator.device)
-            meta_group_ids = batch_group_ids(meta_batch, config, accelerator.device)
-        outcome = optimization_step(model, network, objective, optimizer, scheduler, accelerator, config, inputs,
-                                    seed=step_seed, weighting=weighting, meta_inputs=meta_inputs,
-                                    group_ids=group_ids, meta_group_ids=meta_group_ids)
-        result, meta_result = outcome.output, outcome.meta
-        if meta_result is not None and meta_result.skipped:
-            meta_skipped += 1
-            logger.warning("non-finite value in the meta iteration at step %d: WeightNet not updated", step)
-        if outcome.skipped:
-            nonfinite_in_row += 1
-            nonfinite_total += 1
-            logger.warning("non-finite loss at step %d: step skipped (%d in a row)", step, nonfinite_in_row)
-            if nonfinite_in_row >= config.train.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{nonfinite_in_row} non-finite losses in a row at step {step}; stopping. The last good "
-                    f"checkpoint is {list_checkpoints(output_dir)[-1] if list_checkpoints(output_dir) else 'none'}")
-            continue
-        nonfinite_in_row = 0
-        step += 1
-        samples_seen += config.train.batch_size
-        progress.update(1)
+def _build_streams(config: Config, run: _Run, network: torch.nn.Module,
+                   state: dict[str, Any] | None) -> dict[str, TrainStream]:
+    """This process's training stream (and meta stream), where the checkpoint left them when resuming."""
+    accelerator = run.accelerator
+    common = dict(image_size=network.image_size, image_mean=network.image_mean, image_std=network.image_std,
+                  tokenizer=network.tokenizer, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                  seed=config.seed, feature_caches=run.feature_caches, positives=config.loss.positives,
+                  skipped=run.skipped)
+    streams = {"train": build_train_stream(config.data.train, config.data, batch_size=run.local_batch,
+                                           split="train", **common)}
+    if config.meta.enabled:
+        streams["meta"] = build_train_stream([config.data.meta], config.data, batch_size=run.meta_local,
+                                             split="meta", **common)
+    if state is not None:
+        _resume_streams(streams, state["data_position"], next_epoch=run.data_epoch)
+    return streams
 
-        if weighting is not None:
-            log.max_loss_seen = max(log.max_loss_seen, result.per_sample.detach().float().max().item())
-            if step % config.meta.weights_log_every == 0 or step == config.train.max_steps:
-                log.sample_weights(step, batch["key"], result.per_sample.detach(), result.weights)
-        if step % config.train.log_every == 0 or step == config.train.max_steps:
-            rate = samples_seen / max(time.time() - started, 1e-9)
-            record = {"step": step, "epoch": data_epoch, "lr": scheduler.get_last_lr()[0],
-                      "logit_scale": network.log_logit_scale.exp().item(), "samples_per_s": rate,
-                      **{f"loss/{name}": value.item() for name, value in result.terms.items()}}
-            if meta_result is not None:
-                record.update({"meta/virtual_loss": meta_result.virtual_loss,
-                               "meta/meta_loss": meta_result.meta_loss,
-                               "meta/weight_mean": meta_result.weight_mean})
-            log.metrics(record)
-            progress.set_postfix(loss=f"{result.terms['total'].item():.3f}", samples_s=f"{rate:.1f}")
-        if config.data.val is not None and config.train.val_every and step % config.train.val_every == 0:
-            log.metrics({"step": step, **validate(network, config, accelerator, val_cache)})
-        if step % config.train.checkpoint_every == 0 or step == config.train.max_steps:
-            save_checkpoint(accelerator, output_dir, step,
-                            {"data_epoch": data_epoch, **_counters(nonfinite_total, meta_skipped, skipped),
-                             "max_loss_seen": log.max_loss_seen}, checkpointed,
-                            data_position={name: stream.state_dict() for name, stream in data_streams.items()},
-                            keep=config.train.keep_checkpoints)
-    progress.close()
 
-    summary = {"steps": step, "world_size": world_size, "resumed_from_step": resumed_from_step,
-               "data_epoch": data_epoch, **_counters(nonfinite_total, meta_skipped, skipped),
-               "wall_time_s": time.time() - started}
+def _count_step(run: _Run, outcome: StepResult) -> bool:
+    """Count the step's outcome; False when it was skipped (non-finite loss), which stops the run after too many."""
+    config = run.config
+    if outcome.meta is not None and outcome.meta.skipped:
+        run.meta_skipped += 1
+        logger.warning("non-finite value in the meta iteration at step %d: WeightNet not updated", run.step)
+    if outcome.skipped:
+        run.nonfinite_in_row += 1
+        run.nonfinite_total += 1
+        logger.warning("non-finite loss at step %d: step skipped (%d in a row)", run.step, run.nonfinite_in_row)
+        if run.nonfinite_in_row >= config.train.max_nonfinite_steps:
+            checkpoints = list_checkpoints(run.output_dir)
+            raise NonFiniteLossError(
+                f"{run.nonfinite_in_row} non-finite losses in a row at step {run.step}; stopping. The last good "
+                f"checkpoint is {checkpoints[-1] if checkpoints else 'none'}")
+        return False
+    run.nonfinite_in_row = 0
+    run.step += 1
+    run.samples_seen += config.train.batch_size
+    return True
+
+
+def _log_step(run: _Run, task: Task, log: RunLog, batch: Batch, outcome: StepResult, progress: tqdm) -> None:
+    """The sample weights (meta weighting) and, every ``train.log_every`` steps, the step's metrics."""
+    config, step, result, meta_result = run.config, run.step, outcome.output, outcome.meta
+    if task.weighting is not None:
+        log.max_loss_seen = max(log.max_loss_seen, result.per_sample.detach().float().max().item())
+        if step % config.meta.weights_log_every == 0 or step == config.train.max_steps:
+            log.sample_weights(step, batch.keys, result.per_sample.detach(), result.weights)
+    if step % config.train.log_every == 0 or step == config.train.max_steps:
+        rate = run.samples_seen / max(time.time() - run.started, 1e-9)
+        record = {"step": step, "epoch": run.data_epoch, "lr": task.scheduler.get_last_lr()[0],
+                  "logit_scale": task.network.log_logit_scale.exp().item(), "samples_per_s": rate,
+                  **{f"loss/{name}": value.item() for name, value in result.terms.items()}}
+        if meta_result is not None:
+            record.update({"meta/virtual_loss": meta_result.virtual_loss, "meta/meta_loss": meta_result.meta_loss,
+                           "meta/weight_mean": meta_result.weight_mean})
+        log.metrics(record)
+        progress.set_postfix(loss=f"{result.terms['total'].item():.3f}", samples_s=f"{rate:.1f}")
+
+
+def _finish(run: _Run, task: Task, log: RunLog) -> dict[str, Any]:
+    """Final validation, the saved model, the weighting curve and summary.json; the run summary."""
+    from mmsphere.models import save_run  # lazy, as in _build_task
+
+    config, accelerator, output_dir = run.config, run.accelerator, run.output_dir
+    summary = {"steps": run.step, "world_size": accelerator.num_processes, "resumed_from_step": run.resumed_from_step,
+               "data_epoch": run.data_epoch, **_counters(run), "wall_time_s": time.time() - run.started}
     if config.data.val is not None:
-        summary["validation"] = validate(network, config, accelerator, val_cache)
-        log.metrics({"step": step, **summary["validation"]})
+        summary["validation"] = validate(task.network, config, accelerator, run.val_cache)
+        log.metrics({"step": run.step, **summary["validation"]})
     if accelerator.is_main_process:
-        save_run(network, config, output_dir)
-        if weighting is not None:
-            weighting.plot_curve(output_dir / "weighting_curve.png", log.max_loss_seen)
+        save_run(task.network, config, output_dir)
+        if task.weighting is not None:
+            task.weighting.plot_curve(output_dir / "weighting_curve.png", log.max_loss_seen)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("run summary: %s", summary)  # the log file's copy; the CLI prints the summary itself
     accelerator.wait_for_everyone()
-    if owns_process_group:
+    if run.owns_process_group:
         accelerator.end_training()
     else:
         for tracker in accelerator.trackers:
@@ -368,7 +430,7 @@ def _resume_streams(streams: dict[str, Any], position: dict[str, Any] | None, ne
         stream.set_epoch(next_epoch)
 
 
-def _epochs(stream) -> Iterator[tuple[int, dict]]:
+def _epochs(stream: TrainStream) -> Iterator[tuple[int, Batch]]:
     """Endless (epoch, batch) pairs: each pass over ``stream`` is one (virtual) data epoch, reseeded by its number."""
     while True:
         epoch, produced = stream.epoch, False
@@ -381,39 +443,6 @@ def _epochs(stream) -> Iterator[tuple[int, dict]]:
                                 f"every sample was skipped or there are fewer samples than one batch")
 
 
-def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """The keyword arguments of the dual encoder for one batch (an image is a one-frame video; a cached batch: trunk features)."""
-    if "text_trunk" in batch:
-        inputs = {"text_trunk": batch["text_trunk"].to(device, non_blocking=True)}
-        if batch["modality"] == "image":
-            return {**inputs, "image_trunk": batch["image_trunk"].to(device, non_blocking=True)}
-        return {**inputs, "frame_trunk": batch["frame_trunk"].to(device, non_blocking=True),
-                "frame_mask": batch["frame_mask"].to(device, non_blocking=True)}
-    text = batch["text"].to(device, non_blocking=True)
-    if batch["modality"] == "image":
-        return {"text": text, "images": batch["frames"][:, 0].to(device, non_blocking=True)}
-    return {"text": text, "frames": batch["frames"].to(device, non_blocking=True),
-            "frame_mask": batch["frame_mask"].to(device, non_blocking=True)}
-
-
-def batch_group_ids(batch: dict[str, Any], config: Config, device: torch.device) -> torch.Tensor | None:
-    """Integer group ids [n] of a batch for ``loss.positives: group`` (None otherwise).
-
-    A sample's group is the ``group`` of its JSON, else its media key (the pipeline fills
-    ``batch["group"]``); names become 63-bit integers by a stable hash, equal on every rank.
-    """
-    if config.loss.positives != "group":
-        return None
-    if "group" not in batch or all(group == key for group, key in zip(batch["group"], batch["key"])):
-        # no sample of the batch names a group: the source has none, and every sample would be its own
-        raise MmsphereError(f"loss.positives=group, but the samples of data source {batch.get('source')!r} carry no "
-                            f"group ids (a 'group' field in their .json; make-shards writes one from a 'group' "
-                            f"column): every sample would be a group of its own")
-    ids = [int.from_bytes(hashlib.blake2b(str(group).encode(), digest_size=8).digest(), "little") >> 1
-           for group in batch["group"]]
-    return torch.tensor(ids, dtype=torch.long, device=device)
-
-
 def _skipped_everywhere(counts: dict[str, int]) -> dict[str, int]:
     total: dict[str, int] = {}
     for per_rank in gather_object([counts]) if dist.is_available() and dist.is_initialized() else [counts]:
@@ -422,10 +451,10 @@ def _skipped_everywhere(counts: dict[str, int]) -> dict[str, int]:
     return total
 
 
-def _counters(nonfinite_total: int, meta_skipped: int, skipped: stats.SkipTally) -> dict[str, Any]:
+def _counters(run: _Run) -> dict[str, Any]:
     """The run's counters, as summary.json reports them and each checkpoint keeps them (every process calls this)."""
-    return {"nonfinite_steps_skipped": nonfinite_total, "meta_iterations_skipped": meta_skipped,
-            "skipped_samples": _skipped_everywhere(skipped.counts())}
+    return {"nonfinite_steps_skipped": run.nonfinite_total, "meta_iterations_skipped": run.meta_skipped,
+            "skipped_samples": _skipped_everywhere(run.skipped.counts())}
 
 
 def _restore_counters(state: dict[str, Any], checkpoint: Path, skipped: stats.SkipTally, log: RunLog,

@@ -5,7 +5,7 @@ the identity of each cache, then every shard's file opened: its checksum, its st
 shard's identity, which the build compares to decide what to encode again), and the same checks
 each time the training or validation stream opens a shard's file again (every epoch). This script
 builds the caches of ``--config`` if missing (untimed), then times one training run of it with
-the check functions of :mod:`mmsphere.cache.store` and :func:`mmsphere.cache.build.trunk_digest`
+the check functions of :mod:`mmsphere.data.feature_files` and :func:`mmsphere.cache.build.trunk_digest`
 wrapped by timers, and prints each one's total beside the run's wall time (model loading included).
 
     python scripts/benchmark.py cache_check --config configs/studies/cifar10_noisy.yaml [dotted.key=value ...]
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 import mmsphere.cache.build as cache_build
-import mmsphere.cache.store as cache_store
+import mmsphere.data.feature_files as cache_store
 from mmsphere.cache import build_config_caches
-from mmsphere.config import load_config
+from mmsphere.train.config import load_config
 from mmsphere.data.reader import expand_urls
 from mmsphere.digest import file_sha256
 from mmsphere.models import create_run_model

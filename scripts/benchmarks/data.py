@@ -34,7 +34,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from mmsphere.config import DataConfig, SourceConfig
+from mmsphere.data.config import DataConfig, SourceConfig
 from mmsphere.data import build_train_stream
 from mmsphere.data.h264 import x264_options
 from mmsphere.data.shards import ListEntry, write_shards
@@ -172,7 +172,7 @@ def stream_rate(urls, modality, count, tokenizer, *, batch_size, fast, size, wor
                                 image_std=open_clip.OPENAI_DATASET_STD, tokenizer=tokenizer, batch_size=batch_size)
     started, seen = time.perf_counter(), 0
     for batch in stream:
-        seen += len(batch["key"])
+        seen += len(batch)
     return seen / (time.perf_counter() - started)
 
 

@@ -21,12 +21,14 @@ import time
 import torch
 
 from benchmarks.memory import peak_mb
-from mmsphere.config import config_from_dict
+from mmsphere.train.config import config_from_dict
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
+from mmsphere.data import Batch
 from mmsphere.weighting import MetaWeighting
 from mmsphere.train.loop import build_accelerator
 from mmsphere.train.step import optimization_step
+from mmsphere.train.task import Task
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 
 VARIANTS = ("no_meta", "second_order", "jvp")
@@ -47,11 +49,12 @@ def make_runner(variant: str, args):
     network = create_model(config.model).to(args.device)
     size, context = network.image_size, network.tokenizer.context_length
 
-    def video_batch(seed: int) -> dict[str, torch.Tensor]:
+    def video_batch(seed: int) -> Batch:
         generator = torch.Generator().manual_seed(seed)
-        return {"text": torch.randint(1, 49407, (args.clips, context), generator=generator).to(args.device),
-                "frames": torch.randn(args.clips, args.frames, 3, size, size, generator=generator).to(args.device),
-                "frame_mask": torch.ones(args.clips, args.frames, dtype=torch.bool, device=args.device)}
+        text = torch.randint(1, 49407, (args.clips, context), generator=generator).to(args.device)
+        frames = torch.randn(args.clips, args.frames, 3, size, size, generator=generator).to(args.device)
+        return Batch("video", frames, torch.ones(args.clips, args.frames, dtype=torch.bool, device=args.device),
+                     text=text)
 
     accelerator = build_accelerator(config)
     objective = Objective(config.loss)
@@ -61,11 +64,12 @@ def make_runner(variant: str, args):
     weighting = MetaWeighting(config, network, objective) if config.meta.enabled else None
     if weighting is not None:
         weighting.weight_net.to(args.device)
-    inputs, meta_inputs = video_batch(1), video_batch(2)
+    task = Task.from_config(config, network, accelerator, model=model, objective=objective, weighting=weighting,
+                            scheduler=scheduler)
+    batch, meta_batch = video_batch(1), video_batch(2)
 
     def step(index: int) -> None:
-        optimization_step(model, network, objective, optimizer, scheduler, accelerator, config, inputs, seed=index,
-                          weighting=weighting, meta_inputs=meta_inputs if weighting else None)
+        optimization_step(task, batch, optimizer, meta_batch=meta_batch if weighting else None, seed=index)
 
     return step
 

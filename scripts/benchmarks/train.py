@@ -20,12 +20,14 @@ import open_clip
 import torch
 
 from benchmarks.memory import peak_mb
-from mmsphere.config import config_from_dict
+from mmsphere.train.config import config_from_dict
+from mmsphere.data import Batch
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
 from mmsphere.weighting import MetaWeighting
 from mmsphere.train.loop import build_accelerator
 from mmsphere.train.step import optimization_step
+from mmsphere.train.task import Task
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 
 # meta_every_N: a meta iteration every N steps (meta.gradient jvp); *_second_order: the reference path
@@ -83,13 +85,13 @@ def make_runner(variant: str, model_name: str, batch: int, device: str):
     weighting = MetaWeighting(config, network, objective) if config.meta.enabled else None
     if weighting is not None:
         weighting.weight_net.to(device)
-    inputs = {"text": text, "images": images}
-    meta_inputs = {"text": meta_text, "images": meta_images}
+    task = Task.from_config(config, network, accelerator, model=model, objective=objective, weighting=weighting,
+                            scheduler=scheduler)
+    batch, meta_batch = Batch("image", images, text=text), Batch("image", meta_images, text=meta_text)
 
     def step(index: int) -> None:
         due = weighting is not None and index % config.meta.interval == 0
-        optimization_step(model, network, objective, optimizer, scheduler, accelerator, config, inputs, seed=index,
-                          weighting=weighting, meta_inputs=meta_inputs if due else None)
+        optimization_step(task, batch, optimizer, meta_batch=meta_batch if due else None, seed=index)
 
     return step
 

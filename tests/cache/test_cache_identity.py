@@ -1,4 +1,4 @@
-"""A feature cache is never read stale nor damaged (mmsphere/cache/store.py, "A stale file is never read").
+"""A feature cache is never read stale nor damaged (mmsphere/data/feature_files.py, "A stale file is never read").
 
 Each thing a stored feature depends on is changed alone, and the next build must encode the shard
 again (counted at the seam that encodes one shard) while an unchanged setup encodes nothing. A
@@ -28,11 +28,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mmsphere.cache.build
-import mmsphere.cache.store
+import mmsphere.data.feature_files
 from mmsphere.cache import build_feature_cache, cache_for, config_caches, read_shard_features, trunk_digest
-from mmsphere.cache.store import write_shard_features
+from mmsphere.data.feature_files import write_shard_features
 from mmsphere.cli import main
-from mmsphere.config import DataConfig, ModelConfig, config_from_dict
+from mmsphere.data.config import DataConfig
+from mmsphere.models.config import ModelConfig
+from mmsphere.train.config import config_from_dict
 from mmsphere.data.reader import read_tar_samples
 from mmsphere.data.samples import decode_sample
 from mmsphere.data.stats import SkipCounter
@@ -307,7 +309,7 @@ def _changed_open_clip_version(model, data, monkeypatch):
 
 
 def _changed_cache_format(model, data, monkeypatch):
-    monkeypatch.setattr(mmsphere.cache.store, "FORMAT_VERSION", "0-test")
+    monkeypatch.setattr(mmsphere.data.feature_files, "FORMAT_VERSION", "0-test")
     return model, data
 
 

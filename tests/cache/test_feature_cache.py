@@ -22,12 +22,15 @@ import yaml
 from safetensors import safe_open
 
 import mmsphere.cache.build
-import mmsphere.data.pipeline
+import mmsphere.data.eval_stream
+import mmsphere.data.source_samples
 import mmsphere.data.samples
 from mmsphere.cache import build_config_caches, build_feature_cache, cache_for, config_caches, read_shard_features
 from mmsphere.cli import main
-from mmsphere.config import DataConfig, ModelConfig, config_from_dict
-from mmsphere.data.pipeline import build_train_stream
+from mmsphere.data.config import DataConfig
+from mmsphere.models.config import ModelConfig
+from mmsphere.train.config import config_from_dict
+from mmsphere.data.mixing import build_train_stream
 from mmsphere.data.samples import DecodeOptions, RawSample, decode_sample
 from mmsphere.errors import ConfigError, DataError
 from mmsphere.models import create_model, load_run
@@ -130,7 +133,7 @@ def _run_pair(raw: dict, tmp_path: Path, monkeypatch) -> tuple[dict, dict, dict,
         raise AssertionError("a sample was decoded during a feature-cache run")
 
     with monkeypatch.context() as patch:
-        for module, name in [(mmsphere.data.pipeline, "decode_sample"), (mmsphere.data.pipeline, "decode_samples"),
+        for module, name in [(mmsphere.data.source_samples, "decode_sample"), (mmsphere.data.eval_stream, "decode_samples"),
                              (mmsphere.data.samples, "decode_sample"), (mmsphere.cache.build, "decode_sample")]:
             patch.setattr(module, name, forbidden)
         cached = train(config)
@@ -194,7 +197,7 @@ def test_cached_heads_training_matches_decoding_mixed_resnet_accum(shards, tmp_p
 
 
 # --------------------------------------------------------------------------------------------
-# 2. the file format, as documented in mmsphere/cache/store.py
+# 2. the file format, as documented in mmsphere/data/feature_files.py
 
 
 def test_image_shard_file_matches_documented_format_and_encoders(shards):
@@ -299,7 +302,7 @@ def test_validation_cache_holds_exactly_decoded_frames_under_fast_decode(shards)
     url = _urls(shards["video_val"])[0]
     build_feature_cache(model, val_cache, url, progress=False)
     cached = read_shard_features(val_cache, url).trunk
-    # what the uncached validation (mmsphere.data.pipeline.build_eval_loader) decodes: exact frames
+    # what the uncached validation (mmsphere.data.eval_stream.build_eval_loader) decodes: exact frames
     options = DecodeOptions(frames=4, image_size=model.image_size, image_mean=model.image_mean,
                             image_std=model.image_std, modality="video")
     frames = torch.stack([decode_sample(RawSample(key, url, dict(members)), options).frames

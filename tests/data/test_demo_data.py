@@ -51,7 +51,7 @@ def decoded(meta, split, clip_frames):
     loader = build_eval_loader(info["urls"], info["modality"], frames=clip_frames, image_size=meta["frame_size"],
                                image_mean=(0, 0, 0), image_std=(1, 1, 1), batch_size=16)
     return [(key, frames.numpy(), captions)
-            for batch in loader for key, frames, captions in zip(batch["key"], batch["frames"], batch["captions"])]
+            for batch in loader for key, frames, captions in zip(batch.keys, batch.media, batch.captions)]
 
 
 def test_meta_json_describes_every_split(demo):
@@ -101,8 +101,8 @@ def test_validation_clips_come_in_reversed_pairs(demo):
 def test_image_splits_hold_their_classes(demo):
     _, meta = demo
     images = decoded(meta, "train/image", 1)
-    assert len(images) == 10 and all(frames.shape == (1, 3, 32, 32) for _, frames, _ in images)
-    assert all(frames.max() > 0.5 for _, frames, _ in images)  # a bright digit on black
+    assert len(images) == 10 and all(image.shape == (3, 32, 32) for _, image, _ in images)  # images [3, H, W]
+    assert all(image.max() > 0.5 for _, image, _ in images)  # a bright digit on black
     for split, allowed in (("ood/id", range(0, 6)), ("ood/ood", range(6, 10))):
         for key, _, captions in decoded(meta, split, 1):
             assert meta["labels"][key] in allowed

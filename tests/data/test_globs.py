@@ -5,7 +5,9 @@ import json
 import pytest
 
 from mmsphere.cli import main as mmsphere_main
-from mmsphere.config import DataConfig, DataError, SourceConfig, config_from_dict
+from mmsphere.data.config import DataConfig, SourceConfig
+from mmsphere.errors import DataError
+from mmsphere.train.config import config_from_dict
 from mmsphere.data import build_eval_loader, build_train_stream
 from mmsphere.data.reader import check_shards, expand_urls
 from mmsphere.train.preflight import check_data_sources
@@ -83,7 +85,7 @@ def test_training_streams_read_a_glob_like_the_equivalent_brace_pattern(tmp_path
                                     DataConfig(frames=1, shuffle_buffer=0, epoch_samples=12, resampled=False, **fields),
                                     image_size=SIZE, image_mean=media.mean, image_std=media.std, tokenizer=tokenizer,
                                     batch_size=3, seed=5)
-        return [key for batch in stream for key in batch["key"]]
+        return [key for batch in stream for key in batch.keys]
 
     from_glob = keys(str(tmp_path / "img-*.tar"))
     assert from_glob == keys(str(tmp_path / "img-{0..3}.tar"))
@@ -97,7 +99,7 @@ def test_the_evaluation_loader_reads_a_glob_in_shard_order(tmp_path, media):
     write_image_shards(tmp_path / "b", media, "extra", 1)
     loader = build_eval_loader(f"{tmp_path}/a/val-*.tar::{tmp_path}/b/extra-{{0..0}}.tar", "image", frames=1,
                                image_size=SIZE, image_mean=media.mean, image_std=media.std, batch_size=4)
-    assert [key for batch in loader for key in batch["key"]] == [
+    assert [key for batch in loader for key in batch.keys] == [
         "val-0-0", "val-0-1", "val-1-0", "val-1-1", "extra-0-0", "extra-0-1"]
     with pytest.raises(ValueError, match=r"image evaluation shards: shard pattern .*test-\*\.tar' names no shard"):
         build_eval_loader(str(tmp_path / "test-*.tar"), "image", frames=1, image_size=SIZE, image_mean=media.mean,

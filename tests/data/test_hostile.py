@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmsphere.config import DataConfig, SourceConfig
+from mmsphere.data.config import DataConfig, SourceConfig
 from mmsphere.data import build_eval_loader, build_train_stream, skipped_counts
 
 
@@ -45,7 +45,7 @@ def read_all(urls, media, modality="video", frames=8):
 
 
 def keys_of(batches):
-    return [key for batch in batches for key in batch["key"]]
+    return [key for batch in batches for key in batch.keys]
 
 
 def assert_warned(caplog, reason):
@@ -108,10 +108,10 @@ def test_video_shorter_than_t_is_kept_and_masked(tmp_path, media, clip_bytes):
     shard = media.tar(tmp_path / "s.tar", good("long", clip_bytes) + good("short", short))
     batches = read_all(str(shard), media, frames=8)
     assert keys_of(batches) == ["long", "short"] and skipped_counts() == {}
-    masks = batches[0]["frame_mask"]
+    masks = batches[0].frame_mask
     assert masks[0].tolist() == [True] * 8
     assert masks[1].tolist() == [True] * 3 + [False] * 5
-    assert (batches[0]["frames"][1, 3:] == 0).all() and (batches[0]["frames"][1, :3] != 0).any()
+    assert (batches[0].media[1, 3:] == 0).all() and (batches[0].media[1, :3] != 0).any()
 
 
 def test_mp4_with_only_an_audio_stream_is_skipped(tmp_path, media, clip_bytes, caplog):
@@ -148,7 +148,7 @@ def test_duplicated_keys_keep_the_first_sample(tmp_path, media, clip_bytes, capl
     with caplog.at_level(logging.WARNING):
         batches = read_all(str(media.tar(tmp_path / "s.tar", members)), media)
     assert keys_of(batches) == ["a", "b"]
-    assert batches[0]["captions"] == [["first a"], ["b"]]
+    assert batches[0].captions == [["first a"], ["b"]]
     assert skipped_counts() == {"duplicate_key": 2}
     assert_warned(caplog, "duplicate_key")
 
@@ -216,11 +216,11 @@ def test_training_stream_survives_a_hostile_shard(tmp_path, media, clip_bytes, t
     stream = build_train_stream([source], data, image_size=16, image_mean=media.mean, image_std=media.std,
                                 tokenizer=tokenizer, batch_size=4, seed=1)
     batches = list(stream)
-    assert len(batches) == 6 and all(len(batch["key"]) == 4 for batch in batches)
-    assert {key for batch in batches for key in batch["key"]} <= {"a", "b", "d"}
+    assert len(batches) == 6 and all(len(batch.keys) == 4 for batch in batches)
+    assert {key for batch in batches for key in batch.keys} <= {"a", "b", "d"}
     counts = skipped_counts()
     assert counts["empty_media"] >= 1 and counts["caption_not_utf8"] >= 1 and counts["unknown_member"] >= 1
-    assert sum(sum(batch["skipped"].values()) for batch in batches) <= sum(counts.values())
+    assert sum(sum(batch.skipped.values()) for batch in batches) <= sum(counts.values())
 
 
 def test_pipe_urls_stream_shards_and_failed_commands_are_counted(tmp_path, media, clip_bytes):

@@ -11,8 +11,9 @@ import pytest
 import torch
 from open_clip.transform import image_transform
 
-from mmsphere.config import ConfigError, DataConfig, DataError, MmsphereError, SourceConfig
-from mmsphere.data import build_eval_loader, build_train_stream, skipped_counts
+from mmsphere.data.config import DataConfig, SourceConfig
+from mmsphere.errors import ConfigError, DataError, MmsphereError
+from mmsphere.data import Batch, build_eval_loader, build_train_stream, skipped_counts
 
 SIZE = 16
 
@@ -72,20 +73,23 @@ def test_training_batches_follow_the_contract(tmp_path, media, clips, tokenizer)
     stream = stream_for(sources, media, tokenizer, epoch_samples=40)
     batches = list(stream)
     assert len(batches) == len(stream) == 10
-    assert {batch["source"] for batch in batches} == {"clips", "photos"}
+    assert {batch.source for batch in batches} == {"clips", "photos"}
     for batch in batches:
-        assert set(batch) == {"key", "source", "modality", "frames", "frame_mask", "text", "caption", "group", "skipped"}
-        video = batch["source"] == "clips"
-        assert batch["modality"] == ("video" if video else "image")
+        assert isinstance(batch, Batch) and not batch.cached and batch.group_ids is None  # positives: diagonal
+        video = batch.source == "clips"
+        assert batch.modality == ("video" if video else "image")
         frames = 4 if video else 1
-        assert batch["frames"].shape == (4, frames, 3, SIZE, SIZE) and batch["frames"].dtype == torch.float32
-        assert batch["frame_mask"].shape == (4, frames) and batch["frame_mask"].dtype == torch.bool
-        assert batch["frame_mask"].all()  # every clip here has at least 4 frames
+        # frames [B, T, 3, H, W] for clips, images [B, 3, H, W] for photos
+        assert batch.media.shape == ((4, frames, 3, SIZE, SIZE) if video else (4, 3, SIZE, SIZE))
+        assert batch.media.dtype == torch.float32 and batch.valid.all()
+        assert set(batch.encoder_inputs()) == ({"text", "frames", "frame_mask"} if video else {"text", "images"})
+        assert batch.frame_mask.shape == (4, frames) and batch.frame_mask.dtype == torch.bool
+        assert batch.frame_mask.all()  # every clip here has at least 4 frames
         known = video_captions if video else image_captions
-        assert all(key in known for key in batch["key"])  # homogeneous: one source per batch
-        assert all(caption in known[key] for key, caption in zip(batch["key"], batch["caption"]))
-        assert torch.equal(batch["text"], tokenizer(batch["caption"]))
-    chosen = Counter(caption for batch in batches if batch["source"] == "clips" for caption in batch["caption"])
+        assert all(key in known for key in batch.keys)  # homogeneous: one source per batch
+        assert all(caption in known[key] for key, caption in zip(batch.keys, batch.caption))
+        assert torch.equal(batch.text, tokenizer(batch.caption))
+    chosen = Counter(caption for batch in batches if batch.source == "clips" for caption in batch.caption)
     assert any(caption.startswith("another caption") for caption in chosen)  # a random caption, not always the first
     assert any(not caption.startswith("another caption") for caption in chosen)
 
@@ -108,19 +112,19 @@ def test_evaluation_frames_match_an_independent_decode(tmp_path, media, clips):
     loader = build_eval_loader(urls, "video", frames=6, image_size=SIZE, image_mean=media.mean,
                                image_std=media.std, batch_size=4)
     batches = list(loader)
-    assert [len(batch["key"]) for batch in batches] == [4, 2]
-    keys = [key for batch in batches for key in batch["key"]]
+    assert [len(batch.keys) for batch in batches] == [4, 2]
+    keys = [key for batch in batches for key in batch.keys]
     assert keys == [f"val-{shard}-{index}" for shard in range(2) for index in range(3)]  # in shard order
     tolerance = 3.0 / 255.0 / min(media.std)
     for batch in batches:
-        assert set(batch) == {"key", "modality", "frames", "frame_mask", "captions", "group", "skipped"}
-        for row, key in enumerate(batch["key"]):
-            assert batch["captions"][row] == captions[key]  # all captions, untokenised
+        assert isinstance(batch, Batch) and batch.modality == "video" and batch.text is None  # all captions, no tokens
+        for row, key in enumerate(batch.keys):
+            assert batch.captions[row] == captions[key]  # all captions, untokenised
             shard, index = map(int, key.split("-")[1:])
             expected = independent_frames(clips[(shard + index) % 3], 6, media.mean, media.std)
-            valid = int(batch["frame_mask"][row].sum())
+            valid = int(batch.frame_mask[row].sum())
             assert valid == min(6, expected.shape[0]) == expected.shape[0]
-            assert (batch["frames"][row, :valid] - expected).abs().max() <= tolerance
+            assert (batch.media[row, :valid] - expected).abs().max() <= tolerance
 
 
 def test_sources_interleave_by_weight(tmp_path, media, tokenizer):
@@ -129,7 +133,7 @@ def test_sources_interleave_by_weight(tmp_path, media, tokenizer):
     sources = [SourceConfig(urls=heavy, modality="image", weight=3.0, name="heavy"),
                SourceConfig(urls=light, modality="image", weight=1.0, name="light")]
     stream = stream_for(sources, media, tokenizer, batch_size=2, epoch_samples=800, shuffle_buffer=0)
-    counts = Counter(batch["source"] for batch in stream)
+    counts = Counter(batch.source for batch in stream)
     share = counts["heavy"] / 400
     assert abs(share - 0.75) < 3 * np.sqrt(0.75 * 0.25 / 400)  # three binomial standard deviations
 
@@ -142,7 +146,7 @@ def test_ranks_read_disjoint_shards_that_cover_the_data(tmp_path, media, clips, 
         for rank in (0, 1):
             stream = stream_for([source], media, tokenizer, batch_size=3, resampled=False, shuffle_buffer=0,
                                 epoch_samples=6, rank=rank, world_size=2, epoch=epoch)
-            seen.append([key for batch in stream for key in batch["key"]])
+            seen.append([key for batch in stream for key in batch.keys])
         assert len(seen[0]) == len(seen[1]) == 6
         assert not set(seen[0]) & set(seen[1])
         assert set(seen[0]) | set(seen[1]) == set(captions)
@@ -161,7 +165,7 @@ def test_every_rank_draws_the_same_source_at_each_step(tmp_path, media, tokenize
     for rank in (0, 1):
         stream = stream_for(sources, media, tokenizer, batch_size=2, epoch_samples=24, shuffle_buffer=0,
                             rank=rank, world_size=2, workers=workers)
-        per_rank.append([batch["source"] for batch in stream])
+        per_rank.append([batch.source for batch in stream])
     assert len(per_rank[0]) == 12
     assert per_rank[0] == per_rank[1]
     assert set(per_rank[0]) == {"first", "second"}  # both sources do take part
@@ -173,19 +177,19 @@ def test_seeds_and_epochs_fix_the_order(tmp_path, media, tokenizer):
 
     def keys(**fields):
         return [key for batch in stream_for([source], media, tokenizer, epoch_samples=12, **fields)
-                for key in batch["key"]]
+                for key in batch.keys]
 
     assert keys(seed=1) == keys(seed=1)
     assert keys(seed=1) != keys(seed=2)
     assert keys(seed=1, epoch=0) != keys(seed=1, epoch=1)
     assert keys(seed=1, split="train") != keys(seed=1, split="meta")
     stream = stream_for([source], media, tokenizer, epoch_samples=12, seed=1)
-    first = [key for batch in stream for key in batch["key"]]
+    first = [key for batch in stream for key in batch.keys]
     assert stream.epoch == 1  # a pass is an epoch
-    second = [key for batch in stream for key in batch["key"]]
+    second = [key for batch in stream for key in batch.keys]
     assert first == keys(seed=1, epoch=0) and second == keys(seed=1, epoch=1)
     stream.set_epoch(0)
-    assert [key for batch in stream for key in batch["key"]] == first
+    assert [key for batch in stream for key in batch.keys] == first
 
 
 def test_a_virtual_epoch_has_a_fixed_length_even_on_finite_data(tmp_path, media, tokenizer):
@@ -194,7 +198,7 @@ def test_a_virtual_epoch_has_a_fixed_length_even_on_finite_data(tmp_path, media,
                         resampled=False, epoch_samples=21)
     batches = list(stream)
     assert len(stream) == 5 and len(batches) == 5
-    counts = Counter(key for batch in batches for key in batch["key"])
+    counts = Counter(key for batch in batches for key in batch.keys)
     assert set(counts) == set(captions) and sum(counts.values()) == 20  # the 3 samples, repeated
 
 
@@ -274,10 +278,10 @@ def test_worker_processes_split_shards_and_report_their_skips(tmp_path, media, c
     source = SourceConfig(urls=urls, modality="video", name="w")
     stream = stream_for([source], media, tokenizer, batch_size=2, resampled=False, shuffle_buffer=0,
                         epoch_samples=8, workers=2)
-    keys = [key for batch in stream for key in batch["key"]]
+    keys = [key for batch in stream for key in batch.keys]
     assert sorted(keys) == sorted(captions)  # each worker read its own two shards once
     assert skipped_counts() == {"empty_media": 4}  # counted in the workers, delivered to this process
     loader = build_eval_loader(urls, "video", frames=4, image_size=SIZE, image_mean=media.mean,
                                image_std=media.std, batch_size=3, workers=2)
-    assert sorted(key for batch in loader for key in batch["key"]) == sorted(captions)
+    assert sorted(key for batch in loader for key in batch.keys) == sorted(captions)
     assert skipped_counts() == {"empty_media": 8}

@@ -185,7 +185,7 @@ def test_a_group_column_travels_into_the_sample_json_and_the_batches(tmp_path, m
     assert json.loads(samples["one"]["json"]) == {"captions": ["a photo of a cat"], "group": "cat"}
     assert samples["three"]["txt"] == b"a photo of a dog"  # no group: the plain caption file, as before
 
-    from mmsphere.config import DataConfig, SourceConfig
+    from mmsphere.data.config import DataConfig, SourceConfig
     from mmsphere.data import build_train_stream
 
     stream = build_train_stream([SourceConfig(urls=summary.url_pattern(), modality="image")],
@@ -194,4 +194,4 @@ def test_a_group_column_travels_into_the_sample_json_and_the_batches(tmp_path, m
                                 tokenizer=lambda captions: torch.zeros(len(captions), 4, dtype=torch.long),
                                 batch_size=3)
     batch = next(iter(stream))
-    assert dict(zip(batch["key"], batch["group"])) == {"one": "cat", "two": "cat", "three": "three"}
+    assert dict(zip(batch.keys, batch.groups)) == {"one": "cat", "two": "cat", "three": "three"}

@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from mmsphere.config import DataConfig, SourceConfig
-from mmsphere.data import build_train_stream, pipeline
+from mmsphere.data.config import DataConfig, SourceConfig
+from mmsphere.data import build_train_stream, source_samples
 
 SIZE = 16
 BATCH = 3
@@ -46,11 +46,11 @@ def make_stream(sources, media, tokenizer, **fields):
 
 
 def same_batches(got: list[dict], expected: list[dict]) -> None:
-    assert [(batch["source"], batch["key"], batch["caption"]) for batch in got] == \
-        [(batch["source"], batch["key"], batch["caption"]) for batch in expected]
+    assert [(batch.source, batch.keys, batch.caption) for batch in got] == \
+        [(batch.source, batch.keys, batch.caption) for batch in expected]
     for index, (mine, theirs) in enumerate(zip(got, expected)):
-        assert torch.equal(mine["frames"], theirs["frames"]), f"batch {index}: other frames"
-        assert torch.equal(mine["text"], theirs["text"]), f"batch {index}: other tokens"
+        assert torch.equal(mine.media, theirs.media), f"batch {index}: other frames"
+        assert torch.equal(mine.text, theirs.text), f"batch {index}: other tokens"
 
 
 def two_epochs(stream) -> tuple[list[dict], list[dict]]:
@@ -73,13 +73,13 @@ def rest_after(stream, count: int) -> list[dict]:
 def test_a_resumed_stream_makes_the_same_batches_and_decodes_only_what_it_hands_out(sources, media, tokenizer,
                                                                                    monkeypatch):
     decoded: list[str] = []
-    real_decode = pipeline.decode_sample
+    real_decode = source_samples.decode_sample
 
     def counting_decode(raw, *arguments, **keywords):
         decoded.append(raw.key)
         return real_decode(raw, *arguments, **keywords)
 
-    monkeypatch.setattr(pipeline, "decode_sample", counting_decode)
+    monkeypatch.setattr(source_samples, "decode_sample", counting_decode)
     stream = make_stream(sources, media, tokenizer)
     full, states = [], [stream.state_dict()]
     decoded_before = [0]  # decode calls the full stream had made when it handed out its first b batches
@@ -90,7 +90,7 @@ def test_a_resumed_stream_makes_the_same_batches_and_decodes_only_what_it_hands_
             decoded_before.append(len(decoded))
     every_decode = list(decoded)
     assert len(full) == 2 * BATCHES_PER_EPOCH
-    assert {batch["source"] for batch in full} == {"photos", "clips"}
+    assert {batch.source for batch in full} == {"photos", "clips"}
     assert any(key.startswith(("photo-bad", "clip-bad")) for key in every_decode)  # failures are in the stream
     assert (states[BATCHES_PER_EPOCH]["epoch"], states[BATCHES_PER_EPOCH]["batch"]) == (1, 0)  # an epoch ended
 
@@ -121,7 +121,7 @@ def test_a_changed_layout_or_resampled_shards_resume_with_a_fresh_epoch(sources,
     assert len(state["consumed"]) == 1 and len(state["consumed"][0]) == 2
 
     other = make_stream(sources, media, tokenizer, shuffle_buffer=6)
-    with caplog.at_level(logging.WARNING, logger="mmsphere.data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="mmsphere.data.mixing"):
         other.load_state_dict(state)
     assert "layout changed since the checkpoint (shuffle_buffer)" in caplog.text
     assert (other.epoch, other.state_dict()["batch"]) == (1, 0)

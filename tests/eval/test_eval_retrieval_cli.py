@@ -29,8 +29,8 @@ def independent_similarity(run_dir: Path, urls: str, frames: int) -> tuple[np.nd
     with torch.no_grad():
         for batch in build_eval_loader(urls, "video", frames=frames, image_size=model.image_size,
                                        image_mean=model.image_mean, image_std=model.image_std, batch_size=4):
-            video_features.append(model.encode_video(batch["frames"], batch["frame_mask"]))
-            for key, sample_captions in zip(batch["key"], batch["captions"]):
+            video_features.append(model.encode_video(batch.media, batch.frame_mask))
+            for key, sample_captions in zip(batch.keys, batch.captions):
                 caption_to_video += [len(keys)] * len(sample_captions)
                 captions += sample_captions
                 keys.append(key)

@@ -25,13 +25,15 @@ import torch.distributed as dist
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 
-from mmsphere.config import config_from_dict
+from mmsphere.train.config import config_from_dict
+from mmsphere.data import Batch
 from mmsphere.losses import Objective
 from mmsphere.models import create_model, load_run
 from mmsphere.models.dual_encoder import DualEncoder
 from mmsphere.train import loop
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 from mmsphere.train.step import optimization_step
+from mmsphere.train.task import Task
 from mmsphere.weighting import MetaWeighting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -93,25 +95,28 @@ def train_run(scenario: Scenario, shards: dict[str, str], output_dir: Path, rank
     batch_keys: list[list[str]] = []
     visual_inputs: set[str] = set()
     shared_group_batches = 0
-    original = loop.model_inputs
+    original = loop.optimization_step
     train_batches = 0
 
-    def observed_inputs(batch, device):
+    def observe(batch):
         nonlocal train_batches, shared_group_batches
-        inputs = original(batch, device)
-        visual = next(name for name in ("images", "frames", "image_trunk", "frame_trunk") if name in inputs)
+        visual = next(iter(batch.media_inputs()))  # images, frames, image_trunk or frame_trunk
         visual_inputs.add(visual)
-        batch_keys.append([batch["source"], *batch["key"]])
-        if batch["source"] != "meta":
-            modalities.append(batch["modality"])
-            groups = batch.get("group", batch["key"])
-            shared_group_batches += len(set(groups)) < len(groups)
+        batch_keys.append([batch.source, *batch.keys])
+        if batch.source != "meta":
+            modalities.append(batch.modality)
+            shared_group_batches += len(set(batch.groups)) < len(batch.groups)
             if scenario.nan_batch and train_batches == NAN_AT_TRAIN_BATCH and rank == 0:
                 # rank-local bad data: every collective must still be called by every rank
                 # pixels, or the trunk features a cached scenario's batches hold instead
-                inputs[visual][0] = float("nan")
+                batch.media[0] = float("nan")
             train_batches += 1
-        return inputs
+
+    def observed_step(task, batch, optimizer, meta_batch=None, **keywords):
+        observe(batch)
+        if meta_batch is not None:
+            observe(meta_batch)
+        return original(task, batch, optimizer, meta_batch=meta_batch, **keywords)
 
     trunk_runs = {"before": 0, "after": 0}  # before and after the feature cache was built (if it is)
     phase = ["before"]
@@ -137,13 +142,13 @@ def train_run(scenario: Scenario, shards: dict[str, str], output_dir: Path, rank
         raw["train"]["precision"] = changes["precision"]
     if "feature_cache" in changes:
         raw["data"]["feature_cache"] = changes["feature_cache"]
-    loop.model_inputs, loop.build_config_caches = observed_inputs, build_then_count
+    loop.optimization_step, loop.build_config_caches = observed_step, build_then_count
     for name in TRUNK_METHODS:
         setattr(DualEncoder, name, counted(original_methods[name]))
     try:
         summary = loop.train(config_from_dict(raw))
     finally:
-        loop.model_inputs, loop.build_config_caches = original, original_build
+        loop.optimization_step, loop.build_config_caches = original, original_build
         for name, method in original_methods.items():
             setattr(DualEncoder, name, method)
     cache_read = raw["data"]["feature_cache"]
@@ -227,6 +232,8 @@ def equivalence_step(scenario: Scenario, out: Path, rank: int, world_size: int, 
     group_ids = TRAIN_GROUPS[rows] if grouped else None
     meta_group_ids = META_GROUPS[rows] if grouped and weighting else None
     losses, group_reference = [], None
+    task = Task.from_config(config, network, accelerator, model=model, objective=objective, weighting=weighting,
+                            scheduler=scheduler)
     for modality in (("image", "video") if scenario.data == "mixed" else (scenario.data,)):
         batch, meta_batch = (_global_batch(modality, generator) for _ in range(2))
         inputs = {name: tensor[rows] for name, tensor in batch.items()}
@@ -238,9 +245,9 @@ def equivalence_step(scenario: Scenario, out: Path, rank: int, world_size: int, 
             options = dataclasses.asdict(objective.terms[objective.contrastive].options)
             group_reference = {**features, "group_ids": group_ids, "per_sample": evaluated.per_sample,
                                "term": objective.contrastive, "options": options}
-        outcome = optimization_step(model, network, objective, optimizer, scheduler, accelerator, config, inputs,
-                                    seed=7, weighting=weighting, meta_inputs=meta_inputs, group_ids=group_ids,
-                                    meta_group_ids=meta_group_ids)
+        outcome = optimization_step(task, _as_batch(modality, inputs, group_ids), optimizer,
+                                    meta_batch=_as_batch(modality, meta_inputs, meta_group_ids) if meta_inputs else None,
+                                    seed=7)
         assert not outcome.skipped
         losses.append(outcome.output.terms["total"].item())
     if rank == 0:
@@ -249,6 +256,12 @@ def equivalence_step(scenario: Scenario, out: Path, rank: int, world_size: int, 
                     "weight_net": None if weighting is None else weighting.weight_net.state_dict(),
                     "group_reference": group_reference}, out)
     accelerator.wait_for_everyone()
+
+
+def _as_batch(modality: str, inputs: dict[str, torch.Tensor], group_ids: torch.Tensor | None) -> Batch:
+    """The step's typed batch of this process's rows (``images`` or ``frames`` + ``frame_mask``, tokens, group ids)."""
+    media = inputs["images"] if modality == "image" else inputs["frames"]
+    return Batch(modality, media, inputs.get("frame_mask"), text=inputs["text"], group_ids=group_ids)
 
 
 def _global_batch(modality: str, generator: torch.Generator) -> dict[str, torch.Tensor]:

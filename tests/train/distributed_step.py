@@ -13,12 +13,14 @@ import sys
 import torch
 from accelerate.utils import set_seed
 
-from mmsphere.config import config_from_dict
+from mmsphere.train.config import config_from_dict
+from mmsphere.data import Batch
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
 from mmsphere.weighting import MetaWeighting
 from mmsphere.train.loop import build_accelerator, local_batch_size
 from mmsphere.train.step import optimization_step
+from mmsphere.train.task import Task
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 
 GLOBAL_BATCH = 8
@@ -52,11 +54,12 @@ def one_step(accelerator, out: str, meta: bool, local_loss: bool) -> None:
     meta_batch = {"text": torch.randint(1, 400, (GLOBAL_BATCH, 16), generator=generator),
                   "images": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator, dtype=torch.float64)}
     rows = slice(rank * local, (rank + 1) * local)
-    inputs = {name: tensor[rows] for name, tensor in batch.items()}
-    meta_inputs = {name: tensor[rows] for name, tensor in meta_batch.items()}
+    inputs = Batch("image", batch["images"][rows], text=batch["text"][rows])
+    meta_inputs = Batch("image", meta_batch["images"][rows], text=meta_batch["text"][rows])
 
-    outcome = optimization_step(model, network, objective, optimizer, scheduler, accelerator, config, inputs,
-                                seed=7, weighting=weighting, meta_inputs=meta_inputs if meta else None)
+    task = Task.from_config(config, network, accelerator, model=model, objective=objective, weighting=weighting,
+                            scheduler=scheduler)
+    outcome = optimization_step(task, inputs, optimizer, meta_batch=meta_inputs if meta else None, seed=7)
     assert not outcome.skipped
     if rank == 0:
         torch.save({"loss": outcome.output.terms["total"].item(),

@@ -16,7 +16,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mmsphere.config import MmsphereError, config_from_dict
+from mmsphere.errors import MmsphereError
+from mmsphere.train.config import config_from_dict
 from mmsphere.data.samples import read_group
 from mmsphere.losses import objective as objective_module
 from mmsphere.train import loop, train
@@ -60,13 +61,14 @@ def test_group_comes_from_the_json_else_the_key():
 
 
 def _record_batches_and_objective_calls(monkeypatch) -> tuple[list, list]:
-    """Spies: every batch the loop turns into model inputs, and every objective evaluation (inputs and result)."""
+    """Spies: every batch the loop hands to a step (train, then meta), and every objective evaluation (inputs and result)."""
     batches, calls = [], []
-    model_inputs = loop.model_inputs
+    optimization_step = loop.optimization_step
 
-    def recording_inputs(batch, device):
-        batches.append((batch["source"], list(batch["key"])))
-        return model_inputs(batch, device)
+    def recording_step(task, batch, optimizer, meta_batch=None, **keywords):
+        for seen in (batch, meta_batch) if meta_batch is not None else (batch,):
+            batches.append((seen.source, list(seen.keys)))
+        return optimization_step(task, batch, optimizer, meta_batch=meta_batch, **keywords)
 
     evaluate = objective_module.Objective.evaluate
 
@@ -77,7 +79,7 @@ def _record_batches_and_objective_calls(monkeypatch) -> tuple[list, list]:
                       "per_sample": result.per_sample.detach()})
         return result
 
-    monkeypatch.setattr(loop, "model_inputs", recording_inputs)
+    monkeypatch.setattr(loop, "optimization_step", recording_step)
     monkeypatch.setattr(objective_module.Objective, "evaluate", recording_evaluate)
     return batches, calls
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from mmsphere.config import config_from_dict
+from mmsphere.train.config import config_from_dict
 from mmsphere.data import build_train_stream
 from mmsphere.train.checkpoint import list_checkpoints, resolve_resume
 
@@ -143,7 +143,7 @@ def _keys_of_an_uninterrupted_run(raw: dict, processes: int) -> dict[int, list[s
                                     world_size=processes, seed=config.seed, split="train")
         batches = []
         while len(batches) < STEPS:
-            batches.extend(batch["key"] for batch in stream)
+            batches.extend(batch.keys for batch in stream)
         per_rank.append(batches)
     return {step: [key for keys in per_rank for key in keys[step - 1]] for step in range(1, STEPS + 1)}
 

@@ -13,12 +13,14 @@ import math
 import pytest
 import torch
 
-from mmsphere.config import config_from_dict
+from mmsphere.train.config import config_from_dict
+from mmsphere.data import Batch
 from mmsphere.losses import Objective
 from mmsphere.models import create_model
 from mmsphere.train.loop import build_accelerator
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 from mmsphere.train.step import optimization_step
+from mmsphere.train.task import Task
 from mmsphere.weighting import MetaWeighting, WeightNet
 
 # the documented ranges, written out rather than imported: log s in [0, ln 100] (DESIGN §1), and the
@@ -45,11 +47,11 @@ def _one_step(log_scale: float, bias: float):
     scheduler = cosine_schedule(optimizer, 0, config.train.max_steps)
     model, optimizer = accelerator.prepare(network, optimizer)
     generator = torch.Generator().manual_seed(1)
-    inputs = {"text": torch.randint(1, 400, (8, 16), generator=generator),
-              "images": torch.randn(8, 3, 32, 32, generator=generator)}
+    text = torch.randint(1, 400, (8, 16), generator=generator)
+    batch = Batch("image", torch.randn(8, 3, 32, 32, generator=generator), text=text)
     before = {name: parameter.detach().clone() for name, parameter in network.named_parameters()}
-    outcome = optimization_step(model, network, Objective(config.loss), optimizer, scheduler, accelerator, config,
-                                inputs, seed=0)
+    task = Task.from_config(config, network, accelerator, model=model, scheduler=scheduler)
+    outcome = optimization_step(task, batch, optimizer, seed=0)
     assert not outcome.skipped
     moved = [name for name, parameter in network.named_parameters() if not torch.equal(parameter, before[name])]
     assert "clip.visual.proj" in moved and "clip.text_projection" in moved, "the step did update the model"
@@ -104,6 +106,10 @@ def _batch(seed: int) -> dict[str, torch.Tensor]:
             "images": torch.randn(8, 3, 32, 32, generator=generator, dtype=torch.float64)}
 
 
+def _as_batch(inputs: dict[str, torch.Tensor]) -> Batch:
+    return Batch("image", inputs["images"], text=inputs["text"])
+
+
 def _spied_step(meta: dict | None = None, **train):
     """One float64 optimisation step of the tiny model (meta weighting if ``meta``), recording what it used.
 
@@ -146,8 +152,10 @@ def _spied_step(meta: dict | None = None, **train):
         return step(*args, **kwargs)
 
     optimizer.step = recording_step
-    outcome = optimization_step(model, network, objective, optimizer, scheduler, accelerator, config, _batch(2),
-                                seed=0, weighting=weighting, meta_inputs=_batch(3) if meta is not None else None)
+    task = Task.from_config(config, network, accelerator, model=model, objective=objective, weighting=weighting,
+                            scheduler=scheduler)
+    outcome = optimization_step(task, _as_batch(_batch(2)), optimizer,
+                                meta_batch=_as_batch(_batch(3)) if meta is not None else None, seed=0)
     assert not outcome.skipped and received
     return config, before, received, outcome, weighting
 

@@ -9,13 +9,15 @@ import pytest
 import torch
 import yaml
 
-from mmsphere.config import ConfigError, DataError, config_from_dict
+from mmsphere.errors import ConfigError, DataError
+from mmsphere.train.config import config_from_dict
+from mmsphere.data import Batch
 from mmsphere.losses import Objective
 from mmsphere.models import create_model, load_run
 from mmsphere.train import train
 from mmsphere.train.cli import main as train_command
 from mmsphere.train.loop import build_accelerator, local_batch_size, parameters_without_gradient
-from mmsphere.train.step import train_step
+from mmsphere.train.task import Task
 from mmsphere.train.optim import build_optimizer, cosine_schedule
 from mmsphere.weighting import MetaWeighting
 
@@ -231,9 +233,9 @@ def test_accumulation_keeps_all_negatives(image_text_shards, tmp_path, terms):
         model = create_model(config.model).double()
         accelerator = build_accelerator(config)
         generator = torch.Generator().manual_seed(1)
-        inputs = {"text": torch.randint(1, 400, (8, 16), generator=generator),
-                  "images": torch.randn(8, 3, 32, 32, generator=generator, dtype=torch.float64)}
-        result = train_step(model, Objective(config.loss), inputs, accelerator, config, seed=3)
+        text = torch.randint(1, 400, (8, 16), generator=generator)
+        batch = Batch("image", torch.randn(8, 3, 32, 32, generator=generator, dtype=torch.float64), text=text)
+        result = Task.from_config(config, model, accelerator).forward_backward(batch, seed=3)
         gradients[accum] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         losses = result.loss.item()
         gradients[f"loss{accum}"] = losses

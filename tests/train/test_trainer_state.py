@@ -8,6 +8,8 @@ resume with one line naming the file and the key, never a traceback from inside 
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 import shutil
@@ -20,7 +22,7 @@ import yaml
 from accelerate import Accelerator
 
 from mmsphere.cli import run_command
-from mmsphere.config import config_from_dict
+from mmsphere.train.config import config_from_dict
 from mmsphere.errors import DataError
 from mmsphere.train import loop, train
 from mmsphere.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -70,9 +72,8 @@ def _train(raw: dict, poisoned: tuple[int, ...], kill_at: int | None = None) -> 
             raise Killed
         if step in poisoned and step not in tried:
             tried.add(step)
-            *leading, inputs = arguments
-            arguments = (*leading, {name: value * float("nan") if value.is_floating_point() else value
-                                    for name, value in inputs.items()})
+            task, batch, *rest = arguments
+            arguments = (task, dataclasses.replace(batch, media=batch.media * float("nan")), *rest)
         return real(*arguments, seed=seed, **keywords)
 
     with pytest.MonkeyPatch.context() as patch:

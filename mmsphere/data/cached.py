@@ -1,5 +1,8 @@
 """Read a feature cache as a stream of raw samples, in the order and with the skips of the shards themselves.
 
+The read side of the feature cache lives in the data layer so that the streams read it without
+importing :mod:`mmsphere.cache`, which builds caches with the models (a layer above; ARCHITECTURE.md).
+
 The training and evaluation streams put these where they would put tar samples: the same shard
 order, shuffle buffer and numbering, so a cached stream hands out the same samples, captions and
 skip counts as an uncached one; "decoding" a cached sample is a lookup.
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmsphere.cache.store import FeatureCache, ShardFeatures, read_shard_features
+from mmsphere.data.feature_files import FeatureCache, ShardFeatures, read_shard_features
 from mmsphere.data.decode import DecodeError
 from mmsphere.data.stats import SkipCounter
 
@@ -67,3 +70,12 @@ def cached_reader(cache: FeatureCache) -> Callable[..., Iterator[CachedRaw]]:
                 on_shard_end(url, len(shard.records))
 
     return read
+
+
+def cached_samples(raws: Iterable[CachedRaw], modality: str, counter: SkipCounter) -> Iterator[CachedSample]:
+    """The cached samples of ``raws`` in order, each recorded decode failure counted in ``counter`` and left out."""
+    for raw in raws:
+        try:
+            yield raw.decode(modality)
+        except DecodeError as error:
+            counter.record(error.reason, key=raw.key, url=raw.url, detail=error.detail)
