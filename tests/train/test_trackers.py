@@ -95,6 +95,6 @@ def test_the_tracker_config_is_flat_scalars(image_text_shards, tmp_path):
     flat = tracker_config(config)
     assert all(isinstance(value, (bool, int, float, str)) for value in flat.values())
     assert flat["train.batch_size"] == 8 and flat["train.betas.1"] == 0.98
-    assert flat["loss.terms.angular_margin"] == 1.0
+    assert flat["loss.terms.angular_margin.weight"] == 1.0 and flat["loss.terms.angular_margin.margin"] == 0.1
     assert flat["data.val"] == "null" and flat["train.report_to"] == "[]"
     assert flat["data.train.0.modality"] == "image" and flat["data.meta.urls"] == image_text_shards["meta"]
