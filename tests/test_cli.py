@@ -36,7 +36,7 @@ def test_train_reports_config_errors(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------------
 # bad input: every command fails with one line naming the key, file or value, never a traceback
-# (DESIGN.md §5). Each case fails before any model is built or any data is read, so all run in-process.
+# (ARCHITECTURE.md, Bad input). Each case fails before any model is built or any data is read, so all run in-process.
 
 
 def _files(tmp_path):

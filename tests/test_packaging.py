@@ -15,7 +15,7 @@ except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-# DESIGN.md's fixed core, plus the two libraries the data path calls directly (pyproject's policy comment)
+# the project's fixed core, plus the two libraries the data path calls directly (pyproject's policy comment)
 CAPPED = ("torch", "open-clip-torch", "transformers", "accelerate", "webdataset", "decord", "faiss-cpu", "numpy", "av")
 UPPER_BOUNDS = ("<", "<=", "==", "===", "~=")
 

@@ -10,7 +10,7 @@ virtual step (the graph of its gradient kept: memory of a double backward throug
 ``jvp`` (the default) from an ordinary backward at w, one at ŵ and one forward-mode pass at w
 (see :func:`_jvp_meta_gradient`). Both give the same update (tested in float64).
 
-What the real model keeps (DESIGN §1): both forwards run on a copy of the model's buffers, so
+What the real model keeps (ARCHITECTURE.md, Meta weighting): both forwards run on a copy of the model's buffers, so
 BatchNorm running statistics and ``num_batches_tracked`` are untouched (Meta-Weight-Net's own code
 runs them on a separate copy of the model); they run in fp32 outside any autocast region, also
 when accelerate has wrapped the model's ``forward`` in autocast; they draw from a forked RNG, so
@@ -204,7 +204,7 @@ def _load_forward_mode() -> None:
 
 def _jvp_meta_gradient(model, losses, weight_net, weight_parameters, train_inputs, meta_inputs,
                        virtual, rates, buffers):
-    """The same meta-gradient from first-order passes and one forward-mode pass (DESIGN §1).
+    """The same meta-gradient from first-order passes and one forward-mode pass (ARCHITECTURE.md, Meta weighting).
 
     Θ enters ŵ = w − α·∇_w L_v(w; v(Θ)) only through the weights v, and L_v is linear in the
     per-sample losses, so ∇_Θ L_meta(ŵ) = −∇_Θ [d/dε L_v(w + ε·α⊙g; v(Θ))]_{ε=0} with

@@ -14,7 +14,7 @@ from mmsphere.weighting.weight_net import WeightNet
 
 
 class MetaWeighting:
-    """Produces the per-sample weights of the real step and learns them by meta iterations (DESIGN §1).
+    """Produces the per-sample weights of the real step and learns them by meta iterations (ARCHITECTURE.md, Meta weighting).
 
     Takes the training objective and differentiates its contrastive term alone (the meta loss is
     that term, unweighted, on the clean meta batch).

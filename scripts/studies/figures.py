@@ -160,7 +160,7 @@ def final_logged(results: dict[str, Any], variant: str, key: str) -> list[float]
 
 
 def cma_weight(variant: str) -> float:
-    """λ of a ``margin`` / ``cma`` / ``cma@λ`` variant (0 without CMA, 0.001 the DESIGN default)."""
+    """λ of a ``margin`` / ``cma`` / ``cma@λ`` variant (0 without CMA, 0.001 the documented default)."""
     return 0.0 if variant == "margin" else float(variant.partition("@")[2] or 0.001)
 
 

@@ -1,4 +1,4 @@
-"""Shell-style globs in shard arguments (DESIGN §3): local paths only, sorted, and an empty match is an error."""
+"""Shell-style globs in shard arguments (ARCHITECTURE.md, Data): local paths only, sorted, and an empty match is an error."""
 
 import json
 

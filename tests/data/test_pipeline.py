@@ -156,7 +156,7 @@ def test_ranks_read_disjoint_shards_that_cover_the_data(tmp_path, media, clips, 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_rank_draws_the_same_source_at_each_step(tmp_path, media, tokenizer, workers):
-    """The global batch is one modality (DESIGN §3): ranks in different collectives hang for ever."""
+    """The global batch is one modality (ARCHITECTURE.md, Data): ranks in different collectives hang for ever."""
     first, _ = write_image_shards(tmp_path / "a", media, "first", 4, 2)
     second, _ = write_image_shards(tmp_path / "b", media, "second", 4, 2)
     sources = [SourceConfig(urls=first, modality="image", weight=1.0, name="first"),

@@ -1,4 +1,4 @@
-"""A training stream loaded with the position of another continues with exactly its batches (DESIGN §3, Resume)."""
+"""A training stream loaded with the position of another continues with exactly its batches (ARCHITECTURE.md, Data)."""
 
 import json
 import logging

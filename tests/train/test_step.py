@@ -1,7 +1,7 @@
 """One optimisation step: the clamps of the logit scale and bias, and what the optimiser receives.
 
 The gradients the optimiser is handed are compared with those of a transcription of the weighted
-loss written here (DESIGN §1, step 3), with clipping to the global norm; the meta iteration's rates
+loss written here (ARCHITECTURE.md, Meta weighting, step 3), with clipping to the global norm; the meta iteration's rates
 with the ones written out from the config.
 """
 
@@ -23,7 +23,7 @@ from mmsphere.train.step import optimization_step
 from mmsphere.train.task import Task
 from mmsphere.weighting import MetaWeighting, WeightNet
 
-# the documented ranges, written out rather than imported: log s in [0, ln 100] (DESIGN §1), and the
+# the documented ranges, written out rather than imported: log s in [0, ln 100] (ARCHITECTURE.md, Objective; MAMA, ECCV 2024), and the
 # bias within the largest logit magnitude s ≤ 100, |b| ≤ 100
 LOG_SCALE_RANGE = (0.0, math.log(100.0))
 BIAS_RANGE = (-100.0, 100.0)
@@ -83,7 +83,7 @@ MARGIN = 0.1
 
 
 def _angular_margin_per_sample(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """ℓ_i = ½[CE(L)_i + CE(Lᵀ)_i], positives s·cos(θ_ii − m) (DESIGN §1), written out here, not mmsphere's."""
+    """ℓ_i = ½[CE(L)_i + CE(Lᵀ)_i], positives s·cos(θ_ii − m) (ARCHITECTURE.md, Objective; MAMA, ECCV 2024), written out here, not mmsphere's."""
     image, text, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"]
     cosine = image @ text.T
     angle = torch.arccos(cosine.diagonal().clamp(-1 + 1e-6, 1 - 1e-6))
@@ -176,7 +176,7 @@ def _expected_loss_and_gradients(config, before, weights_of=None):
 
 @pytest.mark.parametrize("normalize", ["mean", "sum"])
 def test_the_real_step_backpropagates_the_weighted_loss_of_the_updated_weight_net(normalize):
-    """Step 3 of DESIGN §1: (1/n) Σ v_i·ℓ_i or Σ v_i·ℓ_i / Σ v_i, v = V(ℓ.detach(); Θ) after the meta update."""
+    """Step 3 of ARCHITECTURE.md, Meta weighting: (1/n) Σ v_i·ℓ_i or Σ v_i·ℓ_i / Σ v_i, v = V(ℓ.detach(); Θ) after the meta update."""
     config, before, received, outcome, weighting = _spied_step(meta={"normalize": normalize, "virtual_lr": 0.5})
     assert _moved(weighting.weight_net), "the meta iteration did update the WeightNet"
     loss, weights, gradients = _expected_loss_and_gradients(

@@ -78,7 +78,7 @@ MARGIN = 0.1
 
 
 def _angular_margin_per_sample(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """ℓ_i = ½[CE(L)_i + CE(Lᵀ)_i] with positives s·cos(θ_ii − m) (DESIGN §1), written out here, not mmsphere's."""
+    """ℓ_i = ½[CE(L)_i + CE(Lᵀ)_i] with positives s·cos(θ_ii − m) (ARCHITECTURE.md, Objective; MAMA, ECCV 2024), written out here, not mmsphere's."""
     image, text, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"]
     cosine = image @ text.T
     angle = torch.arccos(cosine.diagonal().clamp(-1 + 1e-6, 1 - 1e-6))

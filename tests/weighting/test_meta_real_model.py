@@ -68,7 +68,7 @@ def patch_dropout_architecture(directory) -> str:
 
 def test_meta_step_leaves_the_real_steps_random_draws_alone(tmp_path):
     """The meta forwards draw from a forked RNG: after a meta iteration, the real forward drops the patches it
-    would have dropped without one (DESIGN §1)."""
+    would have dropped without one (ARCHITECTURE.md, Meta weighting)."""
     _, network, weighting = _weighting(patch_dropout_architecture(tmp_path))
     network.train()
     torch.manual_seed(7)
