@@ -69,7 +69,7 @@ BAD_INPUT = {
         ("path", ["eval-retrieval", "--run", "absent", "--data", "shard.tar"], "run directory 'absent' does not exist"),
         ("path", ["eval-retrieval", "--run", "RUN", "--list", "absent.csv"], "--list 'absent.csv' does not exist"),
         ("key", [*EVAL, "--frame", "4x"], "--frame"),
-        ("key", [*EVAL, "--modality", "audio"], "argument --modality: invalid choice: 'audio'"),
+        ("key", [*EVAL, "--modality", "audio"], "--modality='audio' must be one of video, image"),
         ("value", [*EVAL, "--batch-size", "0"], "argument --batch-size: '0' is not an integer >= 1"),
         ("value", [*EVAL, "--save-sim", "sim.txt"], "--save-sim 'sim.txt' must end in .npy"),
     ],

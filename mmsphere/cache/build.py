@@ -25,6 +25,7 @@ from mmsphere.data.feature_files import FeatureCache, ShardFeatures, make_cache,
 from mmsphere.data.config import DataConfig
 from mmsphere.errors import ConfigError
 from mmsphere.data.decode import DecodeError
+from mmsphere.data.modalities import MODALITY_REGISTRY
 from mmsphere.data.reader import check_shards, is_local, read_tar_samples
 from mmsphere.data.samples import DecodeOptions, decode_sample
 from mmsphere.data.stats import SkipCounter
@@ -119,7 +120,7 @@ def cache_decode_options(model: torch.nn.Module, data: DataConfig, modality: str
                          evaluation: bool = False) -> DecodeOptions:
     """How a cache's samples are decoded: as the training stream decodes them, or (``evaluation``) exactly."""
     size = image_size or (data.image_size if data.image_size is not None else model.image_size)
-    return DecodeOptions(frames=data.frames if modality == "video" else 1, image_size=size,
+    return DecodeOptions(frames=MODALITY_REGISTRY[modality].clip_length(data.frames), image_size=size,
                          image_mean=tuple(model.image_mean), image_std=tuple(model.image_std), modality=modality,
                          fast=bool(data.fast_decode) and not evaluation)
 
@@ -264,13 +265,14 @@ def _encode_shard(model: torch.nn.Module, url: str, options: DecodeOptions,
     row_of = {caption: index for index, caption in enumerate(distinct)}
     text_trunk = torch.cat([model.text_trunk_features(model.tokenizer(distinct[start:start + batch_size]).to(
         _device_of(model))).float().cpu() for start in range(0, len(distinct), batch_size)]) if distinct else None
+    temporal = MODALITY_REGISTRY[options.modality].temporal
     if text_trunk is None:
         # a shard with no decodable sample: empty tensors of the right rank keep the file well-formed
         text_trunk, trunk = torch.zeros(0, 1), torch.zeros(0, 1)
-        frame_mask = torch.zeros(0, options.frames, dtype=torch.bool) if options.modality == "video" else None
+        frame_mask = torch.zeros(0, options.frames, dtype=torch.bool) if temporal else None
     else:
         trunk = torch.cat(trunks)
-        frame_mask = torch.cat(masks) if options.modality == "video" else None
+        frame_mask = torch.cat(masks) if temporal else None
     features = ShardFeatures(
         url=url, records=records, reader_skips=dict(reader_counter.totals), trunk=trunk, frame_mask=frame_mask,
         text_trunk=text_trunk, caption_rows=torch.tensor([row_of[caption] for caption in captions_in_order],
@@ -285,7 +287,7 @@ def _encode_shard(model: torch.nn.Module, url: str, options: DecodeOptions,
 def _visual_trunk(model: torch.nn.Module, samples: list, modality: str) -> torch.Tensor:
     # stacked as the collates stack a batch, so the trunks see exactly what an uncached step feeds them
     media = collate_eval(samples, modality=modality, skipped={}).media.to(_device_of(model))
-    if modality == "image":
+    if not MODALITY_REGISTRY[modality].temporal:
         return model.image_trunk_features(media).float().cpu()
     frames = media
     batch, length = frames.shape[:2]

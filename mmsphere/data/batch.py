@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmsphere.data.samples import MODALITIES
+from mmsphere.data.modalities import MODALITY_REGISTRY
 
 
 @dataclass
@@ -50,10 +50,10 @@ class Batch:
     consumed: list[int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.modality not in MODALITIES:
-            raise ValueError(f"Batch: modality={self.modality!r} must be one of {MODALITIES}")
+        if self.modality not in MODALITY_REGISTRY:
+            raise ValueError(f"Batch: {MODALITY_REGISTRY.check(self.modality, 'modality')}")
         if self.frame_mask is None:
-            frames = self.media.shape[1] if self.modality == "video" else 1
+            frames = self.media.shape[1] if MODALITY_REGISTRY[self.modality].temporal else 1
             self.frame_mask = torch.ones(len(self), frames, dtype=torch.bool, device=self.media.device)
         if not self.keys:
             self.keys = [str(row) for row in range(len(self))]
@@ -71,9 +71,7 @@ class Batch:
 
     def media_inputs(self) -> dict[str, torch.Tensor]:
         """The visual keyword arguments of the dual encoder (``images``, ``frames`` + ``frame_mask`` or their trunks)."""
-        if self.modality == "image":
-            return {"image_trunk" if self.cached else "images": self.media}
-        return {"frame_trunk" if self.cached else "frames": self.media, "frame_mask": self.frame_mask}
+        return MODALITY_REGISTRY[self.modality].inputs(self.media, self.frame_mask, cached=self.cached)
 
     def encoder_inputs(self) -> dict[str, torch.Tensor]:
         """The dual encoder's keyword arguments for this batch: its media and the paired texts' tokens (or trunks)."""

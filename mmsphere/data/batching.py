@@ -14,6 +14,7 @@ import torch
 
 from mmsphere.data.batch import Batch
 from mmsphere.data.cached import CachedSample
+from mmsphere.data.modalities import MODALITY_REGISTRY
 from mmsphere.data.samples import Sample
 from mmsphere.errors import MmsphereError
 
@@ -73,12 +74,10 @@ def collate_eval(samples: list[Sample] | list[CachedSample], *, modality: str, s
 
 
 def _stack_media(samples: Sequence[Sample | CachedSample], modality: str, cached: bool) -> torch.Tensor:
-    """Images ``[B, 3, H, W]`` (a decoded image is a one-frame clip), frames ``[B, T, 3, H, W]``, or trunks."""
+    """The modality's collate (images ``[B, 3, H, W]``, frames ``[B, T, 3, H, W]``), or the cached trunks."""
     if cached:
         return torch.stack([sample.trunk for sample in samples])
-    if modality == "image":
-        return torch.stack([sample.frames[0] for sample in samples])
-    return torch.stack([sample.frames for sample in samples])
+    return MODALITY_REGISTRY[modality].stack([sample.frames for sample in samples])
 
 
 def resolve_group_ids(positives: str, groups: list[str], keys: list[str], source: str) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mmsphere.cli_errors import ArgumentParser, positive_float, positive_int, run_cli
 from mmsphere.config import ConfigError, DataError
+from mmsphere.data.modalities import modality_names
 from mmsphere.data.sample_list import MEDIA_COLUMNS
 from mmsphere.data.shards import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, INPUT_SKIP_REASONS, ShardSummary, make_shards
 from mmsphere.data.stats import SKIP_REASONS
@@ -120,7 +121,7 @@ def inspect_shards_main(argv: list[str]) -> int:
                         help="shard URLs or patterns (brace patterns, local globs, '::'-joined, pipe:)")
     parser.add_argument("--frames", type=positive_int, default=8, help="frames per clip, T (default 8)")
     parser.add_argument("--size", type=positive_int, default=224, help="image size after resize and crop (default 224)")
-    parser.add_argument("--modality", choices=("video", "image"), default=None, help="expect only this modality")
+    parser.add_argument("--modality", choices=modality_names(), default=None, help="expect only this modality")
     parser.add_argument("--fast", action="store_true", help="use the fast keyframe decoding of training")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return run_cli(parser, argv, run_inspect)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mmsphere.config import require
+from mmsphere.data.modalities import MODALITY_REGISTRY
 
 __all__ = ["SourceConfig", "DataConfig"]
 
@@ -14,7 +15,7 @@ class SourceConfig:
     """One stream of shards: a webdataset URL pattern, its modality and its sampling weight."""
 
     urls: str = ""
-    modality: str = "video"  # video | image
+    modality: str = "video"  # a registered modality: video, image or one of yours (data/modalities.py)
     weight: float = 1.0
     name: str = ""
 
@@ -48,6 +49,6 @@ class DataConfig:
         for index, source in enumerate(self.train + [s for s in (self.meta, self.val) if s is not None]):
             where = f"data source {source.name or index}"
             require(bool(source.urls), f"{where}: urls must name at least one shard")
-            require(source.modality in ("video", "image"),
-                    f"{where}: modality={source.modality!r} must be 'video' or 'image'")
+            unknown = MODALITY_REGISTRY.check(source.modality, f"{where}: modality")
+            require(unknown is None, unknown or "")
             require(source.weight > 0, f"{where}: weight={source.weight} must be > 0")

@@ -13,7 +13,8 @@ from mmsphere.data.cached import cached_reader, cached_samples
 from mmsphere.data.feature_files import FeatureCache
 from mmsphere.data.loading import deliver, worker_info
 from mmsphere.data.reader import check_shards, read_tar_samples, split_shards
-from mmsphere.data.samples import MODALITIES, DecodeOptions, decode_samples
+from mmsphere.data.modalities import MODALITY_REGISTRY
+from mmsphere.data.samples import DecodeOptions, decode_samples
 from mmsphere.data.stats import SkipCounter, SkipReport
 
 
@@ -36,8 +37,8 @@ def build_eval_loader(
     reads every ``workers``-th shard). With ``feature_cache`` the batches are ``cached``: ``media``
     holds the trunk activations and ``caption_trunk`` each sample's text trunk features ``[n_captions, ...]``.
     """
-    if modality not in MODALITIES:
-        raise ValueError(f"modality={modality!r} must be one of {MODALITIES}")
+    if modality not in MODALITY_REGISTRY:
+        raise ValueError(MODALITY_REGISTRY.check(modality, "modality"))
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if workers < 0:
@@ -46,7 +47,7 @@ def build_eval_loader(
         raise ValueError(f"frames={frames} must be >= 1")
     shard_urls = check_shards(urls, f"{modality} evaluation shards")
     options = DecodeOptions(
-        frames=frames if modality == "video" else 1,
+        frames=MODALITY_REGISTRY[modality].clip_length(frames),
         image_size=image_size,
         image_mean=tuple(image_mean),
         image_std=tuple(image_std),

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from mmsphere.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from mmsphere.data.loading import iterate_single_threaded
+from mmsphere.data.modalities import MODALITY_REGISTRY
 from mmsphere.data.reader import check_shards, read_tar_samples
 from mmsphere.data.samples import DecodeOptions, decode_samples
 from mmsphere.data.stats import SkipCounter, add_skipped
@@ -96,7 +97,7 @@ def inspect_shards(
         modalities[sample.modality] += 1
         backends[sample.backend] += 1
         report.captions_per_sample.append(len(sample.captions))
-        if sample.modality == "video":
+        if MODALITY_REGISTRY[sample.modality].temporal:
             report.clip_frames.append(sample.num_frames)
     add_skipped(counter.drain())
     report.decoded_by_modality = dict(modalities)

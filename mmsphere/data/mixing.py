@@ -42,7 +42,8 @@ from mmsphere.data.cached import cached_reader
 from mmsphere.data.feature_files import FeatureCache
 from mmsphere.data.loading import deliver, worker_info
 from mmsphere.data.reader import check_shards, read_tar_samples, resampled_shards, shuffled, split_shards, stream_seed
-from mmsphere.data.samples import MODALITIES, DecodeOptions
+from mmsphere.data.modalities import MODALITY_REGISTRY
+from mmsphere.data.samples import DecodeOptions
 from mmsphere.data.source_samples import NumberedSample, SampleDecoder, Source, StallGuard, raw_pipeline
 from mmsphere.data.stats import SkipCounter, SkipReport, SkipTally
 from mmsphere.errors import ConfigError, MmsphereError
@@ -97,8 +98,9 @@ def build_train_stream(
     for index, source in enumerate(sources):
         name = source.name or f"{split}{index}"
         where = f"data source {name!r}"
-        if source.modality not in MODALITIES:
-            raise ConfigError(f"{where}: modality={source.modality!r} must be one of {MODALITIES}")
+        unknown = MODALITY_REGISTRY.check(source.modality, f"{where}: modality")
+        if unknown is not None:
+            raise ConfigError(unknown)
         if not source.weight > 0:
             raise ConfigError(f"{where}: weight={source.weight} must be > 0")
         urls = check_shards(source.urls, where)

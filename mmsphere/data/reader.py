@@ -21,7 +21,7 @@ import numpy as np
 import webdataset as wds
 from webdataset.gopen import gopen
 
-from mmsphere.data.samples import KNOWN_EXTENSIONS, RawSample, split_member_name
+from mmsphere.data.samples import RawSample, known_extensions, split_member_name
 from mmsphere.data.stats import SkipCounter
 from mmsphere.errors import ConfigError, DataError, MmsphereError
 
@@ -190,6 +190,7 @@ def _read_one_shard(url: str, counter: SkipCounter, max_member_bytes: int) -> It
         recorder = _TailRecorder(stream, first)
         seen: set[str] = set()
         current: RawSample | None = None
+        kept = set(known_extensions())
         try:
             archive = tarfile.open(fileobj=recorder, mode="r|*")
             for info in archive:
@@ -200,7 +201,7 @@ def _read_one_shard(url: str, counter: SkipCounter, max_member_bytes: int) -> It
                     if not info.isdir():
                         counter.record("non_regular_member", url=url, detail=info.name)
                     continue
-                if parts is None or parts[1] not in KNOWN_EXTENSIONS:
+                if parts is None or parts[1] not in kept:
                     counter.record("unknown_member", url=url, detail=info.name)
                     continue
                 if info.size > max_member_bytes:

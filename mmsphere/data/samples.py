@@ -14,15 +14,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mmsphere.data.decode import DEFAULT_MAX_IMAGE_PIXELS, DecodeError, decode_image, decode_video
+from mmsphere.data.decode import DEFAULT_MAX_IMAGE_PIXELS, DecodeError
+from mmsphere.data.modalities import MODALITY_REGISTRY, media_extensions, modality_names
 from mmsphere.data.stats import SkipCounter
 from mmsphere.data.transforms import to_model_frames
 
-VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "m4v", "avi")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
-KNOWN_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS + CAPTION_EXTENSIONS
-MODALITIES = ("video", "image")
+# the built-in modalities' extensions (make-shards writes these); a reader asks known_extensions()
+VIDEO_EXTENSIONS = MODALITY_REGISTRY["video"].extensions
+IMAGE_EXTENSIONS = MODALITY_REGISTRY["image"].extensions
+
+
+def known_extensions() -> tuple[str, ...]:
+    """The member extensions a shard reader keeps: every registered modality's media, and captions."""
+    return media_extensions() + CAPTION_EXTENSIONS
 
 
 @dataclass
@@ -73,8 +78,8 @@ class DecodeOptions:
                 raise ValueError(f"{name}={value!r} must hold 3 values (R, G, B)")
         if any(value <= 0 for value in self.image_std):
             raise ValueError(f"image_std={self.image_std!r} must be positive")
-        if self.modality not in (None, *MODALITIES):
-            raise ValueError(f"modality={self.modality!r} must be one of {MODALITIES}")
+        if self.modality is not None and self.modality not in MODALITY_REGISTRY:
+            raise ValueError(f"modality={self.modality!r} must be one of {modality_names()}")
         if self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels={self.max_image_pixels} must be >= 1")
 
@@ -160,15 +165,18 @@ def _clean_captions(captions: list[str]) -> list[str]:
 
 
 def media_modality(members: dict[str, bytes], wanted: str | None) -> tuple[str, str]:
-    """(modality, extension) of the media member to decode, or DecodeError when there is none."""
-    videos = [extension for extension in VIDEO_EXTENSIONS if extension in members]
-    images = [extension for extension in IMAGE_EXTENSIONS if extension in members]
-    if wanted in (None, "video") and videos:
-        return "video", videos[0]
-    if wanted in (None, "image") and images:
-        return "image", images[0]
-    if videos or images:
-        found = ", ".join(f".{extension}" for extension in videos + images)
+    """(modality, extension) of the media member to decode, or DecodeError when there is none.
+
+    With ``wanted`` None the first registered modality present wins (a sample with a clip and a
+    thumbnail is a video).
+    """
+    present = [(entry.name, extension) for entry in MODALITY_REGISTRY.values()
+               for extension in entry.extensions if extension in members]
+    for name, extension in present:
+        if wanted in (None, name):
+            return name, extension
+    if present:
+        found = ", ".join(f".{extension}" for _, extension in present)
         raise DecodeError("wrong_modality", f"source is {wanted} but the sample holds {found}")
     raise DecodeError("missing_media", f"members: {', '.join(sorted(members)) or 'none'}")
 
@@ -176,22 +184,14 @@ def media_modality(members: dict[str, bytes], wanted: str | None) -> tuple[str, 
 def decode_sample(raw: RawSample, options: DecodeOptions, rng: np.random.Generator | None = None) -> Sample:
     """Captions + media of a raw sample -> :class:`Sample`; raises :class:`DecodeError` with a skip reason."""
     captions = read_captions(raw.members)
-    modality, extension = media_modality(raw.members, options.modality)
-    data = raw.members[extension]
-    if modality == "video":
-        clip = decode_video(
-            data, options.frames, fast=options.fast, random_offset=options.random_offset, rng=rng
-        )
-        pixels, indices, num_frames, backend = clip.frames, clip.indices, clip.num_frames, clip.backend
-        length = options.frames
-    else:
-        draft_size = options.image_size if options.fast else None
-        pixels = decode_image(data, max_pixels=options.max_image_pixels, draft_size=draft_size)[None]
-        indices, num_frames, backend, length = [0], 1, "pil", 1
+    name, extension = media_modality(raw.members, options.modality)
+    kind = MODALITY_REGISTRY[name]
+    length = kind.clip_length(options.frames)
+    media = kind.decode(raw.members[extension], length, options, rng)
     frames, frame_mask = to_model_frames(
-        pixels, num_frames=length, image_size=options.image_size, mean=options.image_mean, std=options.image_std
+        media.pictures, num_frames=length, image_size=options.image_size, mean=options.image_mean, std=options.image_std
     )
-    return Sample(raw.key, modality, frames, frame_mask, captions, num_frames, indices, backend,
+    return Sample(raw.key, name, frames, frame_mask, captions, media.num_frames, media.indices, media.backend,
                   read_group(raw.members, raw.key))
 
 

@@ -20,7 +20,8 @@ from mmsphere.data.cached import CachedRaw, CachedSample
 from mmsphere.data.decode import DecodeError
 from mmsphere.data.feature_files import FeatureCache
 from mmsphere.data.reader import read_tar_samples
-from mmsphere.data.samples import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, DecodeOptions, RawSample, Sample, decode_sample
+from mmsphere.data.modalities import MODALITY_REGISTRY, media_extensions
+from mmsphere.data.samples import DecodeOptions, RawSample, Sample, decode_sample
 from mmsphere.data.stats import SkipCounter
 from mmsphere.errors import DataError, MmsphereError
 
@@ -106,10 +107,11 @@ class SampleDecoder:
         if self.decoded or not self.failed or len(self.wrong_modality) < self.failed:
             return None
         declared = self.source.modality
-        expected = VIDEO_EXTENSIONS if declared == "video" else IMAGE_EXTENSIONS
+        expected = MODALITY_REGISTRY[declared].extensions
         found = sorted({extension for raw in self.wrong_modality for extension in raw.members
-                        if extension in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS})
-        other = "image" if declared == "video" else "video"
+                        if extension in media_extensions()})
+        held = [entry.name for entry in MODALITY_REGISTRY.values() if set(entry.extensions) & set(found)]
+        other = " or ".join(held)
         first = self.wrong_modality[0]
         return DataError(
             f"data source {self.source.name!r} has modality={declared}, but its first {len(self.wrong_modality)} "

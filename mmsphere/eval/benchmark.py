@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from mmsphere.data.sample_list import ListEntry, read_sample_list
+from mmsphere.data.modalities import MODALITY_REGISTRY
 from mmsphere.digest import file_sha256
 from mmsphere.errors import ConfigError, DataError, MmsphereError
 from mmsphere.eval.annotations import CaptionRow
@@ -166,8 +167,8 @@ def evaluate_set(
         media_root=str(evaluation_set.media_root.resolve()) if evaluation_set.media_root is not None else None,
         media=media_fingerprint(used, evaluation_set.media_root),
         captions_listed=evaluation_set.captions_listed,
-        frames=frames if modality == "video" else 1,
-        frame_sampling=UNIFORM_SAMPLING if modality == "video" else "one image",
+        frames=MODALITY_REGISTRY[modality].clip_length(frames),
+        frame_sampling=UNIFORM_SAMPLING if MODALITY_REGISTRY[modality].temporal else "one image",
         **completeness(evaluation_set.listed, len(encoded.keys), missing, missing_file),
     )
     results["protocol"] = evaluation_set.protocol
@@ -181,7 +182,7 @@ def evaluate_shards(model: torch.nn.Module, urls: str, *, frames: int = DEFAULT_
     ``options``: the rest of :func:`evaluate_retrieval`'s keywords (batch size, workers, DSL, ...).
     """
     results = evaluate_retrieval(model, urls, modality=modality, frames=frames, **options)
-    results["data"].update(urls=urls, frames=frames if modality == "video" else 1)
+    results["data"].update(urls=urls, frames=MODALITY_REGISTRY[modality].clip_length(frames))
     results["protocol"] = {"name": "shards", "version": None, "description": "webdataset shards", "grouping": "all"}
     return results
 

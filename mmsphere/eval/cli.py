@@ -17,6 +17,7 @@ import torch
 
 from mmsphere.cli_errors import ArgumentParser, non_negative_int, positive_float, positive_int, run_cli
 from mmsphere.config import ConfigError, DataError
+from mmsphere.data.modalities import MODALITY_REGISTRY
 from mmsphere.eval.benchmark import DEFAULT_FRAMES, evaluate_set, evaluate_shards, list_set, protocol_set
 from mmsphere.eval.completeness import ALLOW_FLAG, refuse_incomplete
 from mmsphere.eval.protocols import get_protocol, import_modules
@@ -47,8 +48,9 @@ def main(argv: list[str]) -> int:
                         help="evaluate what is found when listed items are missing or do not decode; every output "
                              "then says it is a subset and the names go to <out>.missing.txt")
     parser.add_argument("--imports", action="append", default=[], metavar="MODULE",
-                        help="a module that registers your own protocols (repeat for several)")
-    parser.add_argument("--modality", choices=("video", "image"), default="video")
+                        help="a module that registers your own protocols or modalities (repeat for several)")
+    parser.add_argument("--modality", default="video",
+                        help="the media's modality: video, image or one registered by --imports (default video)")
     parser.add_argument("--frames", type=int,
                         help="frames per video, sampled uniformly (default: the protocol's, else 12)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
@@ -72,7 +74,7 @@ def run_evaluation(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError("--media-root goes with --list or --protocol, not with --data")
     if args.protocol is not None and args.media_root is None:
         raise ConfigError(f"--protocol {args.protocol} needs --media-root DIR, the folder holding its videos")
-    if args.protocol is not None and args.modality != "video":
+    if args.protocol is not None and args.modality != "video":  # protocols list video files
         raise ConfigError(f"--protocol {args.protocol} is a video benchmark; --modality {args.modality} goes with "
                           "--data or --list")
     if args.annotations is not None and args.protocol is None:
@@ -88,6 +90,9 @@ def run_evaluation(args: argparse.Namespace, argv: list[str]) -> int:
     if args.media_root is not None and not Path(args.media_root).is_dir():
         raise DataError(f"--media-root {args.media_root!r} is not a directory")
     import_modules(args.imports)
+    unknown = MODALITY_REGISTRY.check(args.modality, "--modality")
+    if unknown is not None:
+        raise ConfigError(unknown)
     missing_file = sibling(args.out, ".missing.txt")
     evaluation_set = None
     if args.protocol is not None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from mmsphere.atomic import write_text_atomic
 from mmsphere.data.reader import expand_urls, is_local
-from mmsphere.data.samples import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from mmsphere.data.modalities import media_extensions
 from mmsphere.data.stats import SKIP_REASONS
 from mmsphere.errors import DataError
 
@@ -155,12 +155,10 @@ def _walk(root: Path) -> Iterable[Path]:
                 continue
 
 
-MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
-
-
 def _extension_rank(path: Path) -> tuple[int, str]:
     extension = path.suffix.lower().lstrip(".")
-    return (MEDIA_EXTENSIONS.index(extension) if extension in MEDIA_EXTENSIONS else len(MEDIA_EXTENSIONS), path.name)
+    known = media_extensions()
+    return (known.index(extension) if extension in known else len(known), path.name)
 
 
 def check_file(path: Path, name: str) -> MissingItem | None:
@@ -173,9 +171,9 @@ def check_file(path: Path, name: str) -> MissingItem | None:
         return MissingItem(name, "unreadable_file", f"{path}: {error.strerror}")
     if not path.is_file():
         return MissingItem(name, "not_a_file", str(path))
-    if path.suffix.lower().lstrip(".") not in MEDIA_EXTENSIONS:
+    if path.suffix.lower().lstrip(".") not in media_extensions():
         return MissingItem(name, "unsupported_extension",
-                           f"{path} (decoded: {', '.join(MEDIA_EXTENSIONS)}; convert it, e.g. to mp4)")
+                           f"{path} (decoded: {', '.join(media_extensions())}; convert it, e.g. to mp4)")
     if status.st_size == 0:
         return MissingItem(name, "empty_file", str(path))
     if not os.access(path, os.R_OK):

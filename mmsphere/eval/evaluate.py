@@ -19,6 +19,7 @@ from mmsphere.data.feature_files import FeatureCache
 from mmsphere.config import MmsphereError
 from mmsphere.data import build_eval_loader
 from mmsphere.data.stats import skipped_counts
+from mmsphere.data.modalities import MODALITY_REGISTRY
 from mmsphere.eval.completeness import ALLOW_FLAG, IncompleteDataError, lost_samples, shard_fingerprint
 from mmsphere.eval.encode import EncodedEvalSet, encode_eval_set
 from mmsphere.eval.geometry import geometry_diagnostics
@@ -96,7 +97,7 @@ def evaluate_retrieval(
                                subset=bool(lost))
         if isinstance(data, str):
             results["data"].update(media=shard_fingerprint(data),
-                                   frame_sampling=UNIFORM_SAMPLING if encoded.modality == "video" else "one image")
+                                   frame_sampling=UNIFORM_SAMPLING if MODALITY_REGISTRY[encoded.modality].temporal else "one image")
         if lost:
             results["data"]["missing"] = {"count": lost_total, "by_reason": lost, "first": [], "file": None}
     if save_sim is not None:
@@ -183,12 +184,12 @@ def _eval_batches(model: torch.nn.Module, data: str | Iterable[dict[str, Any]], 
                   batch_size: int, workers: int, feature_cache: FeatureCache | None = None) -> Iterable[dict[str, Any]]:
     if not isinstance(data, str):
         return data
-    if modality not in ("video", "image"):
-        raise ValueError(f"modality={modality!r} must be 'video' or 'image'")
+    if modality not in MODALITY_REGISTRY:
+        raise ValueError(MODALITY_REGISTRY.check(modality, "modality"))
     return build_eval_loader(
         data,
         modality,
-        frames=frames if modality == "video" else 1,
+        frames=MODALITY_REGISTRY[modality].clip_length(frames),
         image_size=model.image_size,
         image_mean=model.image_mean,
         image_std=model.image_std,

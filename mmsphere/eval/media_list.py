@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from mmsphere.data.decode import DecodeError
 from mmsphere.data.batch import Batch
 from mmsphere.data.batching import collate_eval
+from mmsphere.data.modalities import MODALITY_REGISTRY
 from mmsphere.data.sample_list import ListEntry
 from mmsphere.data.samples import DecodeOptions, RawSample, decode_sample
 from mmsphere.eval.completeness import MissingItem
@@ -41,7 +42,7 @@ class MediaListLoader:
             raise ValueError(f"workers={workers} must be >= 0")
         self.entries = list(entries)
         self.modality = modality
-        self.options = DecodeOptions(frames=frames if modality == "video" else 1, image_size=image_size,
+        self.options = DecodeOptions(frames=MODALITY_REGISTRY[modality].clip_length(frames), image_size=image_size,
                                      image_mean=tuple(image_mean), image_std=tuple(image_std), modality=modality)
         self.batch_size = batch_size
         self.workers = workers

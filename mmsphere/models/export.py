@@ -9,7 +9,7 @@ tower's tokenizer files are written there too. The architecture travels in the f
 directory loads without mmsphere and without the JSON file the run was configured with.
 
 open_clip has no place for the temporal head, so it is written beside the towers:
-``temporal_head.json`` (its config) and, for the transformer head only, ``temporal_head.safetensors``;
+``temporal_head.json`` (its config) and, for a head with parameters, ``temporal_head.safetensors``;
 :func:`load_temporal_head` rebuilds it. ``README.md`` in DIR says what is there and how to use it.
 """
 
@@ -43,7 +43,7 @@ from mmsphere.models.config import ModelConfig
 from mmsphere.models.dual_encoder import DualEncoder
 from mmsphere.models.factory import resolve_architecture
 from mmsphere.models.run_dir import load_run
-from mmsphere.models.temporal import build_temporal_head, temporal_heads_for
+from mmsphere.models.temporal import TEMPORAL_HEADS, build_temporal_head, temporal_heads_for
 
 logger = logging.getLogger(__name__)
 
@@ -252,11 +252,15 @@ def open_clip_state_dict(model: DualEncoder) -> dict[str, torch.Tensor]:
 
 def temporal_head_config(model: DualEncoder) -> dict[str, Any]:
     """What :func:`load_temporal_head` rebuilds the head from, plus the frames per video the run used."""
-    config: dict[str, Any] = {"temporal_head": model.config.temporal_head, "embed_dim": model.embed_dim}
-    if model.config.temporal_head == "transformer":
-        config.update(temporal_layers=model.config.temporal_layers,
-                      temporal_heads=temporal_heads_for(model.config, model.embed_dim),
-                      max_frames=model.config.max_frames, weights=TEMPORAL_WEIGHTS_FILE)
+    # every head's settings, whichever head reads them: a registered head is rebuilt from the same fields
+    bounded = TEMPORAL_HEADS.lookup(model.config.temporal_head).bounded_by_max_frames
+    config: dict[str, Any] = {
+        "temporal_head": model.config.temporal_head, "embed_dim": model.embed_dim,
+        "temporal_layers": model.config.temporal_layers,
+        "temporal_heads": temporal_heads_for(model.config, model.embed_dim) if bounded else model.config.temporal_heads,
+        "max_frames": model.config.max_frames}
+    if any(True for _ in model.temporal.parameters()):
+        config["weights"] = TEMPORAL_WEIGHTS_FILE
     if model.run_config is not None:
         config["frames"] = _run_data(model).frames
     return config
@@ -322,10 +326,13 @@ def _readme(
 
     frames = temporal.get("frames")
     frames_note = f" The run trained on {frames} frames per video, sampled uniformly over the clip." if frames else ""
-    if temporal["temporal_head"] == "transformer":
+    if temporal["temporal_head"] != "mean":
+        head = TEMPORAL_HEADS.lookup(temporal["temporal_head"])
+        details = ", ".join(([head.paper] if head.paper else [])
+                            + ([f"at most {temporal['max_frames']} frames"] if head.bounded_by_max_frames else []))
         video = (
-            f"The run pools frames with a transformer head (CLIP4Clip seqTransf, at most "
-            f"{temporal['max_frames']} frames).{frames_note} Rebuild it with mmsphere installed and "
+            f"The run pools frames with the `{head.name}` temporal head{f' ({details})' if details else ''}."
+            f"{frames_note} Rebuild it with mmsphere installed (and the module registering it, if it is yours) and "
             "apply it to the L2-normalised frame features:\n\n"
             "```python\n"
             "import torch.nn.functional as F\n"

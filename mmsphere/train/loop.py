@@ -28,6 +28,7 @@ from mmsphere.train.config import Config
 from mmsphere.console import ON_CONSOLE, process_rank, run_log_file
 from mmsphere.data import Batch, TrainStream, build_train_stream, stats
 from mmsphere.data.feature_files import FeatureCache
+from mmsphere.data.modalities import MODALITY_REGISTRY
 from mmsphere.eval.evaluate import evaluate_retrieval_loader
 from mmsphere.losses import Objective
 from mmsphere.train.checkpoint import discard_partial_checkpoints, list_checkpoints, load_checkpoint, save_checkpoint
@@ -372,10 +373,10 @@ def parameters_without_gradient(network: torch.nn.Module, objective: Objective, 
 def _probe_inputs(network: torch.nn.Module, modality: str, frames: int, device: torch.device) -> dict[str, torch.Tensor]:
     size = network.image_size
     inputs = {"text": network.tokenizer(["a probe"]).to(device)}
-    if modality == "image":
-        return {**inputs, "images": torch.zeros(1, 3, size, size, device=device)}
-    return {**inputs, "frames": torch.zeros(1, frames, 3, size, size, device=device),
-            "frame_mask": torch.ones(1, frames, dtype=torch.bool, device=device)}
+    kind = MODALITY_REGISTRY[modality]
+    length = kind.clip_length(frames)
+    media = kind.stack([torch.zeros(length, 3, size, size, device=device)])
+    return {**inputs, **kind.inputs(media, torch.ones(1, length, dtype=torch.bool, device=device), cached=False)}
 
 
 def _parameters_reached(outputs: dict[str, torch.Tensor]) -> set[int]:

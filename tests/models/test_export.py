@@ -216,7 +216,8 @@ def test_the_readme_recipe_reproduces_the_video_features(make_run, random_frames
     run = mmsphere.load(str(run_dir))
     if head == "mean":
         assert "temporal_head.safetensors" not in files and not (tmp_path / "export/temporal_head.safetensors").exists()
-        assert temporal == {"temporal_head": "mean", "embed_dim": 32, "frames": 8}
+        assert temporal == {"temporal_head": "mean", "embed_dim": 32, "temporal_layers": 1, "temporal_heads": 0,
+                            "max_frames": 8, "frames": 8}
     else:
         assert files["temporal_head.safetensors"].is_file()
         assert temporal == {"temporal_head": "transformer", "embed_dim": 32, "temporal_layers": 1,

@@ -21,6 +21,7 @@ from mmsphere.models import (
     register_temporal_head,
     save_run,
 )
+from mmsphere.models.export import export_run, load_temporal_head
 from mmsphere.models.temporal import check_temporal_head
 from mmsphere.train.config import Config
 
@@ -223,3 +224,35 @@ def test_the_config_check_and_the_factory_look_heads_up_in_the_registry(max_pool
         ModelConfig(temporal_head="max-pool").validate()
     with pytest.raises(ConfigError, match="unknown temporal head 'max-pool'; known: mean, transformer"):
         build_temporal_head(ModelConfig(temporal_head="max-pool"), WIDTH)
+
+
+class GatedMaxHead(torch.nn.Module):
+    """Max over the valid frames times a learned gate per feature: a registered head with parameters."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.gate = torch.nn.Parameter(torch.ones(width))
+
+    def forward(self, frame_features: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        return MaxPoolHead()(frame_features, frame_mask) * self.gate
+
+
+def test_a_registered_head_with_parameters_is_exported_with_its_weights(make_model, random_frames, tmp_path):
+    register_temporal_head(TemporalHead("gated-max", lambda settings, width: GatedMaxHead(width)))
+    try:
+        model = make_model(seed=8, temporal_head="gated-max").eval()
+        with torch.no_grad():
+            model.temporal.gate.copy_(torch.linspace(0.5, 2.0, model.embed_dim))
+        save_run(model, Config(output_dir=str(tmp_path / "out"), model=model.config), tmp_path / "run")
+        export_run(tmp_path / "run", tmp_path / "export")
+        assert (tmp_path / "export" / "temporal_head.safetensors").is_file()
+        assert "`gated-max` temporal head" in (tmp_path / "export" / "README.md").read_text()
+        head = load_temporal_head(tmp_path / "export")
+        features = F.normalize(torch.randn(2, 3, model.embed_dim, generator=torch.Generator().manual_seed(9)), dim=-1)
+        mask = torch.tensor([[True, True, False], [True, True, True]])
+        expected = features.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1) * torch.linspace(
+            0.5, 2.0, model.embed_dim)
+        with torch.no_grad():
+            torch.testing.assert_close(head(features, mask), expected)
+    finally:
+        TEMPORAL_HEADS.unregister("gated-max")
