@@ -54,6 +54,7 @@ __all__ = [
     "cam_softmax_c",
     "cam_softmax_exponent",
     "sphereface2_bias_init",
+    "sface_ab_from_features",
     "detach_offset",
     "MarginBatch",
     "MarginTerm",
@@ -599,31 +600,78 @@ class SFace(MarginTerm):
 
     def per_sample(self, batch: MarginBatch) -> Tensor:
         options = self.options
-        positives = batch.positive_mask()
-        positive_count = positives.sum(dim=1, keepdim=True)
-        negative_count = (positives.shape[1] - positive_count).clamp(min=1)
-        image, text = batch.directions(lambda cosine: cosine)
 
-        def direction(cosine: Tensor) -> Tensor:
+        def sums(cosine: Tensor, dims: tuple[int, ...]) -> list[Tensor]:
+            """Row loss sums over ``dims`` of ``sg[w_ij]·C_ij`` [r, N] (intra weights negative, over |P|)."""
             # detach, not no_grad: no_grad leaves forward-mode tangents on, and the meta step's
             # forward-mode pass must see the sigmoids as constants, as the backward does
             theta = batch.theta(cosine.detach())
-            intra = -torch.sigmoid(options.k * (theta - options.a)) / positive_count
             inter = torch.sigmoid(-options.k * (theta - options.b))
-            if options.inter_reduction == "mean":
-                inter = inter / negative_count
-            weights = torch.where(positives, intra, inter)
-            return options.scale * (weights * cosine).sum(dim=1)
+            if batch.positives is None:
+                # one positive per row: the inter weights everywhere, then the diagonal's intra weight
+                if options.inter_reduction == "mean":
+                    inter = inter / max(cosine.shape[1] - 1, 1)
+                intra = -torch.sigmoid(options.k * (theta.diagonal(batch.offset) - options.a))
+                terms = torch.diagonal_scatter(inter, intra, batch.offset) * cosine
+                return [terms.sum(dim=dim) for dim in dims]
+            # groups: each direction divides by its own row's counts (P is symmetric, so a column's
+            # counts are those of the row of the same sample)
+            positives = batch.positives
+            intra = torch.where(positives, -torch.sigmoid(options.k * (theta - options.a)) * cosine, 0.0)
+            inter = torch.where(positives, 0.0, inter * cosine)
+            positive_count = positives.sum(dim=1)
+            negative_count = (positives.shape[1] - positive_count).clamp(min=1)
+            if options.inter_reduction == "sum":
+                negative_count = torch.ones_like(negative_count)
+            return [intra.sum(dim=dim) / positive_count + inter.sum(dim=dim) / negative_count for dim in dims]
 
+        if batch.text_rows is None:
+            # the rows are the whole batch: the weights are entry-wise and P symmetric, so the text
+            # direction is the column sums of the same matrix
+            rows, columns = sums(batch.image_rows, (1, 0))
+        else:
+            (rows,), (columns,) = sums(batch.image_rows, (1,)), sums(batch.text_rows, (1,))
         # 0·s keeps logit_scale in the graph with an exact zero gradient: data-parallel training
         # expects every parameter to receive one
-        return 0.5 * (direction(image) + direction(text)) + 0 * batch.scale
+        return 0.5 * options.scale * (rows + columns) + 0 * batch.scale
 
     def weight_input(self, context: TermContext, per_sample: Tensor) -> Tensor:
         """The plain cross-entropy ``½[CE_P(scale·C) + CE_P(scale·Cᵀ)]`` of each row, detached (the WeightNet's input)."""
         batch = MarginBatch.from_context(context)
         image, text = batch.directions(lambda cosine: self.options.scale * cosine)
         return (-0.5 * (batch.positive_mean_log_softmax(image) + batch.positive_mean_log_softmax(text))).detach()
+
+
+def sface_ab_from_features(
+    img: Tensor,
+    txt: Tensor,
+    group_ids: Tensor | None = None,
+    positive_quantile: float = 0.1,
+    negative_quantile: float = 0.9,
+) -> tuple[float, float]:
+    """SFace's ``(a, b)`` from measured angles: quantiles of the positive and of the negative pairs' θ (radians).
+
+    The face defaults (a 0.8, b 1.23) give CLIP-like negatives (θ ≈ 1.47) no push at all. Measured on
+    the features of the first batches: with ``a`` the ``positive_quantile`` of the positives' angles,
+    all but the closest 10% of positives are pulled; with ``b`` the ``negative_quantile`` of the
+    negatives' angles, all but the farthest 10% of negatives are pushed (each by at least half).
+    img, txt: [B, D] unit-norm (concatenate several batches' features; positives are pairs ``(i, j)``
+    with ``g_i = g_j``, both directions of the image–text matrix).
+    """
+    _check_pair(img, txt)
+    if not (0 <= positive_quantile <= 1 and 0 <= negative_quantile <= 1):
+        raise ValueError(f"positive_quantile={positive_quantile} and negative_quantile={negative_quantile} "
+                         f"must be in [0, 1]")
+    positives = _positive_mask(group_ids, img)
+    if positives is None:
+        positives = torch.eye(img.shape[0], dtype=torch.bool, device=img.device)
+    with torch.no_grad():
+        theta = torch.arccos((_upcast(img) @ _upcast(txt).T).clamp(-1.0, 1.0)).double()
+        if positives.all():
+            raise ValueError("every pair is a positive: no negative angles to measure b from")
+        a = torch.quantile(theta[positives], positive_quantile).item()
+        b = torch.quantile(theta[~positives], negative_quantile).item()
+    return a, b
 
 
 def sface_loss(
@@ -735,16 +783,29 @@ class SphereFace2(MarginTerm):
         if batch.logit_bias is None:
             raise ValueError("sphereface2 needs logit_bias (the model's learnable bias b)")
         lam, scale, bias = self.options.lam, batch.scale, batch.logit_bias
-        positives = batch.positive_mask()
-        image, text = batch.directions(lambda cosine: self.transformed(cosine, batch))
 
-        def direction(transformed: Tensor) -> Tensor:
-            logits = scale * transformed + bias
+        def logits_of(cosine: Tensor) -> Tensor:
+            return scale * self.transformed(cosine, batch) + bias
+
+        def sums(logits: Tensor, dims: tuple[int, ...]) -> list[Tensor]:
+            """The row loss's sums over ``dims`` of one [r, N] logit matrix."""
+            if batch.positives is None:
+                # softplus(z) everywhere, then the diagonal's λ·softplus(−z) in place of (1−λ)·softplus(z)
+                negatives = F.softplus(logits)
+                diagonal = logits.diagonal(batch.offset)
+                correction = lam * F.softplus(-diagonal) - (1 - lam) * F.softplus(diagonal)
+                return [(1 - lam) * negatives.sum(dim=dim) + correction for dim in dims]
             # softplus(−z) on the positives computed as such, not as softplus(z) − z, which cancels
-            losses = F.softplus(torch.where(positives, -logits, logits))
-            return torch.where(positives, lam * losses, (1 - lam) * losses).sum(dim=1) / scale.detach()
+            losses = F.softplus(torch.where(batch.positives, -logits, logits))
+            weighted = torch.where(batch.positives, lam * losses, (1 - lam) * losses)
+            return [weighted.sum(dim=dim) for dim in dims]
 
-        return 0.5 * (direction(image) + direction(text))
+        if batch.text_rows is None:
+            # the whole batch: transforms entry-wise, P symmetric, so the text rows are the column sums
+            rows, columns = sums(logits_of(batch.image_rows), (1, 0))
+        else:
+            (rows,), (columns,) = sums(logits_of(batch.image_rows), (1,)), sums(logits_of(batch.text_rows), (1,))
+        return 0.5 * (rows + columns) / scale.detach()
 
 
 def sphereface2_loss(

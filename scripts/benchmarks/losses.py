@@ -76,7 +76,7 @@ def build_cases(image_features: torch.Tensor, text_features: torch.Tensor, logit
     # norms that move with the features (what SphereFace-R's soft normalisation reads), and SphereFace2's bias start
     norms = {"image_norms": img.detach().norm(dim=1) * 8 + img[:, 0], "text_norms": txt.detach().norm(dim=1) * 8
              + txt[:, 0]}
-    margin_bias = torch.tensor(sphereface2_bias_init(img.shape[0], 0.7, 1.0, 0.1, float(scale)), requires_grad=True)
+    margin_bias = torch.tensor(sphereface2_bias_init(img.shape[0], 0.7, 1.0, 0.1, float(scale.detach())), requires_grad=True)
 
     def margin_case(label: str) -> Callable[[], torch.Tensor]:
         objective = margin_objectives[label]

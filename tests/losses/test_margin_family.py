@@ -467,3 +467,21 @@ def test_sface_weighting_reads_the_plain_cross_entropy_at_its_scale():
     plain = Objective(LossConfig(terms={"cosface": {"weight": 1.0}}))
     evaluated = plain.evaluate(image, text, SCALE)
     torch.testing.assert_close(evaluated.weight_input, evaluated.per_sample.detach())
+
+
+@pytest.mark.parametrize("groups", [None, GROUPS], ids=["single", "groups"])
+def test_sface_a_b_are_quantiles_of_the_measured_angles(groups):
+    import numpy as np
+
+    image, text = features(batch=6, seed=10)
+    ids = list(range(6)) if groups is None else groups.tolist()
+    positive, negative = [], []
+    for i in range(6):
+        for j in range(6):
+            cosine = sum(x * y for x, y in zip(image[i].tolist(), text[j].tolist()))
+            (positive if ids[i] == ids[j] else negative).append(math.acos(max(-1.0, min(1.0, cosine))))
+    a, b = M.sface_ab_from_features(image, text, groups, positive_quantile=0.2, negative_quantile=0.85)
+    assert a == pytest.approx(float(np.quantile(positive, 0.2)), abs=1e-12)
+    assert b == pytest.approx(float(np.quantile(negative, 0.85)), abs=1e-12)
+    with pytest.raises(ValueError, match="every pair is a positive"):
+        M.sface_ab_from_features(image, text, torch.zeros(6, dtype=torch.long))
