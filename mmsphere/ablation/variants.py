@@ -33,9 +33,7 @@ def known_variants() -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for name, term in TERMS.items():
         terms = {name: term.default_weight} if term.contrastive else {**baseline, name: term.default_weight}
-        found[name] = {"loss.terms": terms, "meta.enabled": False}
-        if term.needs_logit_bias:
-            found[name]["model.init_logit_bias"] = -10.0
+        found[name] = {"loss.terms": terms, "meta.enabled": False}  # a term starts the bias it needs
     found["meta"] = {"loss.terms": dict(baseline), "meta.enabled": True}
     found["all"] = {"loss.terms": {**baseline, **extras}, "meta.enabled": True}
     return found

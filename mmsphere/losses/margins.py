@@ -21,10 +21,10 @@ SphereFace-R 1.4–1.7, Cam-Softmax c → π/4, SphereFace2 λ 0.7 / r 40 / m 0.
 k 80 / a 0.8 / b 1.23) push a CLIP-like positive (cos ≈ 0.3) below its negatives (cos ≈ 0.1), so
 each option names its face value beside the default; studies sweep them.
 
-What the objective does not pass to terms yet (read here when present): ``context.step`` (the
-training step, for Cam-Softmax's schedule; absent, the schedule stays at step 0) and
-``context.image_norms`` / ``context.text_norms`` (the rows' feature norms before L2 normalisation,
-for SphereFace-R's ``none`` and ``soft``; the term refuses those until then).
+What the objective passes besides the features: ``context.step`` (the training step, the same on
+every rank, for Cam-Softmax's schedule) and, for SphereFace-R's ``none`` and ``soft``, which declare
+``needs_feature_norms``, ``context.image_norms`` / ``context.text_norms`` (the features' norms
+before L2 normalisation, gathered with their gradient beside the features).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from torch import Tensor
 # so this module is imported while the package's __init__ is still running
 from mmsphere.losses.terms import Term, TermContext, TermOptions, register_term
 from mmsphere.losses.numerics import (REDUCTIONS, _arccos_eps, _as_scale, _check_pair, _positive_mask, _reduce,
-                                      _upcast)
+                                      _upcast, row_loss_bias)
 
 __all__ = [
     "cosface_loss",
@@ -54,6 +54,7 @@ __all__ = [
     "cam_softmax_c",
     "cam_softmax_exponent",
     "sphereface2_bias_init",
+    "sface_ab_from_features",
     "detach_offset",
     "MarginBatch",
     "MarginTerm",
@@ -122,7 +123,7 @@ class MarginBatch:
         """The rows an objective call evaluates (global mode: all; ``local_loss``: this rank's)."""
         rows = context.rows
         local = slice(context.offset, context.offset + rows.image.shape[0])
-        image_norms, text_norms = getattr(context, "image_norms", None), getattr(context, "text_norms", None)
+        image_norms, text_norms = context.image_norms, context.text_norms
         return cls(
             rows.image @ rows.all_text.T,
             None if rows.is_global else rows.text @ rows.all_image.T,
@@ -133,7 +134,7 @@ class MarginBatch:
             context.logit_bias,
             None if image_norms is None else image_norms[local],
             None if text_norms is None else text_norms[local],
-            getattr(context, "step", None),
+            context.step,
         )
 
     def theta(self, cosine: Tensor) -> Tensor:
@@ -390,13 +391,7 @@ class SphereFaceROptions(TermOptions):
         return problems
 
     def check(self) -> list[str]:
-        problems = self.value_problems()
-        if self.normalization != "hard":
-            # lift once the objective passes context.image_norms / text_norms (gathered with the features)
-            problems.append(f"normalization={self.normalization!r} needs the encoder's feature norms before L2 "
-                            f"normalisation, which the objective does not pass to terms yet; use 'hard' (or the "
-                            f"function sphereface_r_loss with norms=)")
-        return problems
+        return self.value_problems()
 
 
 @register_term
@@ -413,6 +408,11 @@ class SphereFaceR(MarginTerm):
     name = "sphereface_r"
     description = "multiplicative angular margin with CGD (SphereFace-R, TPAMI'22)"
     Options = SphereFaceROptions
+
+    @property
+    def needs_feature_norms(self) -> bool:  # type: ignore[override]
+        """``none`` and ``soft`` scale each row by its feature's norm before L2 normalisation."""
+        return self.options.normalization != "hard"
 
     def positive(self, cosine: Tensor, batch: MarginBatch) -> Tensor | None:
         version, margin = self.options.version, self.options.margin
@@ -439,7 +439,12 @@ class SphereFaceR(MarginTerm):
 
     def per_sample(self, batch: MarginBatch) -> Tensor:
         per_sample = super().per_sample(batch)
-        if self.options.normalization != "soft":
+        if self.options.normalization == "hard":
+            return per_sample
+        # the norms replace s: 0·s keeps logit_scale in the graph with an exact zero gradient, as
+        # data-parallel training expects every parameter to receive one
+        per_sample = per_sample + 0 * batch.scale
+        if self.options.normalization == "none":
             return per_sample
         target, weight = self.options.norm_target, self.options.norm_weight
         return per_sample + 0.5 * weight * ((batch.image_norms - target).abs() + (batch.text_norms - target).abs())
@@ -513,8 +518,8 @@ class CamSoftmax(MarginTerm):
     """Generalised target activation (Cam-Softmax): positives ``s·ψ_c(C)``, negatives ``s·C``.
 
     ``ψ_c(x) = 2((1 + x)/2)^p − 1``, ``p = 1/(1 − log₂(1 + cos c))``, so ψ_c(cos c) = 0; c = π/2 is
-    CLIP. c follows :func:`cam_softmax_c` of the training step (``context.step``; until the objective
-    passes it, step 0, i.e. ``c_start``).
+    CLIP. c follows :func:`cam_softmax_c` of the training step (``context.step``; outside training,
+    where there is no step, ``c_start``).
     """
 
     name = "cam_softmax"
@@ -526,8 +531,8 @@ class CamSoftmax(MarginTerm):
         """c at ``step`` (None: the objective did not say, taken as 0)."""
         if step is None:
             if not self._warned:
-                logger.warning("cam_softmax: the objective passes no training step to terms; c stays at "
-                               "c_start=%.4g", self.options.c_start)
+                logger.warning("cam_softmax evaluated outside training (no step): c is c_start=%.4g",
+                               self.options.c_start)
                 self._warned = True
             step = 0
         return cam_softmax_c(step, self.options.c_start, self.options.c_stop, self.options.c_decay)
@@ -584,8 +589,9 @@ class SFace(MarginTerm):
     Row i: intra ``−mean_{p∈P(i)} sg[σ(k(θ_ip − a))]·scale·C_ip`` plus inter
     ``Σ_{j∉P(i)} sg[σ(−k(θ_ij − b))]·scale·C_ij`` (or the mean, ``inter_reduction``). The sigmoids only
     rescale gradients, which is what makes it robust to label noise. ``scale`` is fixed: the term never
-    trains ``logit_scale``. Its per-sample values can be negative, so they are no loss on a common
-    scale: a WeightNet should read another per-sample input (e.g. the detached CE of the plain logits).
+    trains ``logit_scale``. Its per-sample values can be negative and are no loss on a common scale, so
+    a WeightNet reads another per-sample input (:meth:`weight_input`): the detached symmetric
+    cross-entropy of the plain logits ``scale·C`` (CLIP's loss at SFace's scale, with the same positives).
     """
 
     name = "sface"
@@ -594,24 +600,78 @@ class SFace(MarginTerm):
 
     def per_sample(self, batch: MarginBatch) -> Tensor:
         options = self.options
-        positives = batch.positive_mask()
-        positive_count = positives.sum(dim=1, keepdim=True)
-        negative_count = (positives.shape[1] - positive_count).clamp(min=1)
-        image, text = batch.directions(lambda cosine: cosine)
 
-        def direction(cosine: Tensor) -> Tensor:
-            with torch.no_grad():
-                theta = batch.theta(cosine)
-                intra = -torch.sigmoid(options.k * (theta - options.a)) / positive_count
-                inter = torch.sigmoid(-options.k * (theta - options.b))
+        def sums(cosine: Tensor, dims: tuple[int, ...]) -> list[Tensor]:
+            """Row loss sums over ``dims`` of ``sg[w_ij]·C_ij`` [r, N] (intra weights negative, over |P|)."""
+            # detach, not no_grad: no_grad leaves forward-mode tangents on, and the meta step's
+            # forward-mode pass must see the sigmoids as constants, as the backward does
+            theta = batch.theta(cosine.detach())
+            inter = torch.sigmoid(-options.k * (theta - options.b))
+            if batch.positives is None:
+                # one positive per row: the inter weights everywhere, then the diagonal's intra weight
                 if options.inter_reduction == "mean":
-                    inter = inter / negative_count
-                weights = torch.where(positives, intra, inter)
-            return options.scale * (weights * cosine).sum(dim=1)
+                    inter = inter / max(cosine.shape[1] - 1, 1)
+                intra = -torch.sigmoid(options.k * (theta.diagonal(batch.offset) - options.a))
+                terms = torch.diagonal_scatter(inter, intra, batch.offset) * cosine
+                return [terms.sum(dim=dim) for dim in dims]
+            # groups: each direction divides by its own row's counts (P is symmetric, so a column's
+            # counts are those of the row of the same sample)
+            positives = batch.positives
+            intra = torch.where(positives, -torch.sigmoid(options.k * (theta - options.a)) * cosine, 0.0)
+            inter = torch.where(positives, 0.0, inter * cosine)
+            positive_count = positives.sum(dim=1)
+            negative_count = (positives.shape[1] - positive_count).clamp(min=1)
+            if options.inter_reduction == "sum":
+                negative_count = torch.ones_like(negative_count)
+            return [intra.sum(dim=dim) / positive_count + inter.sum(dim=dim) / negative_count for dim in dims]
 
+        if batch.text_rows is None:
+            # the rows are the whole batch: the weights are entry-wise and P symmetric, so the text
+            # direction is the column sums of the same matrix
+            rows, columns = sums(batch.image_rows, (1, 0))
+        else:
+            (rows,), (columns,) = sums(batch.image_rows, (1,)), sums(batch.text_rows, (1,))
         # 0·s keeps logit_scale in the graph with an exact zero gradient: data-parallel training
         # expects every parameter to receive one
-        return 0.5 * (direction(image) + direction(text)) + 0 * batch.scale
+        return 0.5 * options.scale * (rows + columns) + 0 * batch.scale
+
+    def weight_input(self, context: TermContext, per_sample: Tensor) -> Tensor:
+        """The plain cross-entropy ``½[CE_P(scale·C) + CE_P(scale·Cᵀ)]`` of each row, detached (the WeightNet's input)."""
+        batch = MarginBatch.from_context(context)
+        image, text = batch.directions(lambda cosine: self.options.scale * cosine)
+        return (-0.5 * (batch.positive_mean_log_softmax(image) + batch.positive_mean_log_softmax(text))).detach()
+
+
+def sface_ab_from_features(
+    img: Tensor,
+    txt: Tensor,
+    group_ids: Tensor | None = None,
+    positive_quantile: float = 0.1,
+    negative_quantile: float = 0.9,
+) -> tuple[float, float]:
+    """SFace's ``(a, b)`` from measured angles: quantiles of the positive and of the negative pairs' θ (radians).
+
+    The face defaults (a 0.8, b 1.23) give CLIP-like negatives (θ ≈ 1.47) no push at all. Measured on
+    the features of the first batches: with ``a`` the ``positive_quantile`` of the positives' angles,
+    all but the closest 10% of positives are pulled; with ``b`` the ``negative_quantile`` of the
+    negatives' angles, all but the farthest 10% of negatives are pushed (each by at least half).
+    img, txt: [B, D] unit-norm (concatenate several batches' features; positives are pairs ``(i, j)``
+    with ``g_i = g_j``, both directions of the image–text matrix).
+    """
+    _check_pair(img, txt)
+    if not (0 <= positive_quantile <= 1 and 0 <= negative_quantile <= 1):
+        raise ValueError(f"positive_quantile={positive_quantile} and negative_quantile={negative_quantile} "
+                         f"must be in [0, 1]")
+    positives = _positive_mask(group_ids, img)
+    if positives is None:
+        positives = torch.eye(img.shape[0], dtype=torch.bool, device=img.device)
+    with torch.no_grad():
+        theta = torch.arccos((_upcast(img) @ _upcast(txt).T).clamp(-1.0, 1.0)).double()
+        if positives.all():
+            raise ValueError("every pair is a positive: no negative angles to measure b from")
+        a = torch.quantile(theta[positives], positive_quantile).item()
+        b = torch.quantile(theta[~positives], negative_quantile).item()
+    return a, b
 
 
 def sface_loss(
@@ -660,13 +720,7 @@ def sphereface2_bias_init(batch_size: int, lam: float, t: float, margin: float, 
     else:
         angle = math.pi / 2 + margin if variant == "A" else margin * math.pi / 2
         positive, negative = r * g(math.cos(min(angle, math.pi))), r * g(0.0)
-    # stationary point: λσ(−p−b) = (1−λ)(B−1)σ(n+b); with y = e^(n+b), z = λ/((1−λ)(B−1)), E = e^(p−n):
-    # E·y² + (1 − z)·y − z = 0, solved in the form without cancellation
-    z = lam / ((1 - lam) * (batch_size - 1))
-    growth = math.exp(positive - negative)
-    root = math.sqrt((1 - z) ** 2 + 4 * z * growth)
-    y = 2 * z / ((1 - z) + root) if z <= 1 else ((z - 1) + root) / (2 * growth)
-    return math.log(y) - negative
+    return row_loss_bias(batch_size, lam, positive, negative)
 
 
 @dataclass(frozen=True)
@@ -690,14 +744,6 @@ class SphereFace2Options(TermOptions):
         return problems
 
 
-# the row loss's minimiser at the default options for a global batch of 256 and CLIP's initial scale
-# (the actual batch size and scale move it by about log(B/256) and with r), rounded to the float32
-# the model stores, so the parameter starts exactly at the declared value
-_SPHEREFACE2_DEFAULT_BIAS = float(torch.tensor(sphereface2_bias_init(
-    256, SphereFace2Options.lam, SphereFace2Options.t, SphereFace2Options.margin, CLIP_SCALE,
-    SphereFace2Options.variant), dtype=torch.float32))
-
-
 @register_term
 class SphereFace2(MarginTerm):
     """Binary one-vs-all classification (SphereFace2, Wen et al., ICLR 2022) across modalities.
@@ -712,8 +758,12 @@ class SphereFace2(MarginTerm):
     description = "binary one-vs-all margin loss (SphereFace2, ICLR'22)"
     Options = SphereFace2Options
     needs_logit_bias = True
-    # until the objective sets b from the actual global batch (sphereface2_bias_init)
-    model_defaults = {"init_logit_bias": _SPHEREFACE2_DEFAULT_BIAS}
+
+    @classmethod
+    def model_starts(cls, options: TermOptions, *, batch_size: int, logit_scale: float) -> dict[str, float]:
+        """b at the row loss's minimiser for the global batch and the initial r (:func:`sphereface2_bias_init`)."""
+        return {"init_logit_bias": sphereface2_bias_init(batch_size, options.lam, options.t, options.margin,
+                                                         logit_scale, options.variant)}
 
     def positive(self, cosine: Tensor, batch: MarginBatch) -> Tensor:
         options = self.options
@@ -733,16 +783,29 @@ class SphereFace2(MarginTerm):
         if batch.logit_bias is None:
             raise ValueError("sphereface2 needs logit_bias (the model's learnable bias b)")
         lam, scale, bias = self.options.lam, batch.scale, batch.logit_bias
-        positives = batch.positive_mask()
-        image, text = batch.directions(lambda cosine: self.transformed(cosine, batch))
 
-        def direction(transformed: Tensor) -> Tensor:
-            logits = scale * transformed + bias
+        def logits_of(cosine: Tensor) -> Tensor:
+            return scale * self.transformed(cosine, batch) + bias
+
+        def sums(logits: Tensor, dims: tuple[int, ...]) -> list[Tensor]:
+            """The row loss's sums over ``dims`` of one [r, N] logit matrix."""
+            if batch.positives is None:
+                # softplus(z) everywhere, then the diagonal's λ·softplus(−z) in place of (1−λ)·softplus(z)
+                negatives = F.softplus(logits)
+                diagonal = logits.diagonal(batch.offset)
+                correction = lam * F.softplus(-diagonal) - (1 - lam) * F.softplus(diagonal)
+                return [(1 - lam) * negatives.sum(dim=dim) + correction for dim in dims]
             # softplus(−z) on the positives computed as such, not as softplus(z) − z, which cancels
-            losses = F.softplus(torch.where(positives, -logits, logits))
-            return torch.where(positives, lam * losses, (1 - lam) * losses).sum(dim=1) / scale.detach()
+            losses = F.softplus(torch.where(batch.positives, -logits, logits))
+            weighted = torch.where(batch.positives, lam * losses, (1 - lam) * losses)
+            return [weighted.sum(dim=dim) for dim in dims]
 
-        return 0.5 * (direction(image) + direction(text))
+        if batch.text_rows is None:
+            # the whole batch: transforms entry-wise, P symmetric, so the text rows are the column sums
+            rows, columns = sums(logits_of(batch.image_rows), (1, 0))
+        else:
+            (rows,), (columns,) = sums(logits_of(batch.image_rows), (1,)), sums(logits_of(batch.text_rows), (1,))
+        return 0.5 * (rows + columns) / scale.detach()
 
 
 def sphereface2_loss(

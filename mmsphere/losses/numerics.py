@@ -18,6 +18,23 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def row_loss_bias(batch_size: int, lam: float, positive: float, negative: float) -> float:
+    """The bias b minimising a one-vs-all row loss ``λ·softplus(−(p + b)) + (1−λ)(B−1)·softplus(n + b)``.
+
+    One positive logit offset ``p`` and ``B − 1`` negatives at ``n`` (the logits of features at their
+    initial angle); SigLIP's row (λ = ½, p = n = 0) gives ``−log(B − 1)``.
+    """
+    if batch_size < 2 or not 0 < lam < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 2 and lam={lam} in (0, 1)")
+    # stationary point: λσ(−p−b) = (1−λ)(B−1)σ(n+b); with y = e^(n+b), z = λ/((1−λ)(B−1)), E = e^(p−n):
+    # E·y² + (1 − z)·y − z = 0, solved in the form without cancellation
+    z = lam / ((1 - lam) * (batch_size - 1))
+    growth = math.exp(positive - negative)
+    root = math.sqrt((1 - z) ** 2 + 4 * z * growth)
+    y = 2 * z / ((1 - z) + root) if z <= 1 else ((z - 1) + root) / (2 * growth)
+    return math.log(y) - negative
+
+
 def _upcast(x: Tensor) -> Tensor:
     return x.to(_compute_dtype(x.dtype))
 

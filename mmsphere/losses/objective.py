@@ -63,11 +63,18 @@ class ObjectiveTerms:
     rows: Rows
     per_sample_rows: Tensor  # [r] contrastive losses of the rows this rank evaluated, with graph
     regularizers: dict[str, Tensor]  # the other active terms' values (before their weights), with graph
+    weight_input_rows: Tensor | None = None  # [r] what a weighting network reads, detached (the contrastive term's)
 
     @property
     def per_sample(self) -> Tensor:
         """[n] contrastive losses of this process's samples, with graph (what sample weights act on)."""
         return self.per_sample_rows[self.rows.local]
+
+    @property
+    def weight_input(self) -> Tensor:
+        """[n] what a sample-weighting network reads of this process's samples (``Term.weight_input``), detached."""
+        rows = self.per_sample_rows if self.weight_input_rows is None else self.weight_input_rows
+        return rows[self.rows.local].detach()
 
 
 class Objective(nn.Module):
@@ -87,6 +94,7 @@ class Objective(nn.Module):
         self.term_weights = {term.name: term.weight for term in self.resolved}
         self.contrastive = next(term.name for term in self.resolved if term.term_class.contrastive)
         self.needs_logit_bias = any(type(term).needs_logit_bias for term in self.terms.values())
+        self.needs_feature_norms = any(term.needs_feature_norms for term in self.terms.values())
 
     def contrastive_only(self) -> Objective:
         """The objective of the contrastive term alone, weight 1 (what the meta step differentiates)."""
@@ -104,6 +112,9 @@ class Objective(nn.Module):
         sample_weights: SampleWeights = None,
         weight_normalize: str = "mean",
         seed: int | None = None,
+        step: int | None = None,
+        image_norms: Tensor | None = None,
+        text_norms: Tensor | None = None,
     ) -> ObjectiveOutput:
         """Evaluate every active term on the (gathered) batch and reduce with the sample weights.
 
@@ -112,15 +123,19 @@ class Objective(nn.Module):
         samples of one group are positives of each other (``loss.positives: group``). sample_weights:
         the weights v_i of this process's samples, a tensor [n] or a callable mapping the detached
         local per-sample losses [n] to them (None: all 1); they may carry gradient. seed: of the
-        random draws (None: fresh entropy, shared by all ranks). Under torch.distributed every rank
-        must make the same calls: the objective gathers.
+        random draws (None: fresh entropy, shared by all ranks). step: the training step, the same on
+        every rank (for terms with a schedule; None outside training). image_norms, text_norms: [n]
+        the features' norms before L2 normalisation (the model's outputs of those names; needed by
+        terms that declare ``needs_feature_norms``). Under torch.distributed every rank must make the
+        same calls: the objective gathers.
         """
         _check_weights(sample_weights, image_features, weight_normalize)
         evaluated = self.evaluate(image_features, text_features, logit_scale, logit_bias=logit_bias,
-                                  group_ids=group_ids, seed=seed)
+                                  group_ids=group_ids, seed=seed, step=step, image_norms=image_norms,
+                                  text_norms=text_norms)
         weights = sample_weights
         if callable(sample_weights):
-            weights = sample_weights(evaluated.per_sample.detach())
+            weights = sample_weights(evaluated.weight_input)
             if not isinstance(weights, Tensor) or weights.shape != evaluated.per_sample.shape:
                 shape = list(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
                 raise ValueError(f"sample_weights returned shape {shape}, expected [n] = "
@@ -136,9 +151,25 @@ class Objective(nn.Module):
         logit_bias: float | Tensor | None = None,
         group_ids: Tensor | None = None,
         seed: int | None = None,
+        step: int | None = None,
+        image_norms: Tensor | None = None,
+        text_norms: Tensor | None = None,
     ) -> ObjectiveTerms:
-        """The per-sample contrastive losses (unreduced) and the other terms' values."""
+        """The per-sample contrastive losses (unreduced) and the other terms' values (arguments as :meth:`forward`)."""
         _check_inputs(image_features, text_features, logit_scale, seed)
+        if step is not None and (not isinstance(step, (int, np.integer)) or step < 0):
+            raise ValueError(f"step={step!r} must be an integer >= 0 or None")
+        norms = None
+        if self.needs_feature_norms:
+            if image_norms is None or text_norms is None:
+                raise ValueError(f"loss term {self.contrastive!r} with these options needs the features' norms "
+                                 f"before L2 normalisation: pass image_norms and text_norms (the dual encoder's "
+                                 f"outputs of those names)")
+            for name, value in (("image_norms", image_norms), ("text_norms", text_norms)):
+                if not isinstance(value, Tensor) or value.shape != image_features.shape[:1]:
+                    shape = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"{name} must be a tensor of shape [n] = [{image_features.shape[0]}], got {shape}")
+            norms = (image_norms, text_norms)
         if self.needs_logit_bias and logit_bias is None:
             raise ValueError(f"loss term {self.contrastive!r} needs logit_bias (the model's learnable SigLIP bias); "
                              f"set model.init_logit_bias")
@@ -149,18 +180,24 @@ class Objective(nn.Module):
         device = image_features.device
         # the pairwise math runs in fp32 or fp64 even inside an autocast region (see functional.py)
         with torch.autocast(device_type=device.type, enabled=False):
-            rows = self._gather(image_features, text_features)
+            rows, gathered_norms = self._gather(image_features, text_features, norms)
             rng = np.random.default_rng(distributed.shared_seed(seed, device))
             draws = {name: term.draw(rng, rows.total) for name, term in self.terms.items()}
             scale = _as_scale(logit_scale, rows.image)
             bias = None if logit_bias is None else torch.as_tensor(logit_bias, dtype=scale.dtype, device=device)
             if group_ids is not None and len(rows.sizes) > 1:
                 group_ids = distributed.all_gather_no_grad(group_ids.to(device), rows.sizes)
-            context = TermContext(rows, scale, image_features.dtype, draws, bias, group_ids)
-            per_sample_rows = self.terms[self.contrastive].forward(context)
+            context = TermContext(rows, scale, image_features.dtype, draws, bias, group_ids, step=step,
+                                  image_norms=gathered_norms[0], text_norms=gathered_norms[1])
+            contrastive = self.terms[self.contrastive]
+            per_sample_rows = contrastive.forward(context)
             regularizers = {name: term.forward(context) for name, term in self.terms.items()
                             if name != self.contrastive}
-        return ObjectiveTerms(rows, per_sample_rows, regularizers)
+            weight_input_rows = None
+            if type(contrastive).weight_input is not Term.weight_input:
+                with torch.no_grad():
+                    weight_input_rows = contrastive.weight_input(context, per_sample_rows)
+        return ObjectiveTerms(rows, per_sample_rows, regularizers, weight_input_rows)
 
     def reduce(self, evaluated: ObjectiveTerms, sample_weights: Tensor | None = None,
                weight_normalize: str = "mean") -> ObjectiveOutput:
@@ -183,24 +220,46 @@ class Objective(nn.Module):
 
     # ----------------------------------------------------------------------------------------
 
-    def _gather(self, image_features: Tensor, text_features: Tensor) -> Rows:
+    def _gather(self, image_features: Tensor, text_features: Tensor,
+                norms: tuple[Tensor, Tensor] | None) -> tuple[Rows, tuple[Tensor | None, Tensor | None]]:
+        """This rank's rows and the whole batch's columns; with ``norms``, the whole batch's norms [N] too.
+
+        The norms travel through the same gather as the features (as a column beside them), so a
+        term reading them gets the same gradients in every mode and process count.
+        """
         rank, world_size = distributed.world_info()
         local_image, local_text = _upcast(image_features), _upcast(text_features)
+        local_norms = None if norms is None else tuple(_upcast(value).to(local_image.dtype) for value in norms)
         if world_size == 1:
-            return Rows(local_image, local_text, local_image, local_text, 0, [image_features.shape[0]], 0, True)
+            rows = Rows(local_image, local_text, local_image, local_text, 0, [image_features.shape[0]], 0, True)
+            return rows, local_norms or (None, None)
         sizes = distributed.gather_sizes(image_features.shape[0], image_features.device)
+        width = local_image.shape[1]
+        if local_norms is not None:
+            # one gather per modality: the norm rides as an extra column of the features
+            local_image_ext = torch.cat([local_image, local_norms[0][:, None]], dim=1)
+            local_text_ext = torch.cat([local_text, local_norms[1][:, None]], dim=1)
+        else:
+            local_image_ext, local_text_ext = local_image, local_text
         if self.config.gather_with_grad:
-            all_image = distributed.all_gather_with_grad(local_image, sizes)
-            all_text = distributed.all_gather_with_grad(local_text, sizes)
+            all_image = distributed.all_gather_with_grad(local_image_ext, sizes)
+            all_text = distributed.all_gather_with_grad(local_text_ext, sizes)
         else:
             # Global mode only (checked in __init__): every rank holds the whole loss, so the local
             # rows' gradient is complete without backward traffic; the factor undoes the averaging
             # over ranks that DDP applies to parameter gradients.
-            all_image = distributed.all_gather_local_grad(distributed.scale_gradient(local_image, world_size), sizes)
-            all_text = distributed.all_gather_local_grad(distributed.scale_gradient(local_text, world_size), sizes)
+            all_image = distributed.all_gather_local_grad(distributed.scale_gradient(local_image_ext, world_size),
+                                                          sizes)
+            all_text = distributed.all_gather_local_grad(distributed.scale_gradient(local_text_ext, world_size),
+                                                         sizes)
+        gathered_norms: tuple[Tensor | None, Tensor | None] = (None, None)
+        if local_norms is not None:
+            gathered_norms = (all_image[:, width], all_text[:, width])
+            all_image, all_text = all_image[:, :width], all_text[:, :width]
         if self.config.local_loss:
-            return Rows(local_image, local_text, all_image, all_text, sum(sizes[:rank]), sizes, rank, False)
-        return Rows(all_image, all_text, all_image, all_text, 0, sizes, rank, True)
+            return Rows(local_image, local_text, all_image, all_text, sum(sizes[:rank]), sizes, rank, False), \
+                gathered_norms
+        return Rows(all_image, all_text, all_image, all_text, 0, sizes, rank, True), gathered_norms
 
 
 # --------------------------------------------------------------------------------------------

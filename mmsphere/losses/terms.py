@@ -45,7 +45,8 @@ from torch import Tensor
 
 from mmsphere.errors import ConfigError
 from mmsphere.models.config import ModelConfig
-from mmsphere.losses.numerics import _as_scale, _check_pair, _margin_cosine, _positive_mask, _slerp_weights, _upcast
+from mmsphere.losses.numerics import (_as_scale, _check_pair, _margin_cosine, _positive_mask, _slerp_weights, _upcast,
+                                      row_loss_bias)
 
 __all__ = ["Term", "TermOptions", "TermContext", "TERMS", "register_term", "resolve_terms", "ResolvedTerm",
            "evaluate_on_batch"]
@@ -72,14 +73,27 @@ class Term(abc.ABC):
     default_weight: ClassVar[float] = 1.0
     contrastive: ClassVar[bool] = False  # returns per-sample losses [n] that sample weights act on
     needs_logit_bias: ClassVar[bool] = False
+    # reads context.image_norms / text_norms (the features' norms before L2 normalisation); a property
+    # where it depends on the options
+    needs_feature_norms: ClassVar[bool] = False
     # model.<field> -> the value this term starts it at when the config leaves the field unset (null):
     # how the model state it needs is created (``init_logit_bias``) or where it starts (``init_logit_scale``);
-    # an explicit setting wins. A needed bias with no default here must be set in the config.
+    # an explicit setting wins. Starts that depend on the batch or the scale: override model_starts.
     model_defaults: ClassVar[dict[str, float]] = {}
     Options: ClassVar[type[TermOptions]] = TermOptions
 
     def __init__(self, options: TermOptions) -> None:
         self.options = options
+
+    @classmethod
+    def model_starts(cls, options: TermOptions, *, batch_size: int, logit_scale: float) -> dict[str, float]:
+        """model.<field> -> this term's start for it, for a global batch of ``batch_size`` and the initial multiplier.
+
+        ``logit_scale`` is the multiplier s the model starts at (not its log). A term that needs the
+        logit bias declares its start here (e.g. the minimiser of its row loss at the initial
+        angles); one that declares none makes the config set ``model.init_logit_bias``.
+        """
+        return dict(cls.model_defaults)
 
     def draw(self, rng: np.random.Generator, batch_size: int) -> Any:
         """This term's random draws for one call (the same on every rank); None when it has none."""
@@ -88,6 +102,14 @@ class Term(abc.ABC):
     @abc.abstractmethod
     def forward(self, context: TermContext) -> Tensor:
         """Per-sample losses of this rank's rows [r] (contrastive), else the scalar value."""
+
+    def weight_input(self, context: TermContext, per_sample: Tensor) -> Tensor:
+        """What a sample-weighting network reads of each row [r], detached: the per-sample loss itself.
+
+        A contrastive term whose per-sample values are not losses on a common scale (SFace's can be
+        negative and scale with its fixed s) returns another per-sample difficulty here.
+        """
+        return per_sample.detach()
 
 
 TERMS: dict[str, type[Term]] = {}
@@ -220,13 +242,20 @@ class TermContext:
     """The shared inputs of one objective call; each matrix is built on first use and kept."""
 
     def __init__(self, rows: Rows, scale: Tensor, input_dtype: torch.dtype, draws: dict[str, Any],
-                 logit_bias: Tensor | None = None, group_ids: Tensor | None = None) -> None:
+                 logit_bias: Tensor | None = None, group_ids: Tensor | None = None, *, step: int | None = None,
+                 image_norms: Tensor | None = None, text_norms: Tensor | None = None) -> None:
         self.rows = rows
         self.scale = scale  # the logit multiplier s
         self.input_dtype = input_dtype  # of the features before upcasting (sets the arccos clamp)
         self.draws = draws  # term name -> its draw
         self.logit_bias = logit_bias
         self.group_ids = group_ids  # [N] of the whole batch, or None: every sample its own group
+        # the training step (the same on every rank; None outside training), for schedules
+        self.step = step
+        # [N] norms of the whole batch's features before L2 normalisation, gathered with their gradient
+        # like the features; passed only when a term declares needs_feature_norms
+        self.image_norms = image_norms
+        self.text_norms = text_norms
 
     @property
     def offset(self) -> int:
@@ -385,10 +414,20 @@ class Siglip(Term):
     description = "pairwise sigmoid loss with optional angular margin (SigLIP, ICCV'23)"
     contrastive = True
     needs_logit_bias = True
-    # open_clip's start for SigLIP (open_clip_train --siglip, as in the paper): b = −10, s = 10; a
-    # pretrained checkpoint's own logit_scale (and logit_bias, if it has one) replaces them
-    model_defaults = {"init_logit_bias": -10.0, "init_logit_scale": math.log(10.0)}
+    # open_clip's start for SigLIP's scale (open_clip_train --siglip, as in the paper): s = 10; the bias
+    # at its row loss's minimiser (model_starts); a pretrained checkpoint's own values replace them
+    model_defaults = {"init_logit_scale": math.log(10.0)}
     Options = SiglipOptions
+
+    @classmethod
+    def model_starts(cls, options: TermOptions, *, batch_size: int, logit_scale: float) -> dict[str, float]:
+        """s = 10 and b minimising the row loss of B candidates at θ = π/2: ``−log(B − 1)`` without margin.
+
+        The paper's b = −10 is this minimiser at B ≈ 22k; at fine-tuning batch sizes −10 would start
+        every positive near σ = 0 and spend the first steps moving b.
+        """
+        positive = logit_scale * math.sin(options.margin)  # s·cos(π/2 − m)
+        return {**cls.model_defaults, "init_logit_bias": row_loss_bias(batch_size, 0.5, positive, 0.0)}
 
     def forward(self, context: TermContext) -> Tensor:
         # log σ(z·L) = log σ(−L) + [z = +1]·L, since log σ(x) − log σ(−x) = x: one logsigmoid over the

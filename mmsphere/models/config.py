@@ -33,9 +33,10 @@ class ModelConfig:
     text_lr: float | None = None
     gradient_checkpointing: bool = False
     # the starts of the learnable logit bias b (created only when set) and of log s, open_clip's
-    # init_logit_bias / init_logit_scale; null = the loss terms' defaults (siglip: b = -10, log s =
-    # ln 10, open_clip's SigLIP start), else no bias and open_clip's ln(1/0.07). A pretrained
-    # checkpoint's own values replace them.
+    # init_logit_bias / init_logit_scale; null = the loss terms' starts (siglip: log s = ln 10,
+    # open_clip's SigLIP start, and b at its row loss's minimiser for the global batch, −log(B − 1);
+    # sphereface2 likewise), else no bias and open_clip's ln(1/0.07). A pretrained checkpoint's own
+    # values replace them.
     init_logit_bias: float | None = None
     init_logit_scale: float | None = None
 

@@ -91,22 +91,31 @@ class DualEncoder(nn.Module):
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, L]`` (``L`` = context length) -> unit-norm text features ``[B, D]``."""
+        return _normalize(self._text_unnormalized(text))
+
+    def _text_unnormalized(self, text: torch.Tensor) -> torch.Tensor:
         self._check_text(text)
-        return _normalize(self.clip.encode_text(text))
+        return self.clip.encode_text(text)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` -> unit-norm image features ``[B, D]``; bypasses the temporal head."""
+        return _normalize(self._image_unnormalized(images))
+
+    def _image_unnormalized(self, images: torch.Tensor) -> torch.Tensor:
         self._check_images(images, "images", expected_dim=4)
-        return _normalize(self.clip.encode_image(images))
+        return self.clip.encode_image(images)
 
     def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Frames ``[B, T, 3, H, W]`` with ``frame_mask [B, T]`` (None = all valid) -> unit-norm ``[B, D]``."""
+        return _normalize(self._video_unnormalized(frames, frame_mask))
+
+    def _video_unnormalized(self, frames: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
         self._check_images(frames, "frames", expected_dim=5)
         batch, length = frames.shape[:2]
         frame_mask = self._checked_frame_mask(frame_mask, frames)
         frame_features = self.clip.encode_image(frames.flatten(0, 1))
         frame_features = _normalize(frame_features).view(batch, length, -1)
-        return _normalize(self.temporal(frame_features, frame_mask))
+        return self.temporal(frame_features, frame_mask)
 
     def encode_visual(
         self,
@@ -118,14 +127,17 @@ class DualEncoder(nn.Module):
         frame_trunk: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Unit-norm features ``[B, D]`` of one visual input: the keyword arguments of ``Batch.media_inputs()``."""
+        return _normalize(self._visual_unnormalized(images, frames, frame_mask, image_trunk, frame_trunk))
+
+    def _visual_unnormalized(self, images, frames, frame_mask, image_trunk, frame_trunk) -> torch.Tensor:
         if images is not None:
-            return self.encode_image(images)
+            return self._image_unnormalized(images)
         if frames is not None:
-            return self.encode_video(frames, frame_mask)
+            return self._video_unnormalized(frames, frame_mask)
         if image_trunk is not None:
-            return self.encode_image_trunk(image_trunk)
+            return self._apply_head("image", image_trunk)
         if frame_trunk is not None:
-            return self.encode_video_trunk(frame_trunk, frame_mask)
+            return self._video_trunk_unnormalized(frame_trunk, frame_mask)
         raise ValueError("pass one of images [B, 3, H, W], frames [B, T, 3, H, W], image_trunk or frame_trunk")
 
     def forward(
@@ -162,11 +174,15 @@ class DualEncoder(nn.Module):
                 f"{'text' if text is not None else 'text_trunk'} of shape {tuple(textual.shape)} and {visual_name} "
                 f"of shape {tuple(visual.shape)} must hold the same number of samples"
             )
+        visual = self._visual_unnormalized(images, frames, frame_mask, image_trunk, frame_trunk)
+        textual = self._text_unnormalized(text) if text is not None else self._apply_head("text", text_trunk)
         outputs = {
-            "image_features": self.encode_visual(images=images, frames=frames, frame_mask=frame_mask,
-                                                 image_trunk=image_trunk, frame_trunk=frame_trunk),
-            "text_features": self.encode_text(text) if text is not None else self.encode_text_trunk(text_trunk),
+            "image_features": _normalize(visual),
+            "text_features": _normalize(textual),
             "logit_scale": self.clip.logit_scale.exp(),
+            # the norms before L2 normalisation (SphereFace-R's "none"/"soft" scale rows by them)
+            "image_norms": _norms(visual),
+            "text_norms": _norms(textual),
         }
         if getattr(self.clip, "logit_bias", None) is not None:
             # SigLIP's learnable bias (model.init_logit_bias); a computed tensor like logit_scale, not the
@@ -197,12 +213,15 @@ class DualEncoder(nn.Module):
 
     def encode_video_trunk(self, frame_trunk: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Frame trunk features ``[B, T, ...]`` with ``frame_mask [B, T]`` -> unit-norm ``[B, D]``."""
+        return _normalize(self._video_trunk_unnormalized(frame_trunk, frame_mask))
+
+    def _video_trunk_unnormalized(self, frame_trunk: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
         if frame_trunk.ndim < 3:
             raise ValueError(f"frame_trunk must have shape [B, T, ...], got {tuple(frame_trunk.shape)}")
         batch, length = frame_trunk.shape[:2]
         frame_mask = self._checked_frame_mask(frame_mask, frame_trunk)
         frame_features = _normalize(self._apply_head("image", frame_trunk.flatten(0, 1))).view(batch, length, -1)
-        return _normalize(self.temporal(frame_features, frame_mask))
+        return self.temporal(frame_features, frame_mask)
 
     def encode_text_trunk(self, text_trunk: torch.Tensor) -> torch.Tensor:
         """Text trunk features ``[B, ...]`` -> unit-norm text features ``[B, D]`` (the head only)."""
@@ -382,6 +401,13 @@ def _normalize(features: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(features.dtype, torch.float32)
     with torch.autocast(device_type=features.device.type, enabled=False):
         return F.normalize(features.to(dtype), dim=-1)
+
+
+def _norms(features: torch.Tensor) -> torch.Tensor:
+    """Row norms ``[B]`` in at least fp32 (with gradient), also inside an autocast region."""
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return torch.linalg.vector_norm(features.to(dtype), dim=-1)
 
 
 def _under(name: str, prefix: str) -> bool:

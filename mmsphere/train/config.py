@@ -8,9 +8,12 @@ that sees all of them, with the checks that involve more than one section (ARCHI
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mmsphere.config import build_config, read_config, require
 from mmsphere.data.config import DataConfig
@@ -24,6 +27,10 @@ from mmsphere.weighting.config import MetaConfig
 __all__ = ["TrainConfig", "Config", "load_config", "config_from_dict"]
 
 logger = logging.getLogger(__name__)
+
+# the model fields a loss term may start (open_clip's init_* arguments), and open_clip's CLIP start of log s
+_MODEL_STARTS = ("init_logit_bias", "init_logit_scale")
+OPEN_CLIP_LOG_SCALE = math.log(1 / 0.07)
 
 
 @dataclass
@@ -89,12 +96,12 @@ class Config:
         require(data.frames <= model.max_frames or not bounded,
                 f"data.frames={data.frames} exceeds model.max_frames={model.max_frames}")
         resolved = resolve_terms(self.loss.terms)
-        if _fill_term_model_defaults(model, resolved):
+        if _fill_term_model_defaults(model, resolved, self.train.batch_size):
             model.validate()  # the starts a term chose obey the model's own bounds
         needs_bias = [term.name for term in resolved if TERMS[term.name].needs_logit_bias]
         require(not needs_bias or model.init_logit_bias is not None,
                 f"loss.terms.{needs_bias[0] if needs_bias else ''} needs a learnable logit bias: set "
-                f"model.init_logit_bias (SigLIP starts at -10, with the logit scale at 10)")
+                f"model.init_logit_bias (the term declares no start for it)")
         if self.meta.enabled:
             require(data.meta is not None, "meta.enabled=true needs data.meta (the clean meta set's shards)")
 
@@ -109,27 +116,42 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return build_config(Config, raw)
 
 
-def _fill_term_model_defaults(model: ModelConfig, resolved: list[ResolvedTerm]) -> bool:
-    """Set the ``model.<field>`` values the config leaves null to the loss terms' ``model_defaults``; log it.
+def _fill_term_model_defaults(model: ModelConfig, resolved: list[ResolvedTerm], batch_size: int) -> bool:
+    """Set the ``model.<field>`` values the config leaves null to the loss terms' starts; log it.
 
-    Returns whether any field was set.
+    The scale first, since a term's bias start may depend on it (``Term.model_starts``); the batch
+    is the global one. Values are rounded to the float32 the model stores. Returns whether any was set.
     """
     chosen: dict[str, tuple[float, str]] = {}
+
+    def choose(key: str, value: float, term: str) -> None:
+        if key not in _MODEL_STARTS:
+            raise ConfigError(f"loss.terms.{term} declares a start for model.{key}, which is not one of "
+                              f"{', '.join(_MODEL_STARTS)}")
+        if getattr(model, key) is not None:
+            return
+        value = float(np.float32(value))
+        if key in chosen and chosen[key][0] != value:
+            raise ConfigError(f"loss.terms.{chosen[key][1]} starts model.{key} at {chosen[key][0]:g}, "
+                              f"loss.terms.{term} at {value:g}: set model.{key}")
+        chosen.setdefault(key, (value, term))
+
     for term in resolved:
-        for key, value in term.term_class.model_defaults.items():
-            if getattr(model, key) is not None:
-                continue
-            if key in chosen and chosen[key][0] != value:
-                raise ConfigError(f"loss.terms.{chosen[key][1]} starts model.{key} at {chosen[key][0]:g}, "
-                                  f"loss.terms.{term.name} at {value:g}: set model.{key}")
-            chosen.setdefault(key, (float(value), term.name))
+        if "init_logit_scale" in term.term_class.model_defaults:
+            choose("init_logit_scale", term.term_class.model_defaults["init_logit_scale"], term.name)
+    log_scale = model.init_logit_scale if model.init_logit_scale is not None else chosen.get(
+        "init_logit_scale", (OPEN_CLIP_LOG_SCALE, ""))[0]
+    for term in resolved:
+        starts = term.term_class.model_starts(term.options, batch_size=batch_size, logit_scale=math.exp(log_scale))
+        for key, value in starts.items():
+            choose(key, value, term.name)
     filled: dict[str, list[str]] = {}
     for key, (value, term) in chosen.items():
         setattr(model, key, value)
         filled.setdefault(term, []).append(f"model.{key}={value:.4g}")
     for term, settings in filled.items():
-        logger.info("unset in the config, so at loss.terms.%s's defaults: %s (set them to override)",
-                    term, ", ".join(settings))
+        logger.info("unset in the config, so at loss.terms.%s's starts for a global batch of %d: %s (set them to "
+                    "override)", term, batch_size, ", ".join(settings))
     return bool(chosen)
 
 

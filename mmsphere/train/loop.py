@@ -104,9 +104,7 @@ def _train(config: Config, stack: contextlib.ExitStack) -> dict[str, Any]:
         meta_batch = None
         if meta_batches is not None and run.step % config.meta.interval == 0:
             meta_batch = next(meta_batches)[1].to(run.accelerator.device)
-        # the same draws on every rank and every micro-batch
-        outcome = optimization_step(task, batch, optimizer, meta_batch=meta_batch,
-                                    seed=config.seed * 1_000_003 + run.step)
+        outcome = optimization_step(task, batch, optimizer, meta_batch=meta_batch, step=run.step)
         if not _count_step(run, outcome):
             continue
         progress.update(1)

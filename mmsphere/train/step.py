@@ -30,16 +30,16 @@ class StepResult:
 
 
 def optimization_step(task: Task, batch: Batch, optimizer: torch.optim.Optimizer, meta_batch: Batch | None = None,
-                      *, seed: int = 0) -> StepResult:
-    """One step on this process's share of the global batch; ``seed``: the objective's draws (same on every rank).
+                      *, step: int = 0) -> StepResult:
+    """Training step ``step`` on this process's share of the global batch (``step`` fixes the draws and schedules).
 
     With a meta weighting and ``meta_batch``, a meta iteration of the WeightNet runs first.
     """
     batch = batch.to(task.device)
-    meta = task.meta_step(batch, meta_batch.to(task.device), optimizer) if meta_batch is not None else None
+    meta = task.meta_step(batch, meta_batch.to(task.device), optimizer, step=step) if meta_batch is not None else None
     statistics = running_statistics(task.network)
     saved = {name: buffer.clone() for name, buffer in statistics.items()}
-    output = task.forward_backward(batch, seed=seed)
+    output = task.forward_backward(batch, step=step)
     if not finite_everywhere(output.loss):
         optimizer.zero_grad(set_to_none=True)
         # the skipped forward already folded its (non-finite) batch statistics into BatchNorm

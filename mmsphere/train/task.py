@@ -39,7 +39,7 @@ class Task:
     def __init__(self, network: torch.nn.Module, objective: Objective, accelerator: Accelerator, *,
                  model: torch.nn.Module | None = None, weighting: MetaWeighting | None = None, scheduler=None,
                  accum_freq: int = 1, grad_clip: float | None = None, normalize: str = "mean",
-                 virtual_lr: float | None = None) -> None:
+                 virtual_lr: float | None = None, seed: int = 0) -> None:
         self.network = network
         self.model = model if model is not None else network
         self.objective = objective
@@ -50,6 +50,7 @@ class Task:
         self.grad_clip = grad_clip
         self.normalize = normalize
         self.virtual_lr = virtual_lr
+        self.seed = seed  # the run's seed: with the step, it fixes the objective's random draws
 
     @classmethod
     def from_config(cls, config: Config, network: torch.nn.Module, accelerator: Accelerator, *,
@@ -59,26 +60,33 @@ class Task:
         return cls(network, objective if objective is not None else Objective(config.loss), accelerator,
                    model=model, weighting=weighting, scheduler=scheduler, accum_freq=config.train.accum_freq,
                    grad_clip=config.train.grad_clip, normalize=config.meta.normalize,
-                   virtual_lr=config.meta.virtual_lr)
+                   virtual_lr=config.meta.virtual_lr, seed=config.seed)
 
     @property
     def device(self) -> torch.device:
         """Where the batches go: the accelerator's device."""
         return self.accelerator.device
 
-    def __call__(self, batch: Batch, *, seed: int = 0) -> ObjectiveOutput:
-        """The batch's objective: features -> terms -> per-sample weights -> reduced loss (forward only, autocast)."""
+    def draw_seed(self, step: int) -> int:
+        """The seed of the objective's random draws at ``step``: the same on every rank and micro-batch."""
+        return self.seed * 1_000_003 + step
+
+    def __call__(self, batch: Batch, *, step: int = 0) -> ObjectiveOutput:
+        """The batch's objective at training step ``step``: features -> terms -> per-sample weights -> reduced loss.
+
+        Forward only, under autocast; ``step`` fixes the random draws and any term's schedule.
+        """
         with self.accelerator.autocast():
-            return self.weighted_loss(self.model(**batch.encoder_inputs()), batch.group_ids, seed)
+            return self.weighted_loss(self.model(**batch.encoder_inputs()), batch.group_ids, step)
 
     def weighted_loss(self, features: Mapping[str, torch.Tensor], group_ids: torch.Tensor | None,
-                      seed: int) -> ObjectiveOutput:
+                      step: int) -> ObjectiveOutput:
         """The objective's per-sample losses on ``features``, weighted by the WeightNet (if any) and reduced."""
-        evaluated = self.objective.evaluate(**features, group_ids=group_ids, seed=seed)
-        weights = self.weighting.weights(evaluated.per_sample) if self.weighting is not None else None
+        evaluated = self.objective.evaluate(**features, group_ids=group_ids, seed=self.draw_seed(step), step=step)
+        weights = self.weighting.weights(evaluated.weight_input) if self.weighting is not None else None
         return self.objective.reduce(evaluated, weights, self.normalize)
 
-    def forward_backward(self, batch: Batch, *, seed: int = 0) -> ObjectiveOutput:
+    def forward_backward(self, batch: Batch, *, step: int = 0) -> ObjectiveOutput:
         """Forward and backward of this process's share of the global batch (no backward when the loss is not finite).
 
         With ``accum_freq > 1`` the features of every micro-batch are first computed without grad and
@@ -88,7 +96,7 @@ class Task:
         """
         accelerator = self.accelerator
         if self.accum_freq == 1:
-            result = self(batch, seed=seed)
+            result = self(batch, step=step)
             if finite_everywhere(result.loss):
                 accelerator.backward(result.loss)
             return result
@@ -104,19 +112,20 @@ class Task:
                     outputs = self.model(**micro)
                     features = {name: torch.cat([out[name] for out in cached[:index]] + [outputs[name]]
                                                 + [out[name] for out in cached[index + 1:]])
-                                for name in ("image_features", "text_features")}
+                                for name in ("image_features", "text_features", "image_norms", "text_norms")
+                                if name in outputs}
                     for name in ("logit_scale", "logit_bias"):
                         if name in outputs:
                             features[name] = outputs[name] if index == 0 else outputs[name].detach()
-                    micro_result = self.weighted_loss(features, batch.group_ids, seed)
+                    micro_result = self.weighted_loss(features, batch.group_ids, step)
                 if not finite_everywhere(micro_result.loss):
                     return micro_result
                 accelerator.backward(micro_result.loss)
             result = result or micro_result
         return result
 
-    def meta_step(self, batch: Batch, meta_batch: Batch,
-                  optimizer: torch.optim.Optimizer | None = None) -> MetaStepResult | None:
+    def meta_step(self, batch: Batch, meta_batch: Batch, optimizer: torch.optim.Optimizer | None = None, *,
+                  step: int = 0) -> MetaStepResult | None:
         """One meta iteration of the WeightNet on ``batch`` (virtual step) and ``meta_batch`` (meta loss); None without one.
 
         The virtual step takes ``virtual_lr`` when set, else each parameter's current rate in ``optimizer``.
@@ -127,7 +136,8 @@ class Task:
             raise ValueError("meta_step: without meta.virtual_lr the optimizer's group rates are needed")
         rates = self.virtual_lr or self.weighting.group_rates(optimizer)
         return self.weighting.meta_step(batch.encoder_inputs(), meta_batch.encoder_inputs(), virtual_lr=rates,
-                                        train_group_ids=batch.group_ids, meta_group_ids=meta_batch.group_ids)
+                                        train_group_ids=batch.group_ids, meta_group_ids=meta_batch.group_ids,
+                                        step=step)
 
     def clip_gradients(self) -> None:
         """Clip the gradients to ``grad_clip`` in global norm (if set)."""

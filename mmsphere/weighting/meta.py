@@ -49,7 +49,7 @@ class ContrastiveObjective(Protocol):
 
     def evaluate(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                  **extras: Any) -> Any:
-        """Unreduced terms with ``.per_sample`` [n], the local per-sample losses."""
+        """Unreduced terms with ``.per_sample`` [n], the local per-sample losses, and ``.weight_input`` [n]."""
 
     def reduce(self, evaluated: Any, sample_weights: torch.Tensor | None, weight_normalize: str) -> Any:
         """The reduced output with ``.loss``."""
@@ -79,6 +79,7 @@ def meta_step(
     normalize: str = "mean",
     train_group_ids: torch.Tensor | None = None,
     meta_group_ids: torch.Tensor | None = None,
+    step: int | None = None,
 ) -> MetaStepResult:
     """Update ``weight_net`` by one second-order meta step; the model's parameters and buffers are untouched.
 
@@ -89,6 +90,7 @@ def meta_step(
     ``virtual_lr``: one rate for every parameter, or one per parameter name (each parameter's own
     optimiser group's current rate). ``gradient``: ``"jvp"`` (exact, first-order passes and one
     forward-mode pass) or ``"second_order"`` (differentiating through the virtual step, the reference).
+    ``step``: the training step, passed to the objective (terms with a schedule see the real step's value).
     """
     if gradient not in META_GRADIENTS:
         raise ValueError(f"meta_step: gradient={gradient!r} must be one of {', '.join(META_GRADIENTS)}")
@@ -110,7 +112,7 @@ def meta_step(
     # fused attention kernels have no double backward; the math kernel does
     with _plain_forward(model), torch.autocast(device_type=device.type, enabled=False), \
             sdpa_kernel(SDPBackend.MATH), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        losses = _Losses(objective, normalize, train_group_ids, meta_group_ids)
+        losses = _Losses(objective, normalize, train_group_ids, meta_group_ids, step)
         return _meta_step(model, losses, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual, rates,
                           gradient)
 
@@ -118,18 +120,20 @@ def meta_step(
 class _Losses:
     """The virtual (weighted) and meta (unweighted) losses of the objective on model outputs."""
 
-    def __init__(self, objective: ContrastiveObjective, normalize: str, train_group_ids, meta_group_ids) -> None:
+    def __init__(self, objective: ContrastiveObjective, normalize: str, train_group_ids, meta_group_ids,
+                 step: int | None = None) -> None:
         self.objective = objective
+        self.step = step
         self.normalize = normalize
         self.train_group_ids = train_group_ids
         self.meta_group_ids = meta_group_ids
 
     def virtual(self, outputs: dict[str, torch.Tensor], weigh: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        evaluated = self.objective.evaluate(**outputs, group_ids=self.train_group_ids)
-        return self.objective.reduce(evaluated, weigh(evaluated.per_sample.detach()), self.normalize).loss
+        evaluated = self.objective.evaluate(**outputs, group_ids=self.train_group_ids, step=self.step)
+        return self.objective.reduce(evaluated, weigh(evaluated.weight_input), self.normalize).loss
 
     def meta(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        evaluated = self.objective.evaluate(**outputs, group_ids=self.meta_group_ids)
+        evaluated = self.objective.evaluate(**outputs, group_ids=self.meta_group_ids, step=self.step)
         return self.objective.reduce(evaluated, None, self.normalize).loss
 
 

@@ -30,7 +30,11 @@ class MetaWeighting:
         self.parameter_names = network.meta_parameter_names(config.meta.params, config.meta.last_blocks)
 
     def weights(self, per_sample: torch.Tensor) -> torch.Tensor:
-        """Weights of the real step: ``V(ℓ.detach(); Θ)`` [n], with no gradient into Θ."""
+        """Weights of the real step: ``V(ℓ.detach(); Θ)`` [n], with no gradient into Θ.
+
+        ``per_sample``: what the WeightNet reads, the objective's ``weight_input`` (the per-sample
+        losses, or the contrastive term's own difficulty, e.g. SFace's plain cross-entropy).
+        """
         with torch.no_grad():
             weights = self.weight_net(per_sample.detach().float())
         return weights.to(per_sample.dtype)
@@ -43,12 +47,12 @@ class MetaWeighting:
 
     def meta_step(self, train_inputs: dict[str, torch.Tensor], meta_inputs: dict[str, torch.Tensor], *,
                   virtual_lr: float | dict[str, float], train_group_ids: torch.Tensor | None = None,
-                  meta_group_ids: torch.Tensor | None = None) -> MetaStepResult:
+                  meta_group_ids: torch.Tensor | None = None, step: int | None = None) -> MetaStepResult:
         """One meta iteration (``meta.gradient``), in fp32 outside autocast: the meta-gradient is sensitive to rounding."""
         return meta_step(self.network, self.objective, self.weight_net, self.optimizer, train_inputs, meta_inputs,
                          parameter_names=self.parameter_names, virtual_lr=virtual_lr,
                          gradient=self.config.meta.gradient, normalize=self.config.meta.normalize,
-                         train_group_ids=train_group_ids, meta_group_ids=meta_group_ids)
+                         train_group_ids=train_group_ids, meta_group_ids=meta_group_ids, step=step)
 
     def plot_curve(self, path: Path, max_loss: float) -> None:
         """Save the learned weighting curve ℓ → V(ℓ) as a PNG."""

@@ -25,11 +25,18 @@ from tqdm import tqdm
 from mmsphere.losses.config import LossConfig
 from mmsphere.losses import Objective, functional
 from mmsphere.losses.terms import TERMS
+from mmsphere.losses.margins import sphereface2_bias_init
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 BASELINE = "open_clip.ClipLoss"
 SIGLIP_BASELINE = "open_clip.SigLipLoss"
 FULL_TERMS = {"angular_margin": 1.0, "m2mix": 0.1, "calibrated_uniformity": 0.1, "cma": 0.001}
+# the margin family through the objective, as training runs it: defaults, plus the variants that do more work
+MARGIN_CASES = {
+    "cosface": {}, "arcface": {}, "sphereface_r (v1, hard, CGD)": {}, "sphereface_r (v0)": {"version": "v0"},
+    "sphereface_r (soft norms)": {"normalization": "soft"}, "cam_softmax": {}, "sface": {},
+    "sphereface2 (C)": {}, "sphereface2 (A, t=3)": {"variant": "A", "margin": 0.3, "t": 3.0},
+}
 
 
 def build_cases(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -64,6 +71,19 @@ def build_cases(image_features: torch.Tensor, text_features: torch.Tensor, logit
                 + FULL_TERMS["calibrated_uniformity"] * calibrated_uniformity_both()
                 + FULL_TERMS["cma"] * functional.cma_regularizer(img, txt, scale))
 
+    margin_objectives = {label: Objective(LossConfig(terms={label.split(" ")[0]: {"weight": 1.0, **options}}))
+                         for label, options in MARGIN_CASES.items()}
+    # norms that move with the features (what SphereFace-R's soft normalisation reads), and SphereFace2's bias start
+    norms = {"image_norms": img.detach().norm(dim=1) * 8 + img[:, 0], "text_norms": txt.detach().norm(dim=1) * 8
+             + txt[:, 0]}
+    margin_bias = torch.tensor(sphereface2_bias_init(img.shape[0], 0.7, 1.0, 0.1, float(scale.detach())), requires_grad=True)
+
+    def margin_case(label: str) -> Callable[[], torch.Tensor]:
+        objective = margin_objectives[label]
+        extras = {**(norms if objective.needs_feature_norms else {}),
+                  **({"logit_bias": margin_bias} if objective.needs_logit_bias else {})}
+        return lambda: objective(img, txt, scale, step=500, **extras).loss
+
     return {
         BASELINE: lambda: clip_baseline(img, txt, scale),
         "clip_loss": lambda: functional.clip_loss(img, txt, scale),
@@ -78,6 +98,7 @@ def build_cases(image_features: torch.Tensor, text_features: torch.Tensor, logit
         "siglip_loss": lambda: functional.siglip_loss(img, txt, scale, bias),
         "Objective(siglip)": lambda: siglip_objective(img, txt, scale, logit_bias=bias).loss,
         "Objective(siglip, margin 0.1)": lambda: siglip_margin_objective(img, txt, scale, logit_bias=bias).loss,
+        **{f"Objective({label})": margin_case(label) for label in MARGIN_CASES},
     }
 
 

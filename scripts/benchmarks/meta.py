@@ -69,7 +69,7 @@ def make_runner(variant: str, args):
     batch, meta_batch = video_batch(1), video_batch(2)
 
     def step(index: int) -> None:
-        optimization_step(task, batch, optimizer, meta_batch=meta_batch if weighting else None, seed=index)
+        optimization_step(task, batch, optimizer, meta_batch=meta_batch if weighting else None, step=index)
 
     return step
 

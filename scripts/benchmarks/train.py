@@ -91,7 +91,7 @@ def make_runner(variant: str, model_name: str, batch: int, device: str):
 
     def step(index: int) -> None:
         due = weighting is not None and index % config.meta.interval == 0
-        optimization_step(task, batch, optimizer, meta_batch=meta_batch if due else None, seed=index)
+        optimization_step(task, batch, optimizer, meta_batch=meta_batch if due else None, step=index)
 
     return step
 

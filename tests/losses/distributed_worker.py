@@ -22,9 +22,16 @@ from mmsphere.losses.distributed import all_reduce_with_grad, world_info
 
 def features(data: dict, parameters: dict, rows: slice, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm features of ``rows`` through the shared projections (the 'encoders')."""
-    image = tf.normalize(data[prefix + "raw_image"][rows] @ parameters["projection_image"], dim=1)
-    text = tf.normalize(data[prefix + "raw_text"][rows] @ parameters["projection_text"], dim=1)
+    image, text, _ = encoded(data, parameters, rows, prefix)
     return image, text
+
+
+def encoded(data: dict, parameters: dict, rows: slice, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Unit-norm features of ``rows`` and their norms before normalisation (``image_norms``, ``text_norms``)."""
+    image = data[prefix + "raw_image"][rows] @ parameters["projection_image"]
+    text = data[prefix + "raw_text"][rows] @ parameters["projection_text"]
+    norms = {"image_norms": image.norm(dim=1), "text_norms": text.norm(dim=1)}
+    return tf.normalize(image, dim=1), tf.normalize(text, dim=1), norms
 
 
 def average(tensor: torch.Tensor) -> torch.Tensor:
@@ -38,9 +45,15 @@ def run_case(case: dict, data: dict, rank: int, sizes: list[int]) -> dict:
     parameters = {name: data[name].clone().requires_grad_() for name in ("projection_image", "projection_text",
                                                                           "log_scale", "theta", "logit_bias")}
     objective = Objective(LossConfig(**case["config"]))
-    image, text = features(data, parameters, rows)
+    image, text, norms = encoded(data, parameters, rows)
     scale = parameters["log_scale"].exp()
     names = ["projection_image", "projection_text", "log_scale"]
+    extras = {"step": case.get("step")}
+    if objective.needs_feature_norms:
+        extras.update(norms)
+    if objective.needs_logit_bias:
+        extras["logit_bias"] = parameters["logit_bias"]
+        names.append("logit_bias")
 
     if case["kind"] == "meta":
         # Meta-Weight-Net's virtual step and meta-gradient, with a one-parameter weight net
@@ -48,7 +61,7 @@ def run_case(case: dict, data: dict, rank: int, sizes: list[int]) -> dict:
             return torch.sigmoid(parameters["theta"] * losses - 1)
 
         virtual = objective(image, text, scale, sample_weights=weigh, weight_normalize=case["normalize"],
-                            seed=case["seed"])
+                            seed=case["seed"], **extras)
         gradients = torch.autograd.grad(virtual.loss, [parameters[name] for name in names], create_graph=True)
         stepped = {name: parameters[name] - 0.5 * average(gradient) for name, gradient in zip(names, gradients)}
         meta_image, meta_text = features(data, stepped, rows, prefix="meta_")
@@ -59,10 +72,8 @@ def run_case(case: dict, data: dict, rank: int, sizes: list[int]) -> dict:
                 "theta_gradient": average(theta_gradient.detach())}
 
     weights = data["weights"][rows] if case["weights"] else None
-    extras = {"group_ids": data["groups"][rows]} if case.get("groups") else {}
-    if objective.needs_logit_bias:
-        extras["logit_bias"] = parameters["logit_bias"]
-        names.append("logit_bias")
+    if case.get("groups"):
+        extras["group_ids"] = data["groups"][rows]
     output = objective(image, text, scale, sample_weights=weights, weight_normalize=case["normalize"],
                        seed=case["seed"], **extras)
     output.loss.backward()

@@ -27,9 +27,9 @@ ALL_TERMS = {"angular_margin": 1.0, "m2mix": 0.5, "calibrated_uniformity": 0.3, 
 
 
 def case(name: str, *, kind: str = "step", sizes=(4, 4), weights: bool = False, normalize: str = "mean",
-         seed: int | None = 11, groups: bool = False, **config) -> dict:
+         seed: int | None = 11, groups: bool = False, step: int | None = None, **config) -> dict:
     return {"name": name, "kind": kind, "sizes": list(sizes), "weights": weights, "normalize": normalize,
-            "seed": seed, "groups": groups, "config": {"terms": dict(ALL_TERMS), **config}}
+            "seed": seed, "groups": groups, "step": step, "config": {"terms": dict(ALL_TERMS), **config}}
 
 
 CASES = [
@@ -54,6 +54,28 @@ CASES = [
     case("groups_local_uneven_weights", sizes=(5, 3), weights=True, local_loss=True, groups=True),
     case("groups_siglip_local", local_loss=True, groups=True, terms={"siglip": {"weight": 1.0, "margin": 0.2}}),
 ]
+# the margin family: each term global and local (uneven, groups, weights), the terms reading norms through
+# both gathers, Cam-Softmax at a step where its schedule has moved, and a meta case per term
+MARGIN_TERMS = {
+    "cosface": {"margin": 0.2, "detach": True},
+    "arcface": {"margin": 0.3},
+    "sphereface_r": {"margin": 1.5, "version": "v0"},
+    "sphereface_r_soft": {"margin": 1.3, "version": "v2", "normalization": "soft", "norm_target": 3.0},
+    "sphereface_r_none": {"margin": 1.3, "version": "v1", "normalization": "none", "detach": False},
+    "cam_softmax": {"c_start": 1.5, "c_stop": 1.0, "c_decay": 0.01},
+    "sface": {"scale": 8.0, "a": 1.0, "b": 1.5},
+    "sphereface2": {"margin": 0.2, "t": 2.0, "variant": "C"},
+}
+for label, options in MARGIN_TERMS.items():
+    term = {label.removesuffix("_soft").removesuffix("_none"): {"weight": 1.0, **options}}
+    CASES += [
+        case(f"{label}_global", terms={**term, "m2mix": 0.3}, step=40),
+        case(f"{label}_local_uneven_groups_weights", sizes=(3, 5), weights=True, normalize="sum", local_loss=True,
+             groups=True, terms=dict(term), step=40),
+        case(f"{label}_meta_local", kind="meta", local_loss=True, terms=dict(term), step=40),
+    ]
+CASES.append(case("sphereface_r_soft_gather_without_grad", weights=True, gather_with_grad=False,
+                  terms={"sphereface_r": {"weight": 1.0, **MARGIN_TERMS["sphereface_r_soft"]}}, step=3))
 
 
 def make_data(total: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

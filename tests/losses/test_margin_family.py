@@ -69,7 +69,8 @@ for detach in (False, True):
             lambda i, t, s, g, n, d=detach, v=version: R.sphereface_r(i, t, s, 2.7, v, "hard", g, d))
     for normalization in ("none", "soft"):
         CASES[f"sphereface_r-v1-{normalization}{tag}"] = _case(
-            None, None,
+            "sphereface_r", {"margin": 1.5, "version": "v1", "normalization": normalization, "detach": detach,
+                             "norm_weight": 0.3, "norm_target": 8.0},
             lambda i, t, s, g, red, n, d=detach, z=normalization: M.sphereface_r_loss(
                 i, t, s, 1.5, "v1", z, g, red, d, norms=n, norm_weight=0.3, norm_target=8.0),
             lambda i, t, s, g, n, d=detach, z=normalization: R.sphereface_r(
@@ -133,8 +134,9 @@ def test_function_equals_its_loop_transcription(name, groups):
 def test_all_distinct_group_ids_equal_the_single_positive_form(name):
     _, _, function, _ = CASES[name]
     image, text = features(seed=2)
-    single = function(image, text, SCALE, None, "none", None)
-    distinct = function(image, text, SCALE, torch.arange(6) * 7, "none", None)
+    norms = raw_norms() if _reads_norms(name) else None
+    single = function(image, text, SCALE, None, "none", norms)
+    distinct = function(image, text, SCALE, torch.arange(6) * 7, "none", norms)
     torch.testing.assert_close(distinct, single, rtol=1e-12, atol=1e-12)
 
 
@@ -142,7 +144,7 @@ def test_all_distinct_group_ids_equal_the_single_positive_form(name):
 # the term is the function: global rows and one rank's rows in local_loss mode
 
 
-def _context(image, text, groups, scale=SCALE, bias=BIAS, rank=None, sizes=(2, 2, 2)) -> TermContext:
+def _context(image, text, groups, scale=SCALE, bias=BIAS, rank=None, sizes=(2, 2, 2), norms=None) -> TermContext:
     scale, bias = torch.tensor(scale, dtype=image.dtype), torch.tensor(bias, dtype=image.dtype)
     if rank is None:
         rows = Rows(image, text, image, text, 0, [image.shape[0]], 0, True)
@@ -150,7 +152,9 @@ def _context(image, text, groups, scale=SCALE, bias=BIAS, rank=None, sizes=(2, 2
         offset = sum(sizes[:rank])
         local = slice(offset, offset + sizes[rank])
         rows = Rows(image[local], text[local], image, text, offset, list(sizes), rank, False)
-    return TermContext(rows, scale, image.dtype, {}, bias, groups)
+    image_norms, text_norms = norms if norms is not None else (None, None)
+    # as the objective passes them: the whole batch's norms [N], the term takes its rows' share
+    return TermContext(rows, scale, image.dtype, {}, bias, groups, image_norms=image_norms, text_norms=text_norms)
 
 
 @pytest.mark.parametrize("groups", [None, GROUPS], ids=["single", "groups"])
@@ -159,10 +163,13 @@ def test_term_equals_its_function_in_global_and_local_mode(name, groups):
     term_name, options, function, _ = CASES[name]
     term = TERMS[term_name](TERMS[term_name].Options(**options))
     image, text = features(seed=3)
-    expected = function(image, text, SCALE, groups, "none", None)
-    torch.testing.assert_close(term.forward(_context(image, text, groups)), expected, rtol=1e-12, atol=1e-12)
+    norms = raw_norms() if _reads_norms(name) else None
+    assert term.needs_feature_norms == _reads_norms(name)
+    expected = function(image, text, SCALE, groups, "none", norms)
+    torch.testing.assert_close(term.forward(_context(image, text, groups, norms=norms)), expected,
+                               rtol=1e-12, atol=1e-12)
     for rank in range(3):
-        local = term.forward(_context(image, text, groups, rank=rank))
+        local = term.forward(_context(image, text, groups, rank=rank, norms=norms))
         torch.testing.assert_close(local, expected[2 * rank:2 * rank + 2], rtol=1e-12, atol=1e-12)
 
 
@@ -172,10 +179,10 @@ def test_the_six_terms_are_registered_contrastive_terms_with_valid_defaults():
         term = TERMS[name]
         assert term.contrastive and term.description and term.Options().check() == []
     assert TERMS["sphereface2"].needs_logit_bias
-    assert TERMS["sphereface2"].model_defaults["init_logit_bias"] == pytest.approx(
-        M.sphereface2_bias_init(256, 0.7, 1.0, 0.1, 1 / 0.07), abs=1e-6)
-    problems = TERMS["sphereface_r"].Options(normalization="soft").check()
-    assert problems and "feature norms" in problems[0]
+    options = TERMS["sphereface2"].Options()
+    assert TERMS["sphereface2"].model_starts(options, batch_size=256, logit_scale=1 / 0.07) == {
+        "init_logit_bias": pytest.approx(M.sphereface2_bias_init(256, 0.7, 1.0, 0.1, 1 / 0.07), abs=1e-12)}
+    assert TERMS["sphereface_r"].Options(normalization="soft").check() == []
 
 
 def test_sface_never_trains_the_logit_scale():
@@ -400,3 +407,81 @@ def test_bad_arguments_raise_value_errors_naming_them(call, message):
     image, text = features()
     with pytest.raises(ValueError, match=message):
         call(image, text)
+
+
+# --------------------------------------------------------------------------------------------
+# what the objective passes to the terms: the training step and the norms, with their gradient
+
+
+@pytest.mark.parametrize("normalization", ["none", "soft"])
+def test_the_objective_passes_the_feature_norms_with_their_gradient(normalization):
+    from mmsphere.losses import Objective
+    from mmsphere.losses.config import LossConfig
+
+    options = {"margin": 1.4, "version": "v0", "normalization": normalization, "detach": False,
+               "norm_weight": 0.2, "norm_target": 4.0}
+    objective = Objective(LossConfig(terms={"sphereface_r": {"weight": 1.0, **options}}))
+    assert objective.needs_feature_norms
+    image, text, norms = _leaves(seed=7)
+    output = objective(image, text, SCALE, group_ids=GROUPS, image_norms=norms[0], text_norms=norms[1])
+    expected = R.sphereface_r(image, text, SCALE, 1.4, "v0", normalization, GROUPS, False, norms=norms,
+                              norm_weight=0.2, norm_target=4.0)
+    torch.testing.assert_close(output.per_sample, expected, rtol=1e-10, atol=1e-12)
+    leaves = [image, text, *norms]
+    got = torch.autograd.grad(output.loss, leaves)
+    want = torch.autograd.grad(expected.mean(), leaves)
+    for actual, wanted in zip(got, want):
+        torch.testing.assert_close(actual, wanted, rtol=1e-9, atol=1e-11)
+    assert all(gradient.abs().sum() > 0 for gradient in got[2:])  # the norms are read, not constants
+    with pytest.raises(ValueError, match="needs the features' norms before L2 normalisation"):
+        objective(image, text, SCALE)
+
+
+def test_the_objective_passes_the_training_step_to_the_schedule():
+    from mmsphere.losses import Objective
+    from mmsphere.losses.config import LossConfig
+
+    options = {"c_start": 1.5, "c_stop": 0.9, "c_decay": 2e-3}
+    objective = Objective(LossConfig(terms={"cam_softmax": {"weight": 1.0, **options}}))
+    image, text = features(seed=8)
+    for step in (0, 100, 5000):
+        c = max(0.9, 1.5 - 2e-3 * step)  # the schedule, written out
+        expected = R.cam_softmax(image, text, SCALE, c, GROUPS)
+        output = objective(image, text, SCALE, group_ids=GROUPS, step=step)
+        torch.testing.assert_close(output.per_sample, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_sface_weighting_reads_the_plain_cross_entropy_at_its_scale():
+    """SFace's per-sample values can be negative: a WeightNet reads CLIP's loss at SFace's fixed scale instead."""
+    from mmsphere.losses import Objective
+    from mmsphere.losses.config import LossConfig
+
+    image, text = features(seed=9)
+    objective = Objective(LossConfig(terms={"sface": {"weight": 1.0, "scale": 9.0}}))
+    seen = []
+    output = objective(image, text, SCALE, group_ids=GROUPS, sample_weights=lambda x: seen.append(x) or torch.ones_like(x))
+    expected = R.cosface(image, text, 9.0, 0.0, GROUPS)  # CosFace at m = 0 is CLIP's loss, written as loops
+    torch.testing.assert_close(seen[0], expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(seen[0], output.per_sample.detach())  # not the SFace values themselves
+    # every other term: the WeightNet reads its per-sample losses
+    plain = Objective(LossConfig(terms={"cosface": {"weight": 1.0}}))
+    evaluated = plain.evaluate(image, text, SCALE)
+    torch.testing.assert_close(evaluated.weight_input, evaluated.per_sample.detach())
+
+
+@pytest.mark.parametrize("groups", [None, GROUPS], ids=["single", "groups"])
+def test_sface_a_b_are_quantiles_of_the_measured_angles(groups):
+    import numpy as np
+
+    image, text = features(batch=6, seed=10)
+    ids = list(range(6)) if groups is None else groups.tolist()
+    positive, negative = [], []
+    for i in range(6):
+        for j in range(6):
+            cosine = sum(x * y for x, y in zip(image[i].tolist(), text[j].tolist()))
+            (positive if ids[i] == ids[j] else negative).append(math.acos(max(-1.0, min(1.0, cosine))))
+    a, b = M.sface_ab_from_features(image, text, groups, positive_quantile=0.2, negative_quantile=0.85)
+    assert a == pytest.approx(float(np.quantile(positive, 0.2)), abs=1e-12)
+    assert b == pytest.approx(float(np.quantile(negative, 0.85)), abs=1e-12)
+    with pytest.raises(ValueError, match="every pair is a positive"):
+        M.sface_ab_from_features(image, text, torch.zeros(6, dtype=torch.long))

@@ -28,7 +28,7 @@ def test_forward_shapes_unit_norm_and_logit_scale(make_model, random_frames):
     text = model.tokenizer(CAPTIONS)
     for visual in ({"frames": random_frames(4, 3)}, {"images": random_frames(4, 1)[:, 0]}):
         output = model(text, **visual)
-        assert set(output) == {"image_features", "text_features", "logit_scale"}
+        assert set(output) == {"image_features", "text_features", "logit_scale", "image_norms", "text_norms"}
         for name in ("image_features", "text_features"):
             assert output[name].shape == (4, model.embed_dim)
             torch.testing.assert_close(output[name].norm(dim=-1), torch.ones(4))
@@ -44,6 +44,26 @@ def test_features_equal_open_clip_normalised(reference, random_frames):
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images), clip.encode_image(images, normalize=True))
         torch.testing.assert_close(model.encode_text(text), clip.encode_text(text, normalize=True))
+
+
+def test_the_norms_are_those_of_open_clips_features_before_normalisation(reference, random_frames):
+    """``image_norms``/``text_norms`` (what SphereFace-R's none/soft read): open_clip's unnormalised features' norms,
+    for images, frames (the temporal head's output: the masked mean of unit frame features) and cached trunks."""
+    model, clip = reference
+    images = random_frames(4, 1)[:, 0]
+    text = open_clip.tokenize(CAPTIONS, context_length=16)
+    with torch.no_grad():
+        output = model(text, images=images)
+        torch.testing.assert_close(output["image_norms"], clip.encode_image(images).norm(dim=-1))
+        torch.testing.assert_close(output["text_norms"], clip.encode_text(text).norm(dim=-1))
+        frames = random_frames(4, 3, seed=2)
+        mask = torch.tensor([[True, True, True], [True, False, False], [True, True, False], [True, True, True]])
+        unit = torch.nn.functional.normalize(clip.encode_image(frames.flatten(0, 1)), dim=-1).view(4, 3, -1)
+        pooled = torch.stack([unit[row][mask[row]].mean(dim=0) for row in range(4)])
+        torch.testing.assert_close(model(text, frames=frames, frame_mask=mask)["image_norms"], pooled.norm(dim=-1))
+        trunks = model(text_trunk=model.text_trunk_features(text), image_trunk=model.image_trunk_features(images))
+        torch.testing.assert_close(trunks["image_norms"], output["image_norms"])
+        torch.testing.assert_close(trunks["text_norms"], output["text_norms"])
 
 
 def test_tokenizer_is_open_clip_bpe_at_context_length(make_model):

@@ -6,6 +6,11 @@ not yet covered (the first such combination on ties), until every pair of values
 factors appears in some scenario. The result is deterministic, and far shorter than the product
 (see SCENARIOS; the full product is 10,368 runs here).
 
+The loss family is the ``terms`` factor's other values: after the pairwise rows, :data:`FAMILY_ROWS`
+adds one scenario per margin term (``cosface`` ... ``sphereface2``), each with 2 processes and meta
+weighting and the other factors rotated, so that every term meets both at once (the pairwise rows
+alone only pair each with each). They are deterministic scenarios: 2 processes equal 1 process.
+
 To add a factor: add it to :data:`FACTORS` with its values (first value = the plain default), teach
 :func:`train_config` (and, if it affects the equivalence step, ``worker.equivalence_step``) what
 each value means, and run ``pytest tests/scenarios``; the list regenerates itself. Every scenario
@@ -38,6 +43,17 @@ TOWERS = {"vit": "mmsphere-tiny", "resnet": "mmsphere-tiny-rn"}
 TERMS = {"contrastive": {"angular_margin": {"weight": 1.0, "margin": 0.1}},
          "all": {"angular_margin": {"weight": 1.0, "margin": 0.1}, "m2mix": 0.1, "calibrated_uniformity": 0.1, "cma": 0.01},
          "siglip": {"siglip": {"weight": 1.0, "margin": 0.1}, "cma": 0.01}}
+# the margin family, each with options off its defaults where they exercise something (SphereFace-R's
+# soft normalisation reads the encoder's norms through the gather; Cam-Softmax's c moves every step)
+FAMILY = {
+    "cosface": {"margin": 0.2, "detach": True},
+    "arcface": {"margin": 0.3},
+    "sphereface_r": {"margin": 1.3, "version": "v0", "normalization": "soft", "norm_target": 3.0},
+    "cam_softmax": {"c_start": 1.5, "c_stop": 1.0, "c_decay": 0.05},
+    "sface": {"scale": 12.0, "a": 1.0, "b": 1.5},
+    "sphereface2": {"margin": 0.2, "variant": "A"},
+}
+TERMS.update({name: {name: {"weight": 1.0, **options}, "m2mix": 0.1} for name, options in FAMILY.items()})
 
 
 def model_config(tower: str, trunks: str = "trained") -> dict:
@@ -111,7 +127,21 @@ def pairwise(factors: dict[str, tuple] = FACTORS) -> list[dict]:
     return chosen
 
 
-SCENARIOS: list[Scenario] = [Scenario(**row) for row in pairwise()]
+def family_rows() -> list[dict]:
+    """One scenario per margin term, with 2 processes and meta weighting, the other factors rotated."""
+    rows = []
+    for index, name in enumerate(FAMILY):
+        rows.append({
+            "processes": 2, "data": FACTORS["data"][index % 3], "meta": ("all", "last_blocks")[index % 2],
+            "meta_gradient": FACTORS["meta_gradient"][index // 2 % 2], "precision": FACTORS["precision"][index // 3],
+            "tower": FACTORS["tower"][(index + 1) % 2], "accum_freq": FACTORS["accum_freq"][index // 2 % 2],
+            "loss_mode": FACTORS["loss_mode"][(index + 1) // 2 % 2], "terms": name, "nan_batch": False,
+            "trunks": FACTORS["trunks"][int(index == 4)], "positives": FACTORS["positives"][index % 2]})
+    return rows
+
+
+FAMILY_ROWS = family_rows()
+SCENARIOS: list[Scenario] = [Scenario(**row) for row in pairwise() + FAMILY_ROWS]
 
 
 def train_config(scenario: Scenario, shards: dict[str, str], output_dir: str) -> dict:

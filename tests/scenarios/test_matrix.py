@@ -28,7 +28,9 @@ from safetensors.torch import load_file
 
 from mmsphere.data.h264 import x264_options
 from tests.losses.test_functional import loop_angular_margin, loop_grouped_angular_margin, loop_siglip
-from tests.scenarios.matrix import FACTORS, MAX_STEPS, SCENARIOS, Scenario, pairwise
+from tests.scenarios.matrix import FACTORS, FAMILY, FAMILY_ROWS, MAX_STEPS, SCENARIOS, Scenario, pairwise
+from tests.scenarios.matrix import TERMS as TERMS_BY_NAME
+from tests.losses import margin_reference as R
 from tests.train.conftest import write_image_text_shards
 
 HERE = Path(__file__).resolve().parent
@@ -131,7 +133,18 @@ def test_the_list_covers_every_pair_of_factor_values():
         for x in FACTORS[first]:
             for y in FACTORS[second]:
                 assert any(row[first] == x and row[second] == y for row in rows), (first, x, second, y)
-    assert pairwise() == [vars(scenario) for scenario in SCENARIOS]  # deterministic
+    assert pairwise() + FAMILY_ROWS == [vars(scenario) for scenario in SCENARIOS]  # deterministic
+
+
+def test_every_margin_term_meets_two_processes_and_meta_weighting():
+    for name in FAMILY:
+        assert TERMS_BY_NAME[name][name]["weight"] == 1.0
+        assert any(scenario.terms == name and scenario.processes == 2 and scenario.meta != "off"
+                   and scenario.deterministic for scenario in SCENARIOS), name
+    # and each of the factors' values still appears among them
+    family = [scenario for scenario in SCENARIOS if scenario.terms in FAMILY]
+    for factor in ("data", "meta_gradient", "precision", "tower", "accum_freq", "loss_mode", "positives", "trunks"):
+        assert {getattr(scenario, factor) for scenario in family} == set(FACTORS[factor]), factor
 
 
 @pytest.mark.slow
@@ -239,11 +252,37 @@ def test_group_positives_equal_the_loop_transcription(matrix, scenario):
     if reference["term"] == "siglip":
         expected = loop_siglip(image, text, scale, float(reference["logit_bias"]), options["margin"], groups)
         diagonal = loop_siglip(image, text, scale, float(reference["logit_bias"]), options["margin"])
+    elif reference["term"] in FAMILY:
+        expected, diagonal = (_margin_reference(reference, group_ids) for group_ids in (reference["group_ids"], None))
     else:
         assert reference["term"] == "angular_margin"
         expected = loop_grouped_angular_margin(image, text, scale, options["margin"], groups)
         diagonal = loop_angular_margin(image, text, scale, options["margin"])
     per_sample = reference["per_sample"]
-    torch.testing.assert_close(per_sample, torch.tensor(expected, dtype=per_sample.dtype), rtol=1e-9, atol=1e-12)
+    expected, diagonal = (torch.as_tensor(values, dtype=per_sample.dtype) for values in (expected, diagonal))
+    torch.testing.assert_close(per_sample, expected, rtol=1e-9, atol=1e-12)
     # and the groups matter on these features: the diagonal loss is another value
-    assert not torch.allclose(per_sample, torch.tensor(diagonal, dtype=per_sample.dtype), rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(per_sample, diagonal, rtol=1e-3, atol=1e-6)
+
+
+def _margin_reference(reference: dict, groups: torch.Tensor | None) -> torch.Tensor:
+    """The loop transcription (tests/losses/margin_reference.py) of a margin term's per-sample values."""
+    image, text, scale, o = reference["image_features"], reference["text_features"], reference["logit_scale"], \
+        reference["options"]
+    term = reference["term"]
+    if term == "cosface":
+        return R.cosface(image, text, scale, o["margin"], groups, o["detach"])
+    if term == "arcface":
+        return R.arcface(image, text, scale, o["margin"], o["fallback"], groups, o["detach"])
+    if term == "sphereface_r":
+        return R.sphereface_r(image, text, scale, o["margin"], o["version"], o["normalization"], groups, o["detach"],
+                              norms=(reference["image_norms"], reference["text_norms"]),
+                              norm_weight=o["norm_weight"], norm_target=o["norm_target"])
+    if term == "cam_softmax":
+        c = max(o["c_stop"], o["c_start"] - o["c_decay"] * reference["step"])  # c_start > c_stop here
+        return R.cam_softmax(image, text, scale, c, groups, o["detach"])
+    if term == "sface":
+        return R.sface(image, text, o["scale"], o["k"], o["a"], o["b"], o["inter_reduction"], groups)
+    assert term == "sphereface2"
+    return R.sphereface2(image, text, scale, reference["logit_bias"], o["lam"], o["margin"], o["t"], o["variant"],
+                         groups, o["detach"])

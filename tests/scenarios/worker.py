@@ -46,7 +46,9 @@ NAN_AT_TRAIN_BATCH = 1  # the second training batch, on rank 0 only
 TRAIN_GROUPS = torch.tensor([0, 1, 0, 2, 1, 0, 3, 3])
 META_GROUPS = torch.tensor([5, 5, 6, 7, 6, 5, 7, 8])
 # every way the dual encoder runs its trunks: the uncached forward paths and the cache build
-TRUNK_METHODS = ("encode_image", "encode_video", "encode_text", "image_trunk_features", "text_trunk_features")
+# where the trunks run: every encode path (public encode_* and forward) goes through these
+TRUNK_METHODS = ("_image_unnormalized", "_video_unnormalized", "_text_unnormalized", "image_trunk_features",
+                 "text_trunk_features")
 
 
 def main(shards_path: str, out_dir: str) -> None:
@@ -241,13 +243,13 @@ def equivalence_step(scenario: Scenario, out: Path, rank: int, world_size: int, 
         if grouped and world_size == 1 and group_reference is None:
             with torch.no_grad():
                 features = network(**inputs)
-                evaluated = objective.evaluate(**features, group_ids=group_ids, seed=7)
+                evaluated = objective.evaluate(**features, group_ids=group_ids, seed=7, step=7)
             options = dataclasses.asdict(objective.terms[objective.contrastive].options)
             group_reference = {**features, "group_ids": group_ids, "per_sample": evaluated.per_sample,
-                               "term": objective.contrastive, "options": options}
+                               "term": objective.contrastive, "options": options, "step": 7}
         outcome = optimization_step(task, _as_batch(modality, inputs, group_ids), optimizer,
                                     meta_batch=_as_batch(modality, meta_inputs, meta_group_ids) if meta_inputs else None,
-                                    seed=7)
+                                    step=7)
         assert not outcome.skipped
         losses.append(outcome.output.terms["total"].item())
     if rank == 0:

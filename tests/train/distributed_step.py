@@ -59,7 +59,7 @@ def one_step(accelerator, out: str, meta: bool, local_loss: bool) -> None:
 
     task = Task.from_config(config, network, accelerator, model=model, objective=objective, weighting=weighting,
                             scheduler=scheduler)
-    outcome = optimization_step(task, inputs, optimizer, meta_batch=meta_inputs if meta else None, seed=7)
+    outcome = optimization_step(task, inputs, optimizer, meta_batch=meta_inputs if meta else None, step=7)
     assert not outcome.skipped
     if rank == 0:
         torch.save({"loss": outcome.output.terms["total"].item(),

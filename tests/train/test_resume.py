@@ -205,3 +205,30 @@ def test_finite_shards_resume_mid_epoch_with_the_samples_of_an_uninterrupted_run
                     [row[name] for row in expected[step]], rel=2e-7, abs=1e-9), f"step {step}: {name}"
     for log in logs.values():
         log.close()
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {row["step"]: row["loss/total"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss/total" in row}
+
+
+def test_cam_softmax_schedule_resumes_exactly(finite_shards, tmp_path):
+    """Cam-Softmax's c is a function of the training step: a resumed run continues the schedule, so its
+    losses after the resume are those of a run never stopped (c moves every step here, meta weighting on)."""
+    raw = _finite_config(finite_shards, tmp_path / "uninterrupted")
+    raw["data"]["workers"] = 0
+    raw["loss"] = {"terms": {"cam_softmax": {"weight": 1.0, "c_start": 1.5707, "c_stop": 0.6, "c_decay": 0.08}}}
+    # a warmup longer than the run: the learning rate of a step does not depend on max_steps
+    raw["train"].update(max_steps=8, checkpoint_every=4, log_every=1, warmup_steps=50)
+    uninterrupted = config_from_dict(raw)
+    from mmsphere.train import train
+    train(uninterrupted)
+    stopped = dict(raw, output_dir=str(tmp_path / "resumed"), train={**raw["train"], "max_steps": 4})
+    train(config_from_dict(stopped))
+    resumed = dict(stopped, train={**raw["train"], "resume": "latest"})
+    summary = train(config_from_dict(resumed))
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 8
+    expected, got = _losses(tmp_path / "uninterrupted"), _losses(tmp_path / "resumed")
+    assert sorted(expected) == list(range(1, 9))
+    for step in range(5, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), f"step {step}"

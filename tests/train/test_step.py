@@ -51,7 +51,7 @@ def _one_step(log_scale: float, bias: float):
     batch = Batch("image", torch.randn(8, 3, 32, 32, generator=generator), text=text)
     before = {name: parameter.detach().clone() for name, parameter in network.named_parameters()}
     task = Task.from_config(config, network, accelerator, model=model, scheduler=scheduler)
-    outcome = optimization_step(task, batch, optimizer, seed=0)
+    outcome = optimization_step(task, batch, optimizer, step=0)
     assert not outcome.skipped
     moved = [name for name, parameter in network.named_parameters() if not torch.equal(parameter, before[name])]
     assert "clip.visual.proj" in moved and "clip.text_projection" in moved, "the step did update the model"
@@ -155,7 +155,7 @@ def _spied_step(meta: dict | None = None, **train):
     task = Task.from_config(config, network, accelerator, model=model, objective=objective, weighting=weighting,
                             scheduler=scheduler)
     outcome = optimization_step(task, _as_batch(_batch(2)), optimizer,
-                                meta_batch=_as_batch(_batch(3)) if meta is not None else None, seed=0)
+                                meta_batch=_as_batch(_batch(3)) if meta is not None else None, step=0)
     assert not outcome.skipped and received
     return config, before, received, outcome, weighting
 

@@ -235,7 +235,7 @@ def test_accumulation_keeps_all_negatives(image_text_shards, tmp_path, terms):
         generator = torch.Generator().manual_seed(1)
         text = torch.randint(1, 400, (8, 16), generator=generator)
         batch = Batch("image", torch.randn(8, 3, 32, 32, generator=generator, dtype=torch.float64), text=text)
-        result = Task.from_config(config, model, accelerator).forward_backward(batch, seed=3)
+        result = Task.from_config(config, model, accelerator).forward_backward(batch, step=3)
         gradients[accum] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         losses = result.loss.item()
         gradients[f"loss{accum}"] = losses

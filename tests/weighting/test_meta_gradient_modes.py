@@ -17,11 +17,12 @@ from mmsphere.weighting import WeightNet, meta_step
 from mmsphere.weighting.meta import ForwardModeUnsupportedError
 
 
-def _config(name: str, params: str, normalize: str, temporal_head: str = "transformer", margin: float = 0.1):
+def _config(name: str, params: str, normalize: str, temporal_head: str = "transformer", margin: float = 0.1,
+            terms: dict | None = None):
     return config_from_dict({
         "model": {"name": name, "temporal_head": temporal_head, "max_frames": 4},
         "data": {"train": [{"urls": "unused.tar"}], "meta": {"urls": "unused.tar"}, "frames": 3},
-        "loss": {"terms": {"angular_margin": {"weight": 1.0, "margin": margin}}},
+        "loss": {"terms": terms or {"angular_margin": {"weight": 1.0, "margin": margin}}},
         "meta": {"enabled": True, "params": params, "normalize": normalize, "hidden": 8},
         "train": {"batch_size": 8, "cpu": True},
     })
@@ -38,9 +39,9 @@ def _batch(modality: str, seed: int) -> dict[str, torch.Tensor]:
             "frame_mask": mask}
 
 
-def _meta_update(name, params, normalize, gradient, train_modality="image", meta_modality="image"):
+def _meta_update(name, params, normalize, gradient, train_modality="image", meta_modality="image", terms=None):
     """The WeightNet's change after one meta step with plain SGD at lr 1 (= minus the meta-gradient)."""
-    config = _config(name, params, normalize)
+    config = _config(name, params, normalize, terms=terms)
     torch.manual_seed(0)
     network = create_model(config.model).double()
     network.train()
@@ -55,7 +56,7 @@ def _meta_update(name, params, normalize, gradient, train_modality="image", meta
     state = {key: value.clone() for key, value in network.state_dict().items()}
     result = meta_step(network, objective, weight_net, optimizer, _batch(train_modality, 2),
                        _batch(meta_modality, 3), parameter_names=names, virtual_lr=rates, gradient=gradient,
-                       normalize=normalize)
+                       normalize=normalize, step=30)
     for key, value in network.state_dict().items():  # neither mode touches the real model
         assert torch.equal(value, state[key]), key
     return [after.detach() - start for after, start in zip(weight_net.parameters(), before)], result
@@ -71,6 +72,26 @@ def test_jvp_equals_second_order_in_float64(name, params, normalize):
     for expected, actual in zip(reference, jvp):
         torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-12)
     assert jvp_result.virtual_loss == pytest.approx(reference_result.virtual_loss, rel=1e-12)
+    assert jvp_result.meta_loss == pytest.approx(reference_result.meta_loss, rel=1e-12)
+
+
+# the margin family: its own weight input (SFace), norms (SphereFace-R soft), a bias (SphereFace2), a schedule
+FAMILY_TERMS = {
+    "sface": {"sface": {"weight": 1.0, "scale": 12.0}},
+    "sphereface_r_soft": {"sphereface_r": {"weight": 1.0, "margin": 1.3, "normalization": "soft", "norm_target": 2.0}},
+    "sphereface2": {"sphereface2": {"weight": 1.0, "variant": "A", "margin": 0.2}},
+    "cam_softmax": {"cam_softmax": {"weight": 1.0, "c_start": 1.5, "c_stop": 1.0, "c_decay": 0.01}},
+    "arcface": {"arcface": {"weight": 1.0, "margin": 0.3}},
+}
+
+
+@pytest.mark.parametrize("terms", list(FAMILY_TERMS))
+def test_jvp_equals_second_order_for_the_margin_family(terms):
+    reference, reference_result = _meta_update("mmsphere-tiny", "all", "mean", "second_order", terms=FAMILY_TERMS[terms])
+    jvp, jvp_result = _meta_update("mmsphere-tiny", "all", "mean", "jvp", terms=FAMILY_TERMS[terms])
+    assert max(update.abs().max() for update in reference) > 1e-9, "the meta-gradient should not vanish here"
+    for expected, actual in zip(reference, jvp):
+        torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-12)
     assert jvp_result.meta_loss == pytest.approx(reference_result.meta_loss, rel=1e-12)
 
 
