@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from mmsphere.errors import DataError
 from mmsphere.models import create_model, export_run, load_run, save_run
 from mmsphere.models.config import ModelConfig
+from mmsphere.models.frozen_base import base_sha256
+from mmsphere.models.run_dir import load_dual_encoder
 from mmsphere.train import train
 from mmsphere.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmsphere.train.config import Config, config_from_dict
@@ -105,7 +107,12 @@ def test_the_run_dir_and_checkpoint_load_the_trained_model_exactly(tmp_path, nam
     model = _trained_in_memory(base, name, temporal_head="transformer")
     config = Config(model=model.config)
     save_run(model, config, tmp_path / "run")
-    assert "clip.visual.conv1.weight" not in load_file(str(tmp_path / "run" / "model.safetensors"))
+    # the trainable parameters and the temporal head: no frozen tower weight, no frozen BatchNorm statistic
+    trainable = {key for key, parameter in model.named_parameters() if parameter.requires_grad}
+    temporal = {key for key in model.state_dict() if key.startswith("temporal.")}
+    assert set(load_file(str(tmp_path / "run" / "model.safetensors"))) == trainable | temporal
+    if name == "mmsphere-tiny-rn":
+        assert any(key.endswith("running_mean") for key in model.state_dict())
     _assert_same_tensors(model, load_run(tmp_path / "run"))
 
     accelerator = Accelerator(cpu=True)
@@ -159,7 +166,6 @@ def test_a_changed_or_missing_base_is_one_clear_error(tmp_path, what):
     assert "put the original base weights back" in message or "put that base back" in message
     if what == "changed":
         found = create_model(ModelConfig(name="mmsphere-tiny", pretrained=str(base), trainable="heads"))
-        from mmsphere.models.frozen_base import base_sha256
         assert f"has sha256 {base_sha256(found)[:12]}" in message
         # resuming on the changed base: the run's own model is built on it, the checkpoint refuses it
         with pytest.raises(DataError, match=rf"checkpoint .*{expected[:12]}.*put the original base weights back"):
@@ -213,9 +219,30 @@ def test_export_of_a_trimmed_run_writes_every_tower_tensor(tmp_path):
         assert torch.equal(exported[name], value), name
 
 
+def test_a_base_saved_again_still_matches(tmp_path):
+    base = _write_base(tmp_path / "base.safetensors")
+    model = _trained_in_memory(base)
+    save_run(model, Config(model=model.config), tmp_path / "run")
+    # the same tensors saved again, in reverse order with other metadata: another file, the same content
+    before = base.read_bytes()
+    tensors = {name: value.clone() for name, value in reversed(list(load_file(str(base)).items()))}
+    save_file(tensors, str(base), metadata={"saved": "again"})
+    assert base.read_bytes() != before
+    _assert_same_tensors(model, load_run(tmp_path / "run"))
+
+
 def test_a_trimmed_weights_file_is_no_pretrained_source(tmp_path):
     base = _write_base(tmp_path / "base.safetensors")
     model = _trained_in_memory(base)
     save_run(model, Config(model=model.config), tmp_path / "run")
     with pytest.raises(DataError, match="holds only the trained tensors of a frozen-tower run"):
         create_model(ModelConfig(name="mmsphere-tiny", pretrained=str(tmp_path / "run" / "model.safetensors")))
+
+
+def test_the_evaluation_identity_of_a_trimmed_run_names_its_base(tmp_path):
+    base = _write_base(tmp_path / "base.safetensors")
+    model = _trained_in_memory(base)
+    save_run(model, Config(model=model.config), tmp_path / "run")
+    loaded, identity = load_dual_encoder(tmp_path / "run")
+    assert identity["frozen_base_sha256"] == base_sha256(model)
+    _assert_same_tensors(model, loaded)
