@@ -299,6 +299,23 @@ class DualEncoder(nn.Module):
             "(names start with 'clip.' or 'temporal.')"
         )
 
+    def frozen_state_names(self) -> list[str]:
+        """State-dict names that training never changes: frozen parameters and the buffers of fully frozen modules."""
+        parameters = dict(self.named_parameters(remove_duplicate=False))
+        # the modules train() keeps in eval mode (parameters, none trainable): their buffers (BatchNorm
+        # statistics) stay fixed too; a buffer anywhere else may move in train mode and is saved with the heads
+        frozen_modules = [name for name, module in self.clip.named_modules(prefix="clip", remove_duplicate=False)
+                          if (owned := list(module.parameters()))
+                          and not any(parameter.requires_grad for parameter in owned)]
+        names = []
+        for name in self.state_dict():
+            if name in parameters:
+                if not parameters[name].requires_grad:
+                    names.append(name)
+            elif any(_under(name.rpartition(".")[0], module) for module in frozen_modules):
+                names.append(name)
+        return names
+
     def meta_parameter_names(self, mode: str, last_blocks: int = 1) -> list[str]:
         """Trainable parameters taking the Meta-Weight-Net virtual step: ``all``, ``heads`` or ``last_blocks``.
 

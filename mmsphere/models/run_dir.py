@@ -2,7 +2,10 @@
 
 ``mmsphere.json`` carries the format version and the preprocessing the weights were trained with
 (image size, mean, std), which a pretrained tag may have set and which the config alone cannot
-restore. Files are written to temporary names, flushed to disk, then renamed over the old ones
+restore. A run with frozen towers on a pretrained base (:mod:`mmsphere.models.frozen_base`) writes
+format 2: ``model.safetensors`` holds the trained tensors only and ``mmsphere.json`` a ``frozen_base``
+reference; loading rebuilds the base from it and checks its digest. Format 1 (full weights) is what
+every other run writes, and what older versions wrote; both load. Files are written to temporary names, flushed to disk, then renamed over the old ones
 (:func:`mmsphere.atomic.atomic_write`: with the umask's mode, 0644 typically).
 """
 
@@ -27,10 +30,13 @@ from mmsphere.digest import file_sha256
 from mmsphere.models.weight_files import check_compatible, tensor_shapes
 from mmsphere.models.dual_encoder import DualEncoder
 from mmsphere.models.factory import build_dual_encoder, create_model
+from mmsphere.models.frozen_base import base_reference, load_trained, rebuild_base, save_trained
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # full weights
+TRIMMED_FORMAT_VERSION = 2  # the trained tensors + a frozen-base reference
+BASE_KEY = "frozen_base"  # the reference's key in mmsphere.json
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 INFO_FILE = "mmsphere.json"
@@ -54,8 +60,9 @@ def save_run(model: DualEncoder, config: Any, run_dir: str | os.PathLike) -> Non
         )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    reference = base_reference(model)  # None: full weights (nothing frozen, or a base no source rebuilds)
     info = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if reference is None else TRIMMED_FORMAT_VERSION,
         "mmsphere_version": mmsphere.__version__,
         "torch_version": torch.__version__,
         "embed_dim": model.embed_dim,
@@ -64,8 +71,11 @@ def save_run(model: DualEncoder, config: Any, run_dir: str | os.PathLike) -> Non
         "image_std": list(model.image_std),
         "context_length": model.context_length,
     }
+    if reference is not None:
+        info[BASE_KEY] = reference
     writers = {
-        WEIGHTS_FILE: lambda path: save_model(model, str(path), metadata={"format": "pt"}),
+        WEIGHTS_FILE: (lambda path: save_model(model, str(path), metadata={"format": "pt"})) if reference is None
+        else (lambda path: save_trained(model, path, reference)),
         CONFIG_FILE: lambda path: save_config(config, path),
         INFO_FILE: lambda path: path.write_text(json.dumps(info, indent=2) + "\n"),
     }
@@ -97,8 +107,12 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     except ConfigError as error:
         raise ConfigError(f"{str(run_dir / CONFIG_FILE)!r}: {error}") from None
 
-    model = build_dual_encoder(model_config, load_pretrained=False)
     weights = run_dir / WEIGHTS_FILE
+    if BASE_KEY in info:
+        model = rebuild_base(info[BASE_KEY], f"run directory {str(run_dir)!r}", model_config)
+        load_trained(model, weights)
+        return _finish_loading(model, info, config, device)
+    model = build_dual_encoder(model_config, load_pretrained=False)
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     check_compatible(
         expected,
@@ -108,6 +122,11 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
         allowed_missing=_shared_names(model),
     )
     load_model(model, str(weights), strict=True)
+    return _finish_loading(model, info, config, device)
+
+
+def _finish_loading(model: DualEncoder, info: dict, config: dict, device: str | torch.device) -> DualEncoder:
+    """The preprocessing and the run's config onto a loaded model, moved to ``device`` in eval mode."""
     model.image_mean = tuple(float(value) for value in info.get("image_mean", model.image_mean))
     model.image_std = tuple(float(value) for value in info.get("image_std", model.image_std))
     model.run_config = config
@@ -128,6 +147,10 @@ def load_dual_encoder(run: str | os.PathLike | None = None, name: str | None = N
         identity: dict[str, Any] = {"run_dir": str(Path(run).resolve()),
                                     "config": config_to_dict(model.config),
                                     "weights_sha256": file_sha256(Path(run) / WEIGHTS_FILE)}
+        reference = _read_info(Path(run) / INFO_FILE).get(BASE_KEY)
+        if reference is not None:
+            # the weights file holds the trained tensors only: the base's digest completes the identity
+            identity["frozen_base_sha256"] = reference["sha256"]
     elif name is not None:
         model = create_model(ModelConfig(name=name, pretrained=pretrained), device=device)
         identity = {"name": name, "pretrained": pretrained}
@@ -146,12 +169,16 @@ def _read_info(path: Path) -> dict:
         raise MmsphereError(f"cannot read {str(path)!r}: {error}") from None
     if not isinstance(info, dict):
         raise MmsphereError(f"{str(path)!r} must hold a JSON object")
-    if info.get("format_version") != FORMAT_VERSION:
+    if info.get("format_version") not in (FORMAT_VERSION, TRIMMED_FORMAT_VERSION):
         raise MmsphereError(
             f"{str(path)!r} has format_version={info.get('format_version')!r} (written by mmsphere "
             f"{info.get('mmsphere_version', '?')}); mmsphere {mmsphere.__version__} reads "
-            f"format_version={FORMAT_VERSION}"
+            f"format_version={FORMAT_VERSION} and {TRIMMED_FORMAT_VERSION}"
         )
+    if (info["format_version"] == TRIMMED_FORMAT_VERSION) != (BASE_KEY in info):
+        raise MmsphereError(f"{str(path)!r} is damaged: format_version={info['format_version']} goes "
+                            f"{'with' if info['format_version'] == TRIMMED_FORMAT_VERSION else 'without'} "
+                            f"a {BASE_KEY!r} reference")
     return info
 
 

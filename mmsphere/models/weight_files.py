@@ -21,6 +21,9 @@ from safetensors.torch import load_file
 from mmsphere.config import DataError, MmsphereError
 
 SHOWN_KEYS = 5  # offending keys named in a mismatch message
+# safetensors metadata of a frozen-tower run's weights file (mmsphere.models.frozen_base): it holds the trained
+# tensors only, its value is the digest of the frozen base they need
+TRAINED_ONLY_KEY = "mmsphere_frozen_base_sha256"
 DATA_PARALLEL_PREFIX = "module."
 
 
@@ -29,6 +32,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors" and _trained_only(path):
+        raise DataError(
+            f"checkpoint {str(path)!r} holds only the trained tensors of a frozen-tower run, not whole weights; "
+            "load that run with mmsphere.load, or start from its `mmsphere export` directory"
+        )
     try:
         if path.suffix == ".safetensors":
             checkpoint = load_file(str(path), device="cpu")
@@ -56,6 +64,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if all(key.startswith(DATA_PARALLEL_PREFIX) for key in state_dict):
         state_dict = {key[len(DATA_PARALLEL_PREFIX):]: value for key, value in state_dict.items()}
     return state_dict
+
+
+def _trained_only(path: Path) -> bool:
+    """Whether a safetensors file is a frozen-tower run's trained tensors (its header says so)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return TRAINED_ONLY_KEY in (handle.metadata() or {})
+    except (SafetensorError, OSError):
+        return False  # read_state_dict names what is wrong with the file
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

@@ -137,8 +137,10 @@ def _short(digest: str | None) -> str:
 
 def _model_line(model: dict[str, Any]) -> str:
     if "run_dir" in model:
+        # a frozen-tower run's weights file holds its trained tensors only: its base's digest completes it
+        base = f", frozen base sha256 {_short(model['frozen_base_sha256'])}" if model.get("frozen_base_sha256") else ""
         return (f"run `{model['run_dir']}` (config sha256 {_short(model.get('config_sha256'))}, "
-                f"weights sha256 {_short(model.get('weights_sha256'))})")
+                f"weights sha256 {_short(model.get('weights_sha256'))}{base})")
     pretrained = f"pretrained `{model['pretrained']}`" if model.get("pretrained") else "no pretrained weights"
     return f"open_clip `{model.get('name')}`, {pretrained}"
 

@@ -9,6 +9,8 @@ A checkpoint is a directory of plain files, written into ``.tmp-step_<8-digit st
 ``trainer_state.json``             step, data epoch, number of processes, format, the run's counters
                                    (:data:`STATE_KEYS`; main process)
 ``<name>.safetensors``             each checkpointed module: the model, the WeightNet (main process)
+``<name>.frozen_base.json``        a model with frozen towers on a pretrained base: the reference to that
+                                   base, whose tensors ``<name>.safetensors`` then leaves out
 ``<name>.pt``                      each optimiser's state dict, ``torch.save`` (main process)
 ``<name>.json``                    anything else with a state dict: the learning-rate schedule
 ``grad_scaler.json``               fp16's loss scale, when there is one
@@ -21,6 +23,10 @@ with ``torch.load(weights_only=True)``, which rebuilds tensors and plain contain
 would need more (a ``__reduce__`` payload, a pickled object) or that is damaged stops the resume
 with a :class:`~mmsphere.errors.DataError` naming it, before anything from it is used; a trainer
 state with a key missing or of the wrong type names the key too.
+
+A frozen-tower run (:mod:`mmsphere.models.frozen_base`) saves its model's trained tensors only; resuming
+checks that the base the run's ``model.pretrained`` built is the recorded one (by its digest) before
+loading them on top, and stops with one line naming the base when it is not.
 
 Checkpoints from before this format (``accelerator.save_state``: ``optimizer.bin``,
 ``custom_checkpoint_<i>.pkl``, ``random_states_<process>.pkl``) still resume: every file is read
@@ -47,7 +53,9 @@ from safetensors.torch import load_file, load_model, save_model
 
 from mmsphere.atomic import atomic_write
 from mmsphere.console import ON_CONSOLE
-from mmsphere.errors import DataError
+from mmsphere.errors import DataError, MmsphereError
+from mmsphere.models.dual_encoder import DualEncoder
+from mmsphere.models.frozen_base import base_reference, check_base, check_reference, load_trained, save_trained
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +63,7 @@ STATE_FILE = "trainer_state.json"
 DATA_POSITION_FILE = "data_position_{}.json"
 RNG_STATE_FILE = "rng_state_{}.json"
 GRAD_SCALER_FILE = "grad_scaler.json"
+FROZEN_BASE_FILE = "{}.frozen_base.json"
 FORMAT = 2  # 1 (no "format" key): accelerate's save_state, with pickle files
 
 # the pre-2 layout: accelerate's names, and the order the loop registered its objects in
@@ -215,7 +224,13 @@ def _is_kind(value: Any, kind: str) -> bool:
 
 
 def _save_object(directory: Path, name: str, obj: Any) -> None:
-    if isinstance(obj, torch.nn.Module):
+    reference = base_reference(obj) if isinstance(obj, DualEncoder) else None
+    if reference is not None:
+        # the frozen towers are the pretrained source's: only what trains, and where the rest comes from
+        with atomic_write(directory / f"{name}.safetensors") as temporary:
+            save_trained(obj, temporary, reference)
+        _write_json(directory / FROZEN_BASE_FILE.format(name), reference, indent=2)
+    elif isinstance(obj, torch.nn.Module):
         # tied weights are written once; through atomic_write for the umask's mode (save_model writes 0600)
         with atomic_write(directory / f"{name}.safetensors") as temporary:
             save_model(obj, str(temporary))
@@ -226,7 +241,10 @@ def _save_object(directory: Path, name: str, obj: Any) -> None:
 
 
 def _load_object(directory: Path, name: str, obj: Any) -> None:
-    if isinstance(obj, torch.nn.Module):
+    base_file = directory / FROZEN_BASE_FILE.format(name)
+    if base_file.is_file():
+        _load_trained(directory, name, obj, base_file)
+    elif isinstance(obj, torch.nn.Module):
         file = directory / f"{name}.safetensors"
         _check_exists(file)
         try:
@@ -240,6 +258,24 @@ def _load_object(directory: Path, name: str, obj: Any) -> None:
     else:
         file = directory / f"{name}.json"
         _restore(file, obj, _read_json(file))
+
+
+def _load_trained(directory: Path, name: str, obj: Any, base_file: Path) -> None:
+    """A frozen-tower model: check that ``obj``'s frozen base is the recorded one, then load the trained tensors."""
+    if not isinstance(obj, DualEncoder):
+        raise DataError(f"checkpoint file {base_file} belongs to a dual encoder with frozen towers, "
+                        f"not to the {name} ({type(obj).__name__}) of this run")
+    reference = _read_json(base_file)
+    where = f"checkpoint {directory}"
+    check_reference(reference, where)
+    # the run built its model from its own model.pretrained: resuming needs the base the checkpoint was trained on
+    check_base(obj, reference, where)
+    file = directory / f"{name}.safetensors"
+    _check_exists(file)
+    try:
+        load_trained(obj, file)
+    except MmsphereError as error:
+        raise DataError(f"checkpoint file {file} cannot be loaded into the {name}: {_first_line(error)}") from None
 
 
 def _restore(file: Path, obj: Any, state: Any) -> None:

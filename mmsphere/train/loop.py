@@ -174,12 +174,15 @@ def _build_task(config: Config, run: _Run) -> tuple[Task, torch.optim.Optimizer,
     """The task (model prepared, objective, meta weighting), its optimiser, and what a checkpoint restores."""
     # lazy: mmsphere.models imports open_clip (seconds); `mmsphere train --help` imports this package
     from mmsphere.models import create_run_model
+    from mmsphere.models.frozen_base import log_saved_weights
 
     accelerator = run.accelerator
     model = create_run_model(config)  # seeded: identical initialisation on every rank, and in `mmsphere cache`
     if not config.model.pretrained and run.resume_from is None:
         logger.info("training %s from random initialisation (model.pretrained is not set)", config.model.name,
                     extra=ON_CONSOLE)
+    if accelerator.is_main_process:
+        log_saved_weights(model)  # frozen towers: a reference to their base, or (random ones) the full weights
     objective = Objective(config.loss)
     optimizer = build_optimizer(model, config)
     scheduler = cosine_schedule(optimizer, config.train.warmup_steps, config.train.max_steps)

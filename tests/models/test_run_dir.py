@@ -100,9 +100,13 @@ def test_incompatible_format_version(trained, tmp_path):
     model, config = trained
     save_run(model, config, tmp_path)
     info = json.loads((tmp_path / "mmsphere.json").read_text())
-    (tmp_path / "mmsphere.json").write_text(json.dumps({**info, "format_version": 2, "mmsphere_version": "9.0"}))
-    message = r"mmsphere.json' has format_version=2 \(written by mmsphere 9.0\).*reads format_version=1"
+    (tmp_path / "mmsphere.json").write_text(json.dumps({**info, "format_version": 3, "mmsphere_version": "9.0"}))
+    message = r"mmsphere.json' has format_version=3 \(written by mmsphere 9.0\).*reads format_version=1 and 2"
     with pytest.raises(MmsphereError, match=message):
+        load_run(tmp_path)
+    # format 2 is a frozen-tower run's (trained tensors + a frozen-base reference): without its reference it is damaged
+    (tmp_path / "mmsphere.json").write_text(json.dumps({**info, "format_version": 2}))
+    with pytest.raises(MmsphereError, match="is damaged: format_version=2 goes with a 'frozen_base' reference"):
         load_run(tmp_path)
 
 
