@@ -9,7 +9,7 @@ import torch
 
 from mmsphere.losses import Objective
 from mmsphere.plotting import line_plot  # imports matplotlib only when a plot is drawn
-from mmsphere.weighting.meta import MetaStepResult, meta_step
+from mmsphere.weighting.meta import MetaStepResult, SharedForward, meta_step, meta_step_reusing
 from mmsphere.weighting.weight_net import WeightNet
 
 
@@ -53,6 +53,16 @@ class MetaWeighting:
                          parameter_names=self.parameter_names, virtual_lr=virtual_lr,
                          gradient=self.config.meta.gradient, normalize=self.config.meta.normalize,
                          train_group_ids=train_group_ids, meta_group_ids=meta_group_ids, step=step)
+
+    def meta_step_reusing(self, shared: SharedForward, train_inputs: dict[str, torch.Tensor],
+                          meta_inputs: dict[str, torch.Tensor], *, virtual_lr: float | dict[str, float],
+                          train_group_ids: torch.Tensor | None = None, meta_group_ids: torch.Tensor | None = None,
+                          step: int | None = None) -> MetaStepResult:
+        """One ``jvp`` meta iteration whose virtual step reuses the real step's forward (``shared``)."""
+        return meta_step_reusing(self.network, self.objective, self.weight_net, self.optimizer, shared, train_inputs,
+                                 meta_inputs, parameter_names=self.parameter_names, virtual_lr=virtual_lr,
+                                 normalize=self.config.meta.normalize, train_group_ids=train_group_ids,
+                                 meta_group_ids=meta_group_ids, step=step)
 
     def plot_curve(self, path: Path, max_loss: float) -> None:
         """Save the learned weighting curve ℓ → V(ℓ) as a PNG."""
