@@ -49,7 +49,7 @@ class ContrastiveObjective(Protocol):
 
     def evaluate(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                  **extras: Any) -> Any:
-        """Unreduced terms with ``.per_sample`` [n], the local per-sample losses, and ``.weight_input`` [n]."""
+        """Unreduced terms with ``.per_sample`` [n], the local per-sample losses (and optionally ``.weight_input`` [n])."""
 
     def reduce(self, evaluated: Any, sample_weights: torch.Tensor | None, weight_normalize: str) -> Any:
         """The reduced output with ``.loss``."""
@@ -203,7 +203,11 @@ class _Losses:
 
     def virtual(self, outputs: dict[str, torch.Tensor], weigh: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         evaluated = self.objective.evaluate(**outputs, group_ids=self.train_group_ids, step=self.step)
-        return self.objective.reduce(evaluated, weigh(evaluated.weight_input), self.normalize).loss
+        # what the WeightNet reads: the objective's weight_input where it has one, else the losses
+        weight_input = getattr(evaluated, "weight_input", None)
+        if weight_input is None:
+            weight_input = evaluated.per_sample.detach()
+        return self.objective.reduce(evaluated, weigh(weight_input), self.normalize).loss
 
     def meta(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         evaluated = self.objective.evaluate(**outputs, group_ids=self.meta_group_ids, step=self.step)
