@@ -151,7 +151,7 @@ class Task:
         evaluated = self.objective.evaluate(**features, group_ids=batch.group_ids, seed=self.draw_seed(step),
                                             step=step)
         weight_input = evaluated.weight_input
-        old_weights = weighting.weights(weight_input)
+        old_weights = weighting.virtual_weights(weight_input)
         # the virtual loss: the contrastive term alone, weighted, as the meta step defines it
         contrastive = ObjectiveTerms(evaluated.rows, evaluated.per_sample_rows, {}, evaluated.weight_input_rows)
         virtual_loss = weighting.objective.reduce(contrastive, old_weights, self.normalize).loss

@@ -39,6 +39,11 @@ class MetaWeighting:
             weights = self.weight_net(per_sample.detach().float())
         return weights.to(per_sample.dtype)
 
+    def virtual_weights(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """Weights of the virtual step, ``V(ℓ.detach(); Θ)`` in ``ℓ``'s dtype, as the meta iteration computes them."""
+        with torch.no_grad():
+            return self.weight_net(per_sample.detach())
+
     def group_rates(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Each virtual parameter's current learning rate, from its own optimiser group."""
         rate_of = {id(parameter): group["lr"] for group in optimizer.param_groups for parameter in group["params"]}
