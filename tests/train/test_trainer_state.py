@@ -66,15 +66,14 @@ def _train(raw: dict, poisoned: tuple[int, ...], kill_at: int | None = None) -> 
     real = loop.optimization_step
     tried: set[int] = set()
 
-    def scripted(*arguments, seed, **keywords):
-        step = seed  # seed 0: the loop's step seed is the step
+    def scripted(*arguments, step, **keywords):
         if step == kill_at:
             raise Killed
         if step in poisoned and step not in tried:
             tried.add(step)
             task, batch, *rest = arguments
             arguments = (task, dataclasses.replace(batch, media=batch.media * float("nan")), *rest)
-        return real(*arguments, seed=seed, **keywords)
+        return real(*arguments, step=step, **keywords)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "optimization_step", scripted)
