@@ -6,7 +6,10 @@ meta iteration at every step through every parameter (``meta.params: all``), fp3
 Variants: ``no_meta``; ``second_order``; ``jvp_own_forward`` (``meta.reuse_forward: false``: the
 meta iteration runs its own train forward, then the real step runs another); ``jvp`` (the default:
 the real step's train forward is the virtual step's). Variants run in interleaved rounds; times are
-the median step, relative to the step without meta weighting in the same run. The floor of an exact
+the median step, relative to the step without meta weighting in the same run; each (round, variant)
+runs in a fresh process that builds its model, takes one warm-up step and times ``--steps`` steps
+(several ViT-B-32 runners in one process disturb each other's timings: holding them all took 14 GB
+and made the larger working sets of some variants slower than alone). The floor of an exact
 meta step is the sum of the passes it cannot avoid, each timed alone in the same run (median over
 the rounds): train forward (with the objective), two train backwards, meta forward + backward, one
 forward-mode pass over the train batch, and the optimiser step. Peak memory is measured per variant
@@ -137,6 +140,22 @@ def _pass_timers(network, objective, optimizer, batch: Batch, meta_batch: Batch)
             "optimizer_step": optimizer_step}
 
 
+def measure_time(variant: str, args) -> dict[str, float]:
+    """Seconds per step of one variant (or each pass's seconds), after a warm-up, in this fresh process."""
+    runner = make_runner(variant, args)
+    if variant == "passes":
+        for run in runner.values():
+            run()
+        return {name: statistics.median(run() for _ in range(args.steps)) for name, run in runner.items()}
+    runner(0)
+    start = time.perf_counter()
+    for index in range(args.steps):
+        runner(index + 1)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return {"step": (time.perf_counter() - start) / args.steps}
+
+
 def measure_memory(variant: str, args) -> float:
     """Peak memory (MB) of building one variant and running ``--steps`` steps, in this fresh process."""
     return peak_mb(lambda: make_runner(variant, args), args.steps, args.device)
@@ -150,50 +169,41 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--meta-clips", type=int, default=None, help="clips in the meta batch (default: --clips)")
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--params", default="all", choices=("all", "last_blocks", "heads"))
-    parser.add_argument("--steps", type=int, default=1, help="steps per variant per round")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round (after a warm-up step)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--time-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_of:
         print(json.dumps({"peak_mb": measure_memory(args.memory_of, args)}))
         return 0
+    if args.time_of:
+        print(json.dumps(measure_time(args.time_of, args)))
+        return 0
+
+    def child(flag: str, variant: str, steps: int) -> dict:
+        command = [sys.executable, __file__.replace("benchmarks/meta.py", "benchmark.py"), "meta", flag, variant,
+                   "--model", args.model, "--clips", str(args.clips), "--frames", str(args.frames),
+                   "--params", args.params, "--steps", str(steps), "--device", args.device,
+                   *(["--meta-clips", str(args.meta_clips)] if args.meta_clips else [])]
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     variants = args.variants.split(",")
-    runners = {variant: make_runner(variant, args) for variant in variants}
-    passes = make_runner("passes", args)
-    for step in runners.values():  # warm-up outside the timed rounds
-        step(0)
-    for run in passes.values():
-        run()
     times: dict[str, list[float]] = {variant: [] for variant in variants}
     pass_times: dict[str, list[float]] = {name: [] for name in PASSES}
     for _ in range(args.rounds):
-        for variant, step in runners.items():
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for index in range(args.steps):
-                step(index)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            times[variant].append((time.perf_counter() - start) / args.steps)
-        for name, run in passes.items():
-            pass_times[name].append(run())
-    del runners, passes
+        for variant in variants:
+            times[variant].append(child("--time-of", variant, args.steps)["step"])
+        for name, seconds in child("--time-of", "passes", 1).items():
+            pass_times[name].append(seconds)
     seconds_of = {name: statistics.median(values) for name, values in pass_times.items()}
     floor = (seconds_of["train_forward"] + 2 * seconds_of["train_backward"] + seconds_of["meta_forward_backward"]
              + seconds_of["forward_mode_pass"] + seconds_of["optimizer_step"])
 
-    memory = {}
-    for variant in variants:
-        command = [sys.executable, __file__.replace("benchmarks/meta.py", "benchmark.py"), "meta", "--memory-of",
-                   variant, "--model", args.model, "--clips", str(args.clips), "--frames", str(args.frames),
-                   "--params", args.params, "--steps", "2", "--device", args.device,
-                   *(["--meta-clips", str(args.meta_clips)] if args.meta_clips else [])]
-        child = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), check=True)
-        memory[variant] = json.loads(child.stdout.strip().splitlines()[-1])["peak_mb"]
+    memory = {variant: child("--memory-of", variant, 2)["peak_mb"] for variant in variants}
 
     baseline = "no_meta" if "no_meta" in variants else variants[0]
     print(f"model={args.model} clips={args.clips} meta_clips={args.meta_clips or args.clips} frames={args.frames} "
