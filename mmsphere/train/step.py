@@ -36,10 +36,13 @@ def optimization_step(task: Task, batch: Batch, optimizer: torch.optim.Optimizer
     With a meta weighting and ``meta_batch``, a meta iteration of the WeightNet runs first.
     """
     batch = batch.to(task.device)
-    meta = task.meta_step(batch, meta_batch.to(task.device), optimizer, step=step) if meta_batch is not None else None
     statistics = running_statistics(task.network)
     saved = {name: buffer.clone() for name, buffer in statistics.items()}
-    output = task.forward_backward(batch, step=step)
+    if meta_batch is not None and task.reuses_train_forward():
+        meta, output = task.meta_and_forward_backward(batch, meta_batch.to(task.device), optimizer, step=step)
+    else:
+        meta = task.meta_step(batch, meta_batch.to(task.device), optimizer, step=step) if meta_batch is not None else None
+        output = task.forward_backward(batch, step=step)
     if not finite_everywhere(output.loss):
         optimizer.zero_grad(set_to_none=True)
         # the skipped forward already folded its (non-finite) batch statistics into BatchNorm

@@ -21,7 +21,8 @@ from mmsphere.models.config import MAX_LOG_LOGIT_SCALE
 from mmsphere.train.config import Config
 from mmsphere.data.batch import Batch
 from mmsphere.losses import Objective, ObjectiveOutput
-from mmsphere.weighting import MetaStepResult, MetaWeighting
+from mmsphere.weighting import MetaStepResult, MetaWeighting, SharedForward, capture_before_forward
+from mmsphere.losses.objective import ObjectiveTerms
 
 # a bias beyond the largest logit magnitude (s ≤ 100) would give every pair the same sign
 MAX_ABS_LOGIT_BIAS = 100.0
@@ -123,6 +124,46 @@ class Task:
                 accelerator.backward(micro_result.loss)
             result = result or micro_result
         return result
+
+    def reuses_train_forward(self) -> bool:
+        """Whether a meta iteration shares the real step's train forward (:meth:`meta_and_forward_backward`).
+
+        It does with the ``jvp`` meta-gradient, no accumulation and no autocast: then the real
+        forward is the fp32 forward the meta iteration would run itself. Otherwise the meta
+        iteration runs its own forward first (the reference path).
+        """
+        return (self.weighting is not None and self.weighting.config.meta.gradient == "jvp" and self.accum_freq == 1
+                and self.accelerator.mixed_precision == "no" and self.weighting.config.meta.reuse_forward)
+
+    def meta_and_forward_backward(self, batch: Batch, meta_batch: Batch, optimizer: torch.optim.Optimizer, *,
+                                  step: int = 0) -> tuple[MetaStepResult, ObjectiveOutput]:
+        """A meta iteration and the real forward + backward on one shared train forward.
+
+        The forward at w gives the per-sample losses once; the virtual gradient is a backward of
+        the loss weighted by the current WeightNet, the WeightNet takes its meta step, and the real
+        backward runs on the same graph with the updated weights. Same updates as :meth:`meta_step`
+        followed by :meth:`forward_backward` (the MW-Net order), one train forward fewer.
+        """
+        weighting = self.weighting
+        buffers, random_state = capture_before_forward(self.network)
+        with self.accelerator.autocast():
+            features = self.model(**batch.encoder_inputs())
+        evaluated = self.objective.evaluate(**features, group_ids=batch.group_ids, seed=self.draw_seed(step),
+                                            step=step)
+        weight_input = evaluated.weight_input
+        old_weights = weighting.virtual_weights(weight_input)
+        # the virtual loss: the contrastive term alone, weighted, as the meta step defines it
+        contrastive = ObjectiveTerms(evaluated.rows, evaluated.per_sample_rows, {}, evaluated.weight_input_rows)
+        virtual_loss = weighting.objective.reduce(contrastive, old_weights, self.normalize).loss
+        rates = self.virtual_lr or weighting.group_rates(optimizer)
+        shared = SharedForward(virtual_loss, old_weights, buffers, random_state)
+        meta = weighting.meta_step_reusing(shared, batch.encoder_inputs(), meta_batch.encoder_inputs(),
+                                           virtual_lr=rates, train_group_ids=batch.group_ids,
+                                           meta_group_ids=meta_batch.group_ids, step=step)
+        result = self.objective.reduce(evaluated, weighting.weights(weight_input), self.normalize)
+        if finite_everywhere(result.loss):
+            self.accelerator.backward(result.loss)
+        return meta, result
 
     def meta_step(self, batch: Batch, meta_batch: Batch, optimizer: torch.optim.Optimizer | None = None, *,
                   step: int = 0) -> MetaStepResult | None:

@@ -29,6 +29,9 @@ class MetaConfig:
     # how the exact meta-gradient is computed: jvp (first-order passes + one forward-mode pass) or
     # second_order (differentiating through the virtual step; the reference, more memory)
     gradient: str = "jvp"
+    # jvp without accumulation or autocast: the meta iteration takes its virtual gradient from the real
+    # step's own train forward (one forward fewer, the same updates); false runs its own forward first
+    reuse_forward: bool = True
 
     def validate(self) -> None:
         """Raise :class:`~mmsphere.errors.ConfigError` for values that are well-typed but impossible."""

@@ -94,6 +94,76 @@ def meta_step(
     """
     if gradient not in META_GRADIENTS:
         raise ValueError(f"meta_step: gradient={gradient!r} must be one of {', '.join(META_GRADIENTS)}")
+    virtual, rates = _virtual_parameters(model, parameter_names, virtual_lr)
+    with _meta_context(model, virtual):
+        losses = _Losses(objective, normalize, train_group_ids, meta_group_ids, step)
+        return _meta_step(model, losses, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual, rates,
+                          gradient)
+
+
+@dataclass
+class SharedForward:
+    """What the real step's forward leaves for a meta iteration that reuses it (:func:`meta_step_reusing`).
+
+    ``virtual_loss``: the weighted contrastive loss at w with the current weights, detached from Θ,
+    its graph through the model kept; ``weights``: those weights [n]; ``buffers``: copies of the
+    model's buffers taken before that forward; ``random_state``: the global RNG state before it, so
+    the forward-mode pass replays the same dropout masks.
+    """
+
+    virtual_loss: torch.Tensor
+    weights: torch.Tensor
+    buffers: dict[str, torch.Tensor]
+    random_state: _RandomState
+
+
+def capture_before_forward(model: nn.Module) -> tuple[dict[str, torch.Tensor], _RandomState]:
+    """Copies of the model's buffers and the RNG state, taken just before the forward a meta step will reuse."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    return buffers, _RandomState(next(model.parameters()).device)
+
+
+def meta_step_reusing(
+    model: nn.Module,
+    objective: ContrastiveObjective,
+    weight_net: WeightNet,
+    weight_optimizer: torch.optim.Optimizer,
+    shared: SharedForward,
+    train_inputs: dict[str, torch.Tensor],
+    meta_inputs: dict[str, torch.Tensor],
+    *,
+    parameter_names: list[str],
+    virtual_lr: float | Mapping[str, float],
+    normalize: str = "mean",
+    train_group_ids: torch.Tensor | None = None,
+    meta_group_ids: torch.Tensor | None = None,
+    step: int | None = None,
+) -> MetaStepResult:
+    """The ``jvp`` meta iteration with its virtual gradient taken from the real step's own forward.
+
+    The real step's forward at w (its graph kept for the real backward) is the virtual step's
+    forward: the virtual gradient is a backward of ``shared.virtual_loss`` on that graph (kept for
+    the real backward with the updated weights), so the iteration runs one forward fewer than
+    :func:`meta_step`: the passes it cannot avoid are the train forward, two train backwards, the
+    meta forward + backward at ŵ and one forward-mode pass at w. Same update as :func:`meta_step`
+    with ``gradient="jvp"`` whenever the two forwards agree (fp32, the same dropout draws).
+    """
+    virtual, rates = _virtual_parameters(model, parameter_names, virtual_lr)
+    with _meta_context(model, virtual):
+        losses = _Losses(objective, normalize, train_group_ids, meta_group_ids, step)
+        gradients = torch.autograd.grad(shared.virtual_loss, list(virtual.values()), retain_graph=True,
+                                        allow_unused=True)
+        weight_parameters = list(weight_net.parameters())
+        meta_gradients, meta_loss = _jvp_from_virtual_gradients(
+            model, losses, weight_net, weight_parameters, gradients, train_inputs, meta_inputs, virtual, rates,
+            shared.buffers, shared.random_state)
+        return _apply_meta_gradient(weight_parameters, weight_optimizer, meta_gradients,
+                                    shared.virtual_loss.detach(), meta_loss, shared.weights)
+
+
+def _virtual_parameters(model: nn.Module, parameter_names: list[str],
+                        virtual_lr: float | Mapping[str, float]) -> tuple[dict[str, nn.Parameter], dict[str, float]]:
+    """The parameters the virtual step moves, and each one's rate; names and rates checked."""
     if not parameter_names:
         raise ValueError("meta_step needs at least one parameter to take the virtual step")
     parameters = dict(model.named_parameters())
@@ -107,14 +177,17 @@ def meta_step(
         rates = {name: float(virtual_lr[name]) for name in parameter_names}
     else:
         rates = dict.fromkeys(parameter_names, float(virtual_lr))
-    virtual = {name: parameters[name] for name in parameter_names}
+    return {name: parameters[name] for name in parameter_names}, rates
+
+
+@contextlib.contextmanager
+def _meta_context(model: nn.Module, virtual: dict[str, nn.Parameter]) -> Iterator[None]:
+    """The model's own forward, fp32 outside autocast, the math attention kernel, a forked RNG."""
     device = next(iter(virtual.values())).device
     # fused attention kernels have no double backward; the math kernel does
     with _plain_forward(model), torch.autocast(device_type=device.type, enabled=False), \
             sdpa_kernel(SDPBackend.MATH), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        losses = _Losses(objective, normalize, train_group_ids, meta_group_ids, step)
-        return _meta_step(model, losses, weight_net, weight_optimizer, train_inputs, meta_inputs, virtual, rates,
-                          gradient)
+        yield
 
 
 class _Losses:
@@ -148,6 +221,12 @@ def _meta_step(model, losses, weight_net, weight_optimizer, train_inputs, meta_i
     meta_gradient = _second_order_meta_gradient if gradient == "second_order" else _jvp_meta_gradient
     meta_gradients, virtual_loss, meta_loss, weights = meta_gradient(
         model, losses, weight_net, weight_parameters, train_inputs, meta_inputs, virtual, rates, buffers)
+    return _apply_meta_gradient(weight_parameters, weight_optimizer, meta_gradients, virtual_loss, meta_loss, weights)
+
+
+def _apply_meta_gradient(weight_parameters, weight_optimizer, meta_gradients, virtual_loss, meta_loss,
+                         weights) -> MetaStepResult:
+    """All-reduce the meta-gradient with a non-finite flag, then step the WeightNet (or skip everywhere)."""
     meta_gradients = [torch.zeros_like(parameter) if grad is None else grad.detach()
                       for parameter, grad in zip(weight_parameters, meta_gradients)]
     local_nonfinite = not (torch.isfinite(virtual_loss.detach()) & torch.isfinite(meta_loss.detach())).item()
@@ -220,8 +299,6 @@ def _jvp_meta_gradient(model, losses, weight_net, weight_parameters, train_input
     alone (= −α Σ_i c_i ∇_Θ v̄_i with c_i = ⟨g, ∇_w ℓ_i⟩). That tangent comes from one
     forward-mode pass; its graph to Θ is only the WeightNet and the weighting, never the model.
     """
-    _load_forward_mode()
-    names = list(virtual)
     random_state = _RandomState(next(iter(virtual.values())).device)
     # 1. virtual step: an ordinary backward of the weighted loss, weights detached
     outputs = functional_call(model, (virtual, buffers), args=(), kwargs=train_inputs)
@@ -236,6 +313,17 @@ def _jvp_meta_gradient(model, losses, weight_net, weight_parameters, train_input
     virtual_loss = losses.virtual(outputs, weigh_detached)
     gradients = torch.autograd.grad(virtual_loss, list(virtual.values()), allow_unused=True)
     virtual_loss, outputs = virtual_loss.detach(), None
+    meta_gradients, meta_loss = _jvp_from_virtual_gradients(
+        model, losses, weight_net, weight_parameters, gradients, train_inputs, meta_inputs, virtual, rates, buffers,
+        random_state)
+    return meta_gradients, virtual_loss, meta_loss, torch.cat(weights_seen)
+
+
+def _jvp_from_virtual_gradients(model, losses, weight_net, weight_parameters, gradients, train_inputs, meta_inputs,
+                                virtual, rates, buffers, random_state):
+    """Steps 2 and 3 of the jvp meta-gradient, from the virtual gradients ∇_w L_v at w (this rank's)."""
+    _load_forward_mode()
+    names = list(virtual)
     gradients = [torch.zeros_like(parameter) if grad is None else grad
                  for parameter, grad in zip(virtual.values(), gradients)]
     # ŵ = w − α·G written over G: one parameter-sized copy at a time (ViT-B/32: 600 MB each)
@@ -271,9 +359,8 @@ def _jvp_meta_gradient(model, losses, weight_net, weight_parameters, train_input
             dual_loss = losses.virtual(outputs, weigh)
             tangent = forward_ad.unpack_dual(dual_loss).tangent
     if tangent is None or not tangent.requires_grad:  # nothing of this rank's loss depends on Θ or w
-        return [None] * len(weight_parameters), virtual_loss, meta_loss, torch.cat(weights_seen)
-    meta_gradients = torch.autograd.grad(-tangent, weight_parameters, allow_unused=True)
-    return meta_gradients, virtual_loss, meta_loss, torch.cat(weights_seen)
+        return [None] * len(weight_parameters), meta_loss
+    return torch.autograd.grad(-tangent, weight_parameters, allow_unused=True), meta_loss
 
 
 class _RandomState:

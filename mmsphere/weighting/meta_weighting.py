@@ -9,7 +9,7 @@ import torch
 
 from mmsphere.losses import Objective
 from mmsphere.plotting import line_plot  # imports matplotlib only when a plot is drawn
-from mmsphere.weighting.meta import MetaStepResult, meta_step
+from mmsphere.weighting.meta import MetaStepResult, SharedForward, meta_step, meta_step_reusing
 from mmsphere.weighting.weight_net import WeightNet
 
 
@@ -39,6 +39,11 @@ class MetaWeighting:
             weights = self.weight_net(per_sample.detach().float())
         return weights.to(per_sample.dtype)
 
+    def virtual_weights(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """Weights of the virtual step, ``V(ℓ.detach(); Θ)`` in ``ℓ``'s dtype, as the meta iteration computes them."""
+        with torch.no_grad():
+            return self.weight_net(per_sample.detach())
+
     def group_rates(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Each virtual parameter's current learning rate, from its own optimiser group."""
         rate_of = {id(parameter): group["lr"] for group in optimizer.param_groups for parameter in group["params"]}
@@ -53,6 +58,16 @@ class MetaWeighting:
                          parameter_names=self.parameter_names, virtual_lr=virtual_lr,
                          gradient=self.config.meta.gradient, normalize=self.config.meta.normalize,
                          train_group_ids=train_group_ids, meta_group_ids=meta_group_ids, step=step)
+
+    def meta_step_reusing(self, shared: SharedForward, train_inputs: dict[str, torch.Tensor],
+                          meta_inputs: dict[str, torch.Tensor], *, virtual_lr: float | dict[str, float],
+                          train_group_ids: torch.Tensor | None = None, meta_group_ids: torch.Tensor | None = None,
+                          step: int | None = None) -> MetaStepResult:
+        """One ``jvp`` meta iteration whose virtual step reuses the real step's forward (``shared``)."""
+        return meta_step_reusing(self.network, self.objective, self.weight_net, self.optimizer, shared, train_inputs,
+                                 meta_inputs, parameter_names=self.parameter_names, virtual_lr=virtual_lr,
+                                 normalize=self.config.meta.normalize, train_group_ids=train_group_ids,
+                                 meta_group_ids=meta_group_ids, step=step)
 
     def plot_curve(self, path: Path, max_loss: float) -> None:
         """Save the learned weighting curve ℓ → V(ℓ) as a PNG."""
