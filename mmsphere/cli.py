@@ -16,6 +16,7 @@ COMMANDS = {
     "make-shards": ("mmsphere.data.cli:make_shards_main", "build webdataset shards from a CSV/JSONL list"),
     "inspect-shards": ("mmsphere.data.cli:inspect_shards_main", "decode every sample of shards and report"),
     "demo": ("mmsphere.demo:main", "build the demo data, fine-tune, evaluate and write a report"),
+    "sface-ab": ("mmsphere.train.sface_ab:main", "SFace's a, b measured on a config's first training batches"),
     "ablate": ("mmsphere.ablation.cli:main", "train and evaluate objective variants over several seeds"),
     "export": ("mmsphere.models.export:main",
                "write a run's towers in open_clip's local-dir layout (open_clip, CLIP_benchmark)"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import shutil
 import statistics
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from mmsphere.ablation import OodSets, ablation_markdown, aggregate, mean_and_std, run_ablation, variant_config
+from mmsphere.ablation.variants import split_variants
 from mmsphere.ablation.cli import main
 from mmsphere.errors import ConfigError, MmsphereError
 from mmsphere.train.config import config_from_dict
@@ -273,7 +276,33 @@ def test_a_variant_takes_its_terms_options(study_data, tmp_path, variant, terms)
     assert config.loss.terms == terms
 
 
+@pytest.mark.parametrize(("text", "names"), [
+    ("clip,meta", ["clip", "meta"]),
+    ("cam_softmax:c_stop=1.45,c_decay=0.001,clip", ["cam_softmax:c_stop=1.45,c_decay=0.001", "clip"]),
+    ("sface:k=20,a=0.8,b=1.23,sface+meta:k=20", ["sface:k=20,a=0.8,b=1.23", "sface+meta:k=20"]),
+    ("cma@0.1,margin", ["cma@0.1", "margin"]),
+])
+def test_variants_text_keeps_a_variants_several_options_together(text, names):
+    assert split_variants(text) == names
+
+
+@pytest.mark.parametrize(("variant", "terms"), [
+    ("cosface+meta:margin=0.2", {"cosface": {"weight": 1.0, "margin": 0.2}}),
+    ("clip+meta", {"clip": 1.0}),
+    ("cma@0.01+meta", {"angular_margin": {"weight": 1.0, "margin": 0.2}, "cma": 0.01}),
+])
+def test_plus_meta_turns_meta_weighting_on_for_any_variant(study_data, tmp_path, variant, terms):
+    """NAME+meta is the variant NAME (its terms and options unchanged) with meta weighting on; NAME alone is off."""
+    base = config_from_dict(base_raw(study_data))
+    config = variant_config(base, variant, seed=0, output_dir=tmp_path)
+    assert config.loss.terms == terms and config.meta.enabled
+    without = variant.replace("+meta", "")
+    assert variant_config(base, without, seed=0, output_dir=tmp_path).loss.terms == terms
+    assert not variant_config(base, without, seed=0, output_dir=tmp_path).meta.enabled
+
+
 @pytest.mark.parametrize(("change", "message"), [
+    (dict(variants=["clip+mtea"]), r"variant clip\+mtea: only '\+meta' may follow a variant's name"),
     (dict(variants=["clip", "margni"]), r"unknown variant\(s\) \['margni'\]; known: clip, angular_margin"),
     (dict(variants=["clip", "clip"]), r"variant\(s\) \['clip'\] are listed more than once"),
     (dict(variants=["cma@x"]), r"variant 'cma@x': weight 'x' is not a number"),
@@ -331,3 +360,39 @@ def test_markdown_names_terms_given_with_their_fields_and_an_accuracy_only_evalu
     text = ablation_markdown(results)
     assert "| clip | siglip 1 (margin=0.1) | off |" in text
     assert "## ID accuracy (prompt classification of red, green)" in text and "## OoD detection" not in text
+
+
+def test_sface_ab_is_the_mean_of_each_first_batchs_angle_quantiles(study_data, tmp_path, capsys):
+    """`mmsphere sface-ab`: a, b = the mean over the first batches of numpy quantiles of loop-computed angles."""
+    from mmsphere.cli import run_command
+    from mmsphere.data.mixing import build_train_stream
+    from mmsphere.models import create_run_model
+    from mmsphere.train.sface_ab import measured_sface_ab
+
+    config = config_from_dict(base_raw(study_data))
+    a, b = measured_sface_ab(config, batches=2, positive_quantile=0.25, negative_quantile=0.75)
+    model = create_run_model(config).eval()
+    stream = build_train_stream(config.data.train, config.data, batch_size=8, image_size=model.image_size,
+                                image_mean=model.image_mean, image_std=model.image_std, tokenizer=model.tokenizer,
+                                seed=config.seed)
+    expected_a, expected_b = [], []
+    for _, batch in zip(range(2), stream):
+        with torch.no_grad():
+            features = model(**batch.encoder_inputs())
+        img, txt = features["image_features"].double().numpy(), features["text_features"].double().numpy()
+        positive, negative = [], []
+        for i in range(len(img)):
+            for j in range(len(txt)):
+                angle = math.acos(max(-1.0, min(1.0, float(np.dot(img[i], txt[j])))))
+                (positive if i == j else negative).append(angle)
+        expected_a.append(np.quantile(positive, 0.25))
+        expected_b.append(np.quantile(negative, 0.75))
+    assert a == pytest.approx(np.mean(expected_a), abs=1e-6) and b == pytest.approx(np.mean(expected_b), abs=1e-6)
+    assert 0 < a < b < math.pi
+    config_file = tmp_path / "base.yaml"
+    config_file.write_text(yaml.safe_dump(base_raw(study_data)))
+    assert run_command("sface-ab", ["--config", str(config_file), "--batches", "2", "--positive-quantile", "0.25",
+                                    "--negative-quantile", "0.75"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["a"] == pytest.approx(a, abs=1e-4) and printed["b"] == pytest.approx(b, abs=1e-4)
+    assert printed["override"] == f"loss.terms.sface.a={a:.4f} loss.terms.sface.b={b:.4f}"

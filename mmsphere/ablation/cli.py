@@ -10,7 +10,7 @@ from pathlib import Path
 from mmsphere.ablation.evaluation import OodSets, read_mismatched_keys
 from mmsphere.ablation.runs import run_ablation
 from mmsphere.ablation.summary import RETRIEVAL_COLUMNS, markdown_table
-from mmsphere.ablation.variants import known_variants
+from mmsphere.ablation.variants import known_variants, split_variants
 from mmsphere.errors import ConfigError, MmsphereError
 from mmsphere.train.config import load_config
 from mmsphere.ood.inputs import parse_ood_sets, read_names, read_templates
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--seeds={args.seeds} must be >= 1")
         base = load_config(args.config, args.overrides)
         results = run_ablation(
-            base, args.variants.split(","), [base.seed + index for index in range(args.seeds)], args.out,
+            base, split_variants(args.variants), [base.seed + index for index in range(args.seeds)], args.out,
             zero_shot=args.zero_shot, ood=_ood_sets(args), eval_batch_size=args.eval_batch_size,
             mismatched_keys=read_mismatched_keys(args.mismatched_keys) if args.mismatched_keys else None,
             description={"command": ["scripts/ablate.py", *argv],

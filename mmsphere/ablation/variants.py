@@ -43,7 +43,7 @@ def checked_variants(names: Sequence[str]) -> list[str]:
     """The variant names in order; unknown, malformed or repeated names are an error."""
     names = [name.strip() for name in names]
     known = known_variants()
-    unknown = [name for name in names if _canonical(name.partition(":")[0].partition("@")[0]) not in known]
+    unknown = [name for name in names if _canonical(_base_name(name)) not in known]
     if unknown or not names:
         raise ConfigError(f"unknown variant(s) {unknown or '(none given)'}; known: {', '.join(known)} "
                           f"(a non-contrastive term also as NAME@WEIGHT; a term's options as NAME:FIELD=VALUE)")
@@ -52,6 +52,19 @@ def checked_variants(names: Sequence[str]) -> list[str]:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ConfigError(f"variant(s) {repeated} are listed more than once")
+    return names
+
+
+def split_variants(text: str) -> list[str]:
+    """``--variants`` text -> variant names: commas separate variants, except inside a variant's options
+    (``cam_softmax:c_stop=1.45,c_decay=0.001,clip`` is two variants: a piece with ``=`` and no ``:`` continues the
+    options of the variant before it)."""
+    names: list[str] = []
+    for piece in text.split(","):
+        if names and ":" in names[-1] and "=" in piece and ":" not in piece:
+            names[-1] += "," + piece
+        else:
+            names.append(piece)
     return names
 
 
@@ -68,8 +81,12 @@ def checked_seeds(seeds: Sequence[int]) -> list[int]:
 def variant_overrides(variant: str) -> dict[str, Any]:
     """The config overrides of a variant (see :func:`known_variants`), of ``TERM@WEIGHT`` with that weight, and
     ``...:FIELD=VALUE[,FIELD=VALUE]`` with those options of the variant's own term (``angular_margin:margin=0.2``,
-    ``siglip:margin=0.1``, ``cma@0.01:...``)."""
+    ``siglip:margin=0.1``, ``cma@0.01:...``); ``NAME+meta`` is that variant with meta weighting on
+    (``cosface+meta:margin=0.2``)."""
     variant, colon, options_text = variant.partition(":")
+    variant, plus, flag = variant.partition("+")
+    if plus and flag != "meta":
+        raise ConfigError(f"variant {variant}+{flag}: only '+meta' may follow a variant's name")
     name, at, weight_text = variant.partition("@")
     known = known_variants()
     if _canonical(name) not in known:
@@ -98,6 +115,8 @@ def variant_overrides(variant: str) -> dict[str, Any]:
                 raise ConfigError(f"variant {variant}:{options_text}: {item!r} is not FIELD=VALUE")
             options[field_name.strip()] = yaml.safe_load(value_text)
         overrides["loss.terms"][name] = options
+    if plus:
+        overrides["meta.enabled"] = True
     return overrides
 
 
@@ -137,6 +156,11 @@ def seeded_config(base: Config, seed: int, output_dir: str | os.PathLike) -> Con
     raw = config_to_dict(base)
     raw.update(output_dir=str(output_dir), seed=seed)
     return config_from_dict(raw)
+
+
+def _base_name(variant: str) -> str:
+    """The registry name a variant string starts with: ``cosface+meta:margin=0.2`` -> ``cosface``."""
+    return variant.partition(":")[0].partition("+")[0].partition("@")[0]
 
 
 def _canonical(name: str) -> str:
