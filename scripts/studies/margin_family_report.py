@@ -1,0 +1,163 @@
+"""Tables, paired intervals and the figure of REPORT.md §9 (the margin family on noisy captions).
+
+Reads the ``ablation.json`` files that ``margin_family.py`` wrote under ``--runs`` and prints every
+table as markdown: cells are mean ± sample std over seeds 0-4; a Δ is the paired difference (arm −
+reference, same seed) as mean ± std, its 95% Student-t interval (``intervals.py``) and the seeds above
+/ below 0. Writes ``scripts/studies/figures/margin_family_noise.png`` (accuracy against the corruption
+rate, one line per loss, meta weighting off and on) and every run's numbers into
+``scripts/studies/figures/margin_family_results.json``. Nothing is retrained; a cell whose runs have
+not finished is printed as ``–``.
+
+    python scripts/studies/margin_family_report.py --runs runs/study2/margin_family
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from intervals import TIE, interval  # noqa: E402  (the study scripts are not a package)
+from margin_family import CGD_DEFAULT, FACE_AB, LOSSES  # noqa: E402
+
+FIGURES = Path(__file__).resolve().parent / "figures"
+LEVELS = ("00", "20", "40")
+ACCURACY, WEIGHT_AUROC = "ood/id_accuracy", "weights/auroc_clean_vs_mismatched"
+LABELS = {"clip": "CLIP", "angular_margin": "angular margin (MAMA)", "cosface": "CosFace", "arcface": "ArcFace",
+          "sphereface_r": "SphereFace-R", "cam_softmax": "Cam-Softmax", "sface": "SFace", "sphereface2": "SphereFace2"}
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    """An ``ablation.json`` (None: not finished)."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def per_seed(results: dict[str, Any] | None, variant: str | None = None, key: str = ACCURACY,
+             scale: float = 100.0) -> dict[int, float]:
+    """seed -> value of ``key`` for ``variant`` (the study's only variant when None); {} when not finished."""
+    if results is None:
+        return {}
+    return {run["seed"]: scale * run["metrics"][key] for run in results["runs"]
+            if (variant is None or run["variant"] == variant) and run["metrics"].get(key) is not None}
+
+
+def cell(values: dict[int, float], decimals: int = 1) -> str:
+    """mean ± sample std, or – when fewer than 2 seeds."""
+    if len(values) < 2:
+        return "–"
+    data = list(values.values())
+    return f"{statistics.fmean(data):.{decimals}f} ± {statistics.stdev(data):.{decimals}f}"
+
+
+def delta(arm: dict[int, float], reference: dict[int, float], decimals: int = 1) -> str:
+    """Paired Δ (arm − reference over their common seeds): mean ± std [95% interval] (seeds > 0 / < 0)."""
+    seeds = sorted(set(arm) & set(reference))
+    if len(seeds) < 2:
+        return "–"
+    diffs = [arm[seed] - reference[seed] for seed in seeds]
+    mean, std, low, high = interval(diffs)
+    f = f".{decimals}f"
+    return (f"{mean:+{f}} ± {std:{f}} [{low:+{f}}, {high:+{f}}] "
+            f"({sum(d > TIE for d in diffs)}/{sum(d < -TIE for d in diffs)})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs/study2/margin_family"))
+    args = parser.parse_args()
+    stored: dict[str, Any] = {}
+    off: dict[str, dict[str, dict[int, float]]] = {}
+    on: dict[str, dict[str, dict[int, float]]] = {}
+    early: dict[str, dict[str, dict[int, float]]] = {}
+    for level in LEVELS:
+        root = args.runs / f"cifar_{level}"
+        choices_file = root / "choices.json"
+        choices = json.loads(choices_file.read_text()) if choices_file.is_file() else {}
+        print(f"\n### {int(level)}% corrupted captions\n")
+        print("Tuning (seed 5, meta off): class accuracy % on the validation split; the chosen value in bold.\n")
+        print("| loss | candidates | chosen |\n|---|---|---|")
+        for loss, candidates in LOSSES.items():
+            shown = []
+            for label, _, _ in candidates:
+                found = per_seed(load(root / "tune" / loss / label.replace("=", "_") / "ablation.json"))
+                value = f"{label}: {found[5]:.1f}" if 5 in found else f"{label}: –"
+                shown.append(f"**{value}**" if choices.get(loss) == label else value)
+                stored[f"{level}/tune/{loss}/{label}"] = found
+            print(f"| {LABELS[loss]} | {', '.join(shown)} | {choices.get(loss, '–')} |")
+        print("\nTest class accuracy % at the chosen value, seeds 0-4; Δ paired, mean ± std [95% interval] "
+              "(seeds > 0 / < 0).\n")
+        header = "| loss | meta off | meta on | Δ on − off | weight AUROC (on) | Δ off − CLIP off |"
+        if level != "00":
+            header += " early-stopped (step) | Δ on − early |"
+        print(header)
+        print("|" + "---|" * (header.count("|") - 1))
+        off[level], on[level], early[level] = {}, {}, {}
+        for loss in LOSSES:
+            final = load(root / "final" / loss / "ablation.json")
+            variants = list(final["variants"]) if final else []
+            off[level][loss] = per_seed(final, variants[0]) if final else {}
+            on[level][loss] = per_seed(final, variants[1]) if final else {}
+            auroc = per_seed(final, variants[1], WEIGHT_AUROC, 1.0) if final else {}
+            stored[f"{level}/final/{loss}/off"], stored[f"{level}/final/{loss}/on"] = off[level][loss], on[level][loss]
+            row = (f"| {LABELS[loss]} | {cell(off[level][loss])} | {cell(on[level][loss])} | "
+                   f"{delta(on[level][loss], off[level][loss])} | {cell(auroc, 3) if level != '00' else '–'} | "
+                   f"{delta(off[level][loss], off[level]['clip']) if loss != 'clip' else '–'} |")
+            if level != "00":
+                stopped = load(root / "early" / loss / "ablation.json")
+                early[level][loss] = per_seed(stopped)
+                stored[f"{level}/early/{loss}"] = early[level][loss]
+                steps = stopped["base_config"]["train"]["max_steps"] if stopped else "–"
+                row += f" {cell(early[level][loss])} ({steps}) | {delta(on[level][loss], early[level][loss])} |"
+            print(row)
+        if level == "40":
+            print("\nCGD at 40%: the other `detach` setting − the term's default, meta off, seeds 0-4.\n")
+            print("| term | default detach | other setting | Δ other − default |\n|---|---|---|---|")
+            for loss, default in CGD_DEFAULT.items():
+                other = per_seed(load(root / "cgd" / loss / "ablation.json"))
+                stored[f"{level}/cgd/{loss}"] = other
+                print(f"| {LABELS[loss]} | {default} | {cell(other)} | {delta(other, off[level][loss])} |")
+        if level != "00":
+            ab_file = root / "sface_ab.json"
+            measured = json.loads(ab_file.read_text()) if ab_file.is_file() else None
+            results = load(root / "sface_ab" / "ablation.json")
+            names = list(results["variants"]) if results else []
+            face = per_seed(results, names[0]) if results else {}
+            measured_acc = per_seed(results, names[1]) if results else {}
+            stored[f"{level}/sface_ab/face"], stored[f"{level}/sface_ab/measured"] = face, measured_acc
+            ab = f"a {measured['a']:.3f}, b {measured['b']:.3f}" if measured else "–"
+            print(f"\nSFace's a, b at {int(level)}% (meta off): face values (a {FACE_AB[0]}, b {FACE_AB[1]}), "
+                  f"measured ({ab}), and the defaults (a 1.0, b 1.5; the final runs).\n")
+            print("| a, b | accuracy | Δ − face values |\n|---|---|---|")
+            print(f"| face | {cell(face)} | – |")
+            print(f"| measured | {cell(measured_acc)} | {delta(measured_acc, face)} |")
+            print(f"| defaults | {cell(off[level]['sface'])} | {delta(off[level]['sface'], face)} |")
+    FIGURES.mkdir(exist_ok=True)
+    (FIGURES / "margin_family_results.json").write_text(json.dumps(
+        {key: {str(seed): value for seed, value in values.items()} for key, values in stored.items()}, indent=1))
+    figure = Figure(figsize=(8, 4.5))
+    axes = figure.subplots(1, 2, sharey=True)
+    for ax, (title, table) in zip(axes, (("meta weighting off", off), ("meta weighting on", on))):
+        for loss in LOSSES:
+            points = [(int(level), statistics.fmean(table[level][loss].values())) for level in LEVELS
+                      if len(table.get(level, {}).get(loss, {})) >= 2]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=LABELS[loss])
+        ax.set_title(title)
+        ax.set_xlabel("corrupted captions %")
+        ax.set_xticks([0, 20, 40])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test class accuracy % (mean of 5 seeds)")
+    axes[1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(FIGURES / "margin_family_noise.png", dpi=120)
+    print(f"\nwrote {FIGURES / 'margin_family_noise.png'} and {FIGURES / 'margin_family_results.json'}")
+
+
+if __name__ == "__main__":
+    main()
