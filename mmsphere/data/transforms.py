@@ -72,7 +72,9 @@ def normalize(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     """uint8 ``[..., 3, H, W]`` -> float32 ``(x / 255 - mean) / std`` per channel."""
     mean_tensor = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_tensor = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (frames.float().div_(255.0) - mean_tensor).div_(std_tensor)
+    # one allocation, in NCHW order whatever the resize's layout (a convolution's result may depend on it)
+    pixels = frames.to(torch.float32, memory_format=torch.contiguous_format)
+    return pixels.div_(255.0).sub_(mean_tensor).div_(std_tensor)
 
 
 def to_model_frames(
@@ -92,12 +94,13 @@ def to_model_frames(
     count = frames.shape[0]
     if not 1 <= count <= num_frames:
         raise ValueError(f"got {count} frames for num_frames={num_frames}")
-    # channels-last uint8 is the layout torch's fast antialiased resize kernel expects
-    if not frames.flags.writeable:
-        frames = frames.copy()  # torch will not wrap read-only memory (e.g. np.asarray of a PIL image)
-    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    output = torch.zeros(num_frames, 3, image_size, image_size, dtype=torch.float32)
-    output[:count] = normalize(resize_center_crop(pixels, image_size), mean, std)
-    frame_mask = torch.zeros(num_frames, dtype=torch.bool)
-    frame_mask[:count] = True
+    # torch wraps the array as it lies (a decoder's [H, W, 3] buffer, or a view of its [3, H, W] planes); the
+    # antialiased uint8 resize reads both layouts at the same speed, so no copy is made here
+    if not frames.flags.writeable or any(stride < 0 for stride in frames.strides):
+        frames = frames.copy()  # torch wraps neither read-only memory (np.asarray of a PIL image) nor reversed strides
+    pixels = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    output = normalize(resize_center_crop(pixels, image_size), mean, std)
+    if count < num_frames:  # zero-padded to T (an image, or a clip with all T frames, needs no copy)
+        output = torch.cat([output, output.new_zeros(num_frames - count, *output.shape[1:])])
+    frame_mask = torch.arange(num_frames) < count
     return output, frame_mask

@@ -135,6 +135,27 @@ def test_images_decode_like_pil(media, image_format, mode):
     assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
+@pytest.mark.parametrize("options", [
+    dict(subsampling=0), dict(subsampling=1), dict(subsampling=2), dict(subsampling=2, progressive=True),
+    dict(subsampling=0, quality=98, optimize=True), dict(subsampling=2, quality=30), dict(mode="L"),
+    dict(mode="CMYK"), dict(subsampling=2, size=(17, 33)), dict(subsampling=2, size=(640, 427)),
+])
+def test_jpegs_decode_to_pils_exact_pixels(media, options):
+    """Every JPEG kind (4:4:4/4:2:2/4:2:0, progressive, odd sizes, grey, CMYK) gives PIL's own pixels, bit for
+    bit, at full size (exact mode) and in fast mode when no DCT scaling applies (the fast decoder's path)."""
+    options = dict(options)
+    mode, size = options.pop("mode", "RGB"), options.pop("size", (61, 45))
+    photo = Image.open(io.BytesIO(media.image(*size, "PNG"))).convert(mode)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", **options)
+    data = buffer.getvalue()
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    for draft_size in (None, min(size)):
+        pixels = decode_image(data, draft_size=draft_size)
+        assert pixels.shape == (size[1], size[0], 3) and pixels.dtype == np.uint8
+        assert np.array_equal(pixels, expected)
+
+
 def test_decompression_bomb_is_refused_before_decoding(media):
     bomb = media.png_bomb(10_000)
     with warnings.catch_warnings():
