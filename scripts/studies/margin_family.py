@@ -10,6 +10,9 @@ Per corruption level (40%, 20%, 0%; the order runs the most telling level first)
 4. **cgd** (40%): the terms with a ``detach`` option with the other setting, seeds 0-4;
 5. **sface_ab** (20%, 40%): SFace with the face values (a 0.8, b 1.23) and with a, b measured by
    ``mmsphere sface-ab`` on the first 4 batches, seeds 0-4.
+Then COCO retrieval (``configs/studies/coco_family.yaml``: the coco_mini training images split by image
+into 60 train, 8 meta and 12 validation images; the 79 val2017 images are the test set): the same
+tuning, chosen by R@1 + R@5 + R@10 both ways on the validation images, then seeds 0-4 meta off and on.
 Every step is ``scripts/ablate.py`` (finished runs are reused, so an interrupted study continues);
 ``--jobs`` invocations run side by side. Needs the data of ``prompt_data.sh`` (``margin_family.sh`` makes it).
 
@@ -22,6 +25,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +64,46 @@ def ablate(out: Path, variants: list[str], level: str, *, seeds: int, seed: int 
     return command
 
 
+COCO_CONFIG = "configs/studies/coco_family.yaml"
+COCO = "runs/study2/coco_family"
+COCO_TEST = "{name: coco_test, urls: 'runs/study2/coco/val/shard-000000.tar', modality: image}"
+RSUM = ("t2v/R@1", "t2v/R@5", "t2v/R@10", "v2t/R@1", "v2t/R@5", "v2t/R@10")
+
+
+def prepare_coco(captions: Path = Path("runs/study2/coco/train_captions.jsonl")) -> None:
+    """Split the coco_mini training images (seeded, by image) into 60 train, 8 meta and 12 validation images."""
+    if (Path(COCO) / "val" / "sizes.json").is_file():
+        return
+    rows = [json.loads(line) for line in captions.read_text().splitlines()]
+    groups = sorted({row["group"] for row in rows})
+    random.Random(0).shuffle(groups)
+    meta, val = set(groups[:8]), set(groups[8:20])
+    split = {"train": [row for row in rows if row["group"] not in meta | val],
+             "meta": [row for row in rows if row["group"] in meta]}
+    images: dict[str, dict] = {}
+    for row in rows:  # validation: one row per image with all its captions, as the test set
+        if row["group"] in val:
+            images.setdefault(row["group"], {"key": row["group"], "path": row["path"], "captions": []})
+            images[row["group"]]["captions"] += row["captions"]
+    split["val"] = list(images.values())
+    for name, chosen_rows in split.items():
+        listing = Path(COCO) / f"{name}.jsonl"
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text("".join(json.dumps(row) + "\n" for row in chosen_rows))
+        subprocess.run([sys.executable, "scripts/make_shards.py", "--input", str(listing), "--out",
+                        str(Path(COCO) / name), "--maxcount", "400", "--quiet"], check=True)
+
+
+def coco_ablate(out: Path, variants: list[str], *, seeds: int, seed: int = 0, overrides: list[str] = (),
+                evaluate_on: str = "test") -> list[str]:
+    """The ``scripts/ablate.py`` command of one COCO cell: retrieval on the validation split or on the test set."""
+    command = [sys.executable, "scripts/ablate.py", "--config", COCO_CONFIG, "--variants", ",".join(variants),
+               "--seeds", str(seeds), "--out", str(out), "--eval-batch-size", "500", f"seed={seed}", *overrides]
+    if evaluate_on == "test":  # the test images are never seen during training: no validation passes
+        command += [f"data.val={COCO_TEST}", "train.val_every=0"]
+    return command
+
+
 def run_all(commands: list[tuple[Path, list[str]]], jobs: int) -> None:
     """Run each (out, command) whose ``ablation.json`` is missing, ``jobs`` at a time; stop on the first failure."""
     todo = [(out, command) for out, command in commands if not (out / "ablation.json").is_file()]
@@ -84,12 +128,12 @@ def runs_of(out: Path) -> list[dict]:
     return json.loads((out / "ablation.json").read_text())["runs"]
 
 
-def chosen(tune: Path, loss: str) -> tuple[str, str, list[str]]:
-    """The candidate of ``loss`` with the best validation class accuracy (ties: the first listed)."""
+def chosen(tune: Path, loss: str, metric=lambda metrics: metrics["ood/id_accuracy"]) -> tuple[str, str, list[str]]:
+    """The candidate of ``loss`` with the best validation ``metric`` (default class accuracy; ties: the first listed)."""
     scores = []
     for label, variant, overrides in LOSSES[loss]:
         (run,) = runs_of(tune / loss / label.replace("=", "_"))
-        scores.append((run["metrics"]["ood/id_accuracy"], label, variant, overrides))
+        scores.append((metric(run["metrics"]), label, variant, overrides))
     best = max(scores, key=lambda item: item[0])
     return best[1:]
 
@@ -118,10 +162,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/study2/margin_family", type=Path)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--levels", default="40,20,00")
+    parser.add_argument("--levels", default="40,20,00", help="CIFAR-10 corruption levels ('' for none)")
+    parser.add_argument("--coco", action=argparse.BooleanOptionalAction, default=True, help="the COCO part")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    for level in args.levels.split(","):
+    for level in filter(None, args.levels.split(",")):
         root = args.out / f"cifar_{level}"
         tune = root / "tune"
         run_all([(tune / loss / label.replace("=", "_"),
@@ -152,7 +197,24 @@ def main() -> int:
                 commands.append((root / "cgd" / loss, ablate(root / "cgd" / loss, [f"{variant},detach={not default}"],
                                                             level, seeds=5, overrides=overrides)))
         run_all(commands, args.jobs)
+    if args.coco:
+        coco_study(args.out / "coco", args.jobs)
     return 0
+
+
+def coco_study(root: Path, jobs: int) -> None:
+    """COCO retrieval: tuning by the validation split's R@1+R@5+R@10 both ways, then seeds 0-4 meta off and on."""
+    prepare_coco()
+    tune = root / "tune"
+    run_all([(tune / loss / label.replace("=", "_"),
+              coco_ablate(tune / loss / label.replace("=", "_"), [variant], seeds=1, seed=TUNING_SEED,
+                          overrides=overrides, evaluate_on="val"))
+             for loss, candidates in LOSSES.items() for label, variant, overrides in candidates], jobs)
+    choices = {loss: chosen(tune, loss, lambda metrics: sum(metrics[key] for key in RSUM)) for loss in LOSSES}
+    (root / "choices.json").write_text(json.dumps({loss: label for loss, (label, _, _) in choices.items()}, indent=2))
+    run_all([(root / "final" / loss, coco_ablate(root / "final" / loss, [variant, _with_meta(variant)], seeds=5,
+                                                 overrides=overrides))
+             for loss, (label, variant, overrides) in choices.items()], jobs)
 
 
 def _with_meta(variant: str) -> str:
