@@ -1,0 +1,83 @@
+"""A tower split at one block of its block stack: the input of that block, and the tower from there on.
+
+With the blocks before block ``start`` frozen, what enters block ``start`` is a pure function of the
+sample, so it can be computed once and cached; training then runs only the blocks from ``start`` on
+and what follows them (final norm, pooling, projection). Both halves reuse the tower's own forward,
+so no architecture is re-implemented here:
+
+- :func:`block_input` runs the tower until block ``start`` is called and returns that block's input;
+- :func:`from_block` runs the tower with its stack cut to ``stack[start:]`` and the first remaining
+  block's input replaced by the cached one. The modules before the stack (patch or token embedding, a
+  CNN stem) still run, on whatever input the caller gives: a batch of one dummy image for an image
+  tower (their output is replaced, so only its existence matters), the real token ids for a text tower
+  (its pooling after the stack reads them, e.g. the end-of-text position).
+
+The stack is the tower's largest stack of identical blocks (``DualEncoder._block_stacks``). An input is
+``[B, ...]`` with the batch first, as cached per sample; a stack that runs sequence-first (open_clip's
+``batch_first=False``) is transposed on the way in and out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _Reached(Exception):
+    """Raised by the hook at the split block: the rest of the tower is not needed."""
+
+
+def block_input(run_tower: Callable[[], Any], stack: nn.Module, start: int, *, batch_first: bool = True) -> torch.Tensor:
+    """The input of ``stack[start]`` while ``run_tower()`` runs, ``[B, ...]``; the tower stops there."""
+    if not 0 <= start < len(stack):
+        raise ValueError(f"start={start} must index the stack of {len(stack)} blocks")
+    captured: list[torch.Tensor] = []
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else next(iter(kwargs.values())))
+        raise _Reached
+
+    handle = stack[start].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        run_tower()
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"the tower never called block {start} of its stack")
+    return captured[0] if batch_first else captured[0].transpose(0, 1)
+
+
+@contextlib.contextmanager
+def from_block(owner: nn.Module, attribute: str, start: int, cached: torch.Tensor, *,
+               batch_first: bool = True) -> Iterator[None]:
+    """Within the block, the tower's stack ``owner.<attribute>`` is ``stack[start:]`` and its first block sees ``cached``.
+
+    ``cached``: ``[B, ...]`` block inputs (as :func:`block_input` returned them).
+    """
+    stack = getattr(owner, attribute)
+    if not 0 <= start < len(stack):
+        raise ValueError(f"start={start} must index the stack of {len(stack)} blocks")
+    first = stack[start]
+    entering = cached if batch_first else cached.transpose(0, 1)
+
+    def substitute(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (entering, *args[1:]), kwargs
+        name = next(iter(kwargs))  # a stack that passes its hidden states by keyword
+        return args, {**kwargs, name: entering}
+
+    # the same block objects in a shorter container: parameters, hooks and state are shared
+    tail = list(stack)[start:]
+    setattr(owner, attribute, nn.Sequential(*tail) if isinstance(stack, nn.Sequential) else nn.ModuleList(tail))
+    handle = first.register_forward_pre_hook(substitute, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        setattr(owner, attribute, stack)
