@@ -12,9 +12,10 @@ so no architecture is re-implemented here:
   tower (their output is replaced, so only its existence matters), the real token ids for a text tower
   (its pooling after the stack reads them, e.g. the end-of-text position).
 
-The stack is the tower's largest stack of identical blocks (``DualEncoder._block_stacks``). An input is
-``[B, ...]`` with the batch first, as cached per sample; a stack that runs sequence-first (open_clip's
-``batch_first=False``) is transposed on the way in and out.
+The stack is the tower's largest stack of identical blocks (``DualEncoder._block_stacks``). A block's
+input is ``[B, ...]``, batch first, as every supported stack runs (open_clip's transformers, which are
+batch-first, its ResNet stages, transformers' BERT layers, timm's EfficientNet stages); a stack that
+ran sequence-first would need a transpose here.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class _Reached(Exception):
     """Raised by the hook at the split block: the rest of the tower is not needed."""
 
 
-def block_input(run_tower: Callable[[], Any], stack: nn.Module, start: int, *, batch_first: bool = True) -> torch.Tensor:
+def block_input(run_tower: Callable[[], Any], stack: nn.Module, start: int) -> torch.Tensor:
     """The input of ``stack[start]`` while ``run_tower()`` runs, ``[B, ...]``; the tower stops there."""
     if not 0 <= start < len(stack):
         raise ValueError(f"start={start} must index the stack of {len(stack)} blocks")
@@ -50,12 +51,11 @@ def block_input(run_tower: Callable[[], Any], stack: nn.Module, start: int, *, b
         handle.remove()
     if not captured:
         raise RuntimeError(f"the tower never called block {start} of its stack")
-    return captured[0] if batch_first else captured[0].transpose(0, 1)
+    return captured[0]
 
 
 @contextlib.contextmanager
-def from_block(owner: nn.Module, attribute: str, start: int, cached: torch.Tensor, *,
-               batch_first: bool = True) -> Iterator[None]:
+def from_block(owner: nn.Module, attribute: str, start: int, cached: torch.Tensor) -> Iterator[None]:
     """Within the block, the tower's stack ``owner.<attribute>`` is ``stack[start:]`` and its first block sees ``cached``.
 
     ``cached``: ``[B, ...]`` block inputs (as :func:`block_input` returned them).
@@ -64,7 +64,7 @@ def from_block(owner: nn.Module, attribute: str, start: int, cached: torch.Tenso
     if not 0 <= start < len(stack):
         raise ValueError(f"start={start} must index the stack of {len(stack)} blocks")
     first = stack[start]
-    entering = cached if batch_first else cached.transpose(0, 1)
+    entering = cached
 
     def substitute(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:

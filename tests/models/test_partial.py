@@ -16,24 +16,24 @@ def _split_points(model, tower: str):
     name, stack = model._block_stacks()[tower]
     owner_name, _, attribute = name.rpartition(".")
     owner = model.get_submodule(owner_name)
-    return owner, attribute, stack, getattr(owner, "batch_first", True)
+    return owner, attribute, stack
 
 
 def _check_every_split(model, tower: str, inputs: torch.Tensor, dummy: torch.Tensor) -> int:
     """For every block, the tower run from that block's cached input (the blocks before it never called) equals the tower."""
     model.eval()
     encode = model.clip.encode_image if tower == "image" else model.clip.encode_text
-    owner, attribute, stack, batch_first = _split_points(model, tower)
+    owner, attribute, stack = _split_points(model, tower)
     with torch.no_grad():
         full = encode(inputs)
         for start in range(len(stack)):
-            cached = block_input(lambda: encode(inputs), stack, start, batch_first=batch_first)
+            cached = block_input(lambda: encode(inputs), stack, start)
             assert cached.shape[0] == inputs.shape[0]
             calls = []
             handles = [block.register_forward_hook(lambda *_, index=index: calls.append(index))
                        for index, block in enumerate(stack)]
             try:
-                with from_block(owner, attribute, start, cached, batch_first=batch_first):
+                with from_block(owner, attribute, start, cached):
                     resumed = encode(dummy)
             finally:
                 for handle in handles:
@@ -41,7 +41,7 @@ def _check_every_split(model, tower: str, inputs: torch.Tensor, dummy: torch.Ten
             assert calls == list(range(start, len(stack))), (start, calls)
             torch.testing.assert_close(resumed, full, rtol=1e-5, atol=1e-6)
             # each sample's cached input is its own: computed alone it is the same
-            alone = block_input(lambda: encode(inputs[1:2]), stack, start, batch_first=batch_first)
+            alone = block_input(lambda: encode(inputs[1:2]), stack, start)
             torch.testing.assert_close(alone[0], cached[1], rtol=1e-5, atol=1e-6)
         assert getattr(owner, attribute) is stack  # the stack is restored
     return len(stack)
@@ -57,18 +57,6 @@ def test_open_clip_towers_split_at_every_block(name, blocks):
     assert _check_every_split(model, "image", images, torch.zeros(1, 3, size, size)) == blocks
     text = model.tokenizer(["a red square", "two blue circles on grass", "x"])
     assert _check_every_split(model, "text", text, text) == (2 if name == "mmsphere-small" else 1)
-
-
-def test_a_sequence_first_stack_is_cached_batch_first():
-    """open_clip's Transformer with batch_first=False runs its blocks on [L, B, D]: the cache still holds [B, L, D]."""
-    torch.manual_seed(0)
-    model = create_model(ModelConfig(name="mmsphere-small"))
-    model.clip.visual.transformer.batch_first = False
-    model.clip.transformer.batch_first = False
-    images = torch.randn(3, 3, model.image_size, model.image_size)
-    assert _check_every_split(model, "image", images, torch.zeros(1, 3, model.image_size, model.image_size)) == 2
-    text = model.tokenizer(["a red square", "two blue circles on grass", "x"])
-    assert _check_every_split(model, "text", text, text) == 2
 
 
 def test_offline_tower_kinds_split_at_every_block(tiny_towers, tmp_path, monkeypatch):  # noqa: F811
