@@ -26,8 +26,9 @@ class ModelConfig:
     max_frames: int = 32  # size of the frame position embedding of the transformer head
     freeze_image: bool = False
     freeze_text: bool = False
-    # all | heads: with "heads" the towers' trunks are frozen and only the projection heads, the
-    # temporal head and logit_scale train (LiT-style probing of pretrained towers; cheap on CPU)
+    # all | heads | last_blocks=K: with "heads" the towers' trunks are frozen and only the projection heads,
+    # the temporal head and logit_scale train (LiT-style probing of pretrained towers; cheap on CPU);
+    # "last_blocks=K" also trains the last K blocks of each tower's block stack and every module after them
     trainable: str = "all"
     image_lr: float | None = None  # None = train.lr
     text_lr: float | None = None
@@ -40,11 +41,21 @@ class ModelConfig:
     init_logit_bias: float | None = None
     init_logit_scale: float | None = None
 
+    @property
+    def trainable_blocks(self) -> int | None:
+        """K of ``trainable: last_blocks=K`` (None for ``all`` and ``heads``, or a malformed value)."""
+        name, equals, count = self.trainable.partition("=")
+        if name != "last_blocks" or not equals or not count.isdigit() or int(count) < 1:
+            return None
+        return int(count)
+
     def validate(self) -> None:
         """Raise :class:`~mmsphere.errors.ConfigError` for values that are well-typed but impossible."""
         unknown_head = TEMPORAL_HEADS.check(self.temporal_head, "model.temporal_head")  # registered heads only
         require(unknown_head is None, str(unknown_head))
-        require(self.trainable in ("all", "heads"), f"model.trainable={self.trainable!r} must be 'all' or 'heads'")
+        require(self.trainable in ("all", "heads") or self.trainable_blocks is not None,
+                f"model.trainable={self.trainable!r} must be 'all', 'heads' or 'last_blocks=K' (K >= 1: the heads, "
+                "the last K blocks of each tower and what follows them)")
         require(self.temporal_layers >= 1, f"model.temporal_layers={self.temporal_layers} must be >= 1")
         require(self.max_frames >= 1, f"model.max_frames={self.max_frames} must be >= 1")
         for key in ("init_logit_bias", "init_logit_scale"):

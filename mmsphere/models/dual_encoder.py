@@ -18,6 +18,7 @@ from torch import nn
 
 from mmsphere.errors import ConfigError
 from mmsphere.models.config import ModelConfig
+from mmsphere.models.partial import block_input, from_block, modules_from
 from mmsphere.models.temporal import build_temporal_head
 
 TOWERS = ("image", "text", "temporal", "logit_scale")
@@ -57,11 +58,12 @@ class DualEncoder(nn.Module):
         self.run_config: dict[str, Any] | None = None  # set by load_run: the run's config.yaml as plain data
         self.architecture_config: dict | None = None  # the resolved open_clip config, set by create_model
         heads = self.head_prefixes()
+        blocks = set(self.last_block_parameter_names(config.trainable_blocks)) if config.trainable_blocks else set()
         for name, parameter in self.named_parameters():
             tower = self.tower_of(name)
             if (tower == "image" and config.freeze_image) or (tower == "text" and config.freeze_text):
                 parameter.requires_grad_(False)
-            elif config.trainable == "heads" and tower in ("image", "text") and not any(
+            elif config.trainable != "all" and tower in ("image", "text") and name not in blocks and not any(
                     _under(name, prefix) for prefix in heads):
                 parameter.requires_grad_(False)
         if config.gradient_checkpointing:
@@ -335,6 +337,54 @@ class DualEncoder(nn.Module):
                 for index in range(max(0, len(stack) - last_blocks), len(stack)):
                     prefixes.append(f"{stack_name}.{index}")
         return [name for name in trainable if any(_under(name, prefix) for prefix in prefixes)]
+
+    def _split(self, tower: str) -> tuple[nn.Module, str, int]:
+        """(owner, attribute, start) of the tower's block stack at ``model.trainable=last_blocks=K``."""
+        count = self.config.trainable_blocks
+        if count is None:
+            raise ValueError(f"model.trainable={self.config.trainable!r}: the towers are not split at a block")
+        stack_name, stack = self._block_stacks()[tower]
+        owner_name, _, attribute = stack_name.rpartition(".")
+        return self.get_submodule(owner_name), attribute, len(stack) - count
+
+    @torch.no_grad()
+    def block_inputs(self, tower: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` or token ids ``[B, L]`` -> the input of the tower's first trainable block ``[B, ...]``."""
+        owner, attribute, start = self._split(tower)
+        encode = self.clip.encode_image if tower == "image" else self.clip.encode_text
+        return block_input(lambda: encode(inputs), getattr(owner, attribute), start)
+
+    def encode_from_blocks(self, tower: str, cached: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """The tower's unnormalised output from its first trainable block's input (text: with its token ids)."""
+        owner, attribute, start = self._split(tower)
+        with from_block(owner, attribute, start, cached):
+            if tower == "image":
+                # the modules before the stack run on one blank image: their output is replaced
+                return self.clip.encode_image(cached.new_zeros(1, 3, self.image_size, self.image_size))
+            if text is None or text.shape[0] != cached.shape[0]:
+                raise ValueError("the text tower resumes from a block with the batch's token ids (its pooling reads them)")
+            return self.clip.encode_text(text)
+
+    def last_block_parameter_names(self, count: int) -> list[str]:
+        """Parameters of the last ``count`` blocks of each tower's stack and of every module the tower runs after them."""
+        names = []
+        probes = {"image": lambda: self.clip.encode_image(torch.zeros(1, 3, self.image_size, self.image_size)),
+                  "text": lambda: self.clip.encode_text(self.tokenizer(["a"]))}
+        for tower, (stack_name, stack) in self._block_stacks().items():
+            if tower not in probes:
+                continue
+            if count > len(stack):
+                raise ConfigError(f"model.trainable=last_blocks={count}: the {tower} tower's stack {stack_name} "
+                                  f"has {len(stack)} blocks")
+            start = len(stack) - count
+            root = self.clip.visual if tower == "image" else self.clip
+            after = {id(module) for module in modules_from(probes[tower], root, stack, start)}
+            for module_name, module in self.clip.named_modules(prefix="clip"):
+                if id(module) in after and self.tower_of(f"{module_name}.x") == tower:
+                    names += [f"{module_name}.{name}" for name, _ in module.named_parameters(recurse=False)]
+            names += [f"{stack_name}.{index}.{name}" for index in range(start, len(stack))
+                      for name, _ in stack[index].named_parameters()]
+        return sorted(set(names))
 
     def head_prefixes(self) -> list[str]:
         """Parameter-name prefixes of the projection heads of both towers (what trains with model.trainable=heads)."""

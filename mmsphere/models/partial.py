@@ -81,3 +81,30 @@ def from_block(owner: nn.Module, attribute: str, start: int, cached: torch.Tenso
     finally:
         handle.remove()
         setattr(owner, attribute, stack)
+
+
+def modules_from(run_tower: Callable[[], Any], root: nn.Module, stack: nn.Module, start: int) -> list[nn.Module]:
+    """The modules under ``root`` that ``run_tower()`` first calls once ``stack[start]`` has been called.
+
+    With :func:`from_block`, these and ``stack[start:]`` are what runs on a cached block input (the
+    final norm, pooling, a CNN's head convolution, the projection); every other module under ``root``
+    is computed once into the cache and must not train.
+    """
+    order: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def record(module: nn.Module, args: tuple) -> None:
+        if id(module) not in seen:
+            seen.add(id(module))
+            order.append(module)
+
+    handles = [module.register_forward_pre_hook(record) for module in root.modules()]
+    try:
+        with torch.no_grad():
+            run_tower()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if id(stack[start]) not in seen:
+        raise RuntimeError(f"the tower never called block {start} of its stack")
+    return order[order.index(stack[start]):]

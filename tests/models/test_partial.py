@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmsphere.models import create_model
 from mmsphere.models.config import ModelConfig
-from mmsphere.models.partial import block_input, from_block
+from mmsphere.models.partial import block_input, from_block, modules_from
 
 from tests.models.test_offline_towers import tiny_towers  # noqa: F401  (a fixture)
 
@@ -73,3 +74,44 @@ def test_offline_tower_kinds_split_at_every_block(tiny_towers, tmp_path, monkeyp
     assert _check_every_split(model, "image", images, torch.zeros(1, 3, 96, 96)) == 7  # EfficientNet's stages
     text = model.tokenizer(["a dog on the beach", "a red bus", "the beach"])
     assert _check_every_split(model, "text", text, text) == 2  # BERT's layers
+
+
+def test_modules_from_a_block_are_the_block_stack_tail_and_what_follows():
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="mmsphere-small")).eval()
+    visual = model.clip.visual
+    after = modules_from(lambda: model.clip.encode_image(torch.zeros(1, 3, 64, 64)), visual,
+                         visual.transformer.resblocks, 1)
+    assert after[0] is visual.transformer.resblocks[1] and visual.ln_post in after
+    for before in (visual.conv1, visual.ln_pre, visual.transformer.resblocks[0]):
+        assert before not in after
+    text = model.tokenizer(["a red square"])
+    after = modules_from(lambda: model.clip.encode_text(text), model.clip, model.clip.transformer.resblocks, 0)
+    assert model.clip.ln_final in after and model.clip.token_embedding not in after
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_training_from_cached_block_inputs_equals_the_full_forward(count):
+    """model.trainable=last_blocks=K: loss and every trainable gradient from cached block inputs equal the full forward's."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="mmsphere-small", trainable=f"last_blocks={count}")).train()
+    images = torch.randn(4, 3, 64, 64)
+    text = model.tokenizer(["a red square", "two blue circles", "a green line", "x y z"])
+
+    def loss_and_grads(image_features, text_features):
+        logits = F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T * model.clip.logit_scale.exp()
+        loss = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4))) / 2
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+        return loss, {name: grad for (name, _), grad in zip(trainable, grads)}
+
+    full_loss, full_grads = loss_and_grads(model.clip.encode_image(images), model.clip.encode_text(text))
+    cached_image, cached_text = model.block_inputs("image", images), model.block_inputs("text", text)
+    assert not cached_image.requires_grad
+    loss, grads = loss_and_grads(model.encode_from_blocks("image", cached_image),
+                                 model.encode_from_blocks("text", cached_text, text))
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == full_grads.keys() and any(".resblocks." in name for name in grads)
+    for name, grad in full_grads.items():
+        assert grad is not None, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
