@@ -319,5 +319,5 @@ def test_frozen_trunk_stays_in_eval_mode(random_frames):
 def test_trainable_must_be_all_or_heads():
     from mmsphere.train.config import load_config
 
-    with pytest.raises(ConfigError, match="model.trainable='towers' must be 'all' or 'heads'"):
+    with pytest.raises(ConfigError, match="model.trainable='towers' must be 'all', 'heads' or 'last_blocks=K'"):
         load_config(None, ["model.trainable=towers"])
