@@ -58,14 +58,23 @@ def check_cacheable(model: torch.nn.Module, data: DataConfig) -> None:
 
 
 def trunk_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of the trunks' weights and buffers (names, shapes, dtypes, values): everything of the towers but the heads."""
+    """SHA-256 of the trunks' weights and buffers (names, shapes, dtypes, values): everything of the towers but what trains.
+
+    With ``model.trainable=last_blocks=K`` the trained blocks and the modules after them are left out too, so
+    the digest names exactly the frozen part whose output the cache stores: another K is another digest.
+    """
     heads = model.head_prefixes()
+    blocks = getattr(model.config, "trainable_blocks", None)
+    # last_blocks=K: the modules of the trained blocks and of what follows them (their buffers too)
+    trained_modules = {name.rpartition(".")[0] for name in model.last_block_parameter_names(blocks)} if blocks else set()
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         if not name.startswith("clip.") or name in ("clip.logit_scale", "clip.logit_bias"):
             continue
         if any(name == prefix or name.startswith(prefix + ".") for prefix in heads):
             continue  # a head trains; the cache holds its input
+        if name.rpartition(".")[0] in trained_modules:
+            continue  # so does a trained block (and the norms after it): the cache holds the first one's input
         value = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tuple(value.shape)}|{value.dtype}|".encode())
         if value.numel():

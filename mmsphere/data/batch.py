@@ -78,7 +78,8 @@ class Batch:
         if self.cached:
             if self.text_trunk is None:
                 raise ValueError("a cached batch without text_trunk has no encoder inputs (an evaluation batch?)")
-            return {"text_trunk": self.text_trunk, **self.media_inputs()}
+            tokens = {"text": self.text} if self.text is not None else {}  # a text tower resumed at a block
+            return {"text_trunk": self.text_trunk, **tokens, **self.media_inputs()}
         if self.text is None:
             raise ValueError("a batch without text tokens has no encoder inputs (an evaluation batch?)")
         return {"text": self.text, **self.media_inputs()}

@@ -32,8 +32,10 @@ def collate_train(
     tokenizer: Tokenizer,
     skipped: dict[str, int],
     positives: str = "diagonal",
+    tokenize_cached: bool = False,
 ) -> Batch:
-    """Stack decoded samples into a training batch with the caption drawn for each, tokenised (or its text trunk features)."""
+    """Stack decoded samples into a training batch with the caption drawn for each, tokenised (or its text trunk
+    features; ``tokenize_cached``: and its tokens, for a text tower that resumes at a block)."""
     keys = [sample.key for sample in samples]
     groups = [sample.group for sample in samples]
     cached = bool(samples) and isinstance(samples[0], CachedSample)
@@ -43,7 +45,7 @@ def collate_train(
         frame_mask=torch.stack([sample.frame_mask for sample in samples]),
         keys=keys,
         source=source,
-        text=None if cached else tokenizer(captions),
+        text=tokenizer(captions) if not cached or tokenize_cached else None,
         captions=[list(sample.captions) for sample in samples],
         caption=list(captions),
         groups=groups,

@@ -68,6 +68,7 @@ def build_train_stream(
     skipped: SkipTally | None = None,
     feature_caches: dict[str, FeatureCache] | None = None,
     positives: str = "diagonal",
+    tokenize_cached: bool = False,
 ) -> TrainStream:
     """One rank's stream of homogeneous training batches, interleaving ``sources`` by weight.
 
@@ -137,6 +138,7 @@ def build_train_stream(
         split=split,
         skipped=skipped,
         positives=positives,
+        tokenize_cached=tokenize_cached,
     )
 
 
@@ -164,6 +166,7 @@ class TrainStream:
         split: str,
         skipped: SkipTally | None = None,
         positives: str = "diagonal",
+        tokenize_cached: bool = False,
     ):
         self.sources = sources
         self.skipped = skipped if skipped is not None else SkipTally()
@@ -179,6 +182,7 @@ class TrainStream:
         self.epoch = epoch
         self.split = split
         self.positives = positives  # loss.positives: how the collate resolves group ids
+        self.tokenize_cached = tokenize_cached  # cached batches carry their tokens too (model.trainable=last_blocks)
         self._batch = 0  # next batch of ``epoch``
         self._consumed = self._nothing_consumed()  # [reader][source]: raw samples taken so far
         self._resume_pending = False
@@ -310,6 +314,7 @@ class _TrainDataset(IterableDataset):
                     tokenizer=stream.tokenizer,
                     skipped=counter.drain(),
                     positives=stream.positives,
+                    tokenize_cached=stream.tokenize_cached,
                 )
                 batch.consumed = list(consumed)  # taken off again by TrainStream.__iter__
                 yield batch

@@ -101,8 +101,12 @@ def encode_eval_set(
             raise MmsphereError("the evaluation set produced no sample (empty, or every sample was skipped)")
         if caption_trunks:
             text_trunk = torch.cat(caption_trunks)
-            text_features = torch.cat([model.encode_text_trunk(text_trunk[start:start + text_batch_size].to(device))
-                                       .float().cpu() for start in range(0, len(text_trunk), text_batch_size)])
+            # a text tower resumed at a block reads the token ids too (its pooling); a head alone does not
+            blocks = getattr(getattr(model, "config", None), "trainable_blocks", None)
+            text_features = torch.cat([model.encode_text_trunk(
+                text_trunk[start:start + text_batch_size].to(device),
+                model.tokenizer(captions[start:start + text_batch_size]).to(device) if blocks else None)
+                .float().cpu() for start in range(0, len(text_trunk), text_batch_size)])
         else:
             text_features = encode_texts(model, captions, batch_size=text_batch_size, progress=progress,
                                          description=f"{description} (text)")

@@ -160,7 +160,11 @@ class DualEncoder(nn.Module):
         features ``image_trunk [B, ...]`` / ``frame_trunk [B, T, ...]`` + ``frame_mask`` from a
         feature cache: then only the heads run).
         """
-        if (text is None) == (text_trunk is None):
+        if self.config.trainable_blocks and text_trunk is not None:
+            if text is None:
+                raise ValueError("model.trainable=last_blocks: text_trunk (the first trainable block's input) "
+                                 "goes with the batch's token ids, text [B, L]")
+        elif (text is None) == (text_trunk is None):
             raise ValueError("pass exactly one of text [B, L] or text_trunk [B, ...]")
         visuals = {"images": images, "frames": frames, "image_trunk": image_trunk, "frame_trunk": frame_trunk}
         given = [name for name, value in visuals.items() if value is not None]
@@ -177,7 +181,10 @@ class DualEncoder(nn.Module):
                 f"of shape {tuple(visual.shape)} must hold the same number of samples"
             )
         visual = self._visual_unnormalized(images, frames, frame_mask, image_trunk, frame_trunk)
-        textual = self._text_unnormalized(text) if text is not None else self._apply_head("text", text_trunk)
+        if text_trunk is not None:
+            textual = self._apply_head("text", text_trunk, text)
+        else:
+            textual = self._text_unnormalized(text)
         outputs = {
             "image_features": _normalize(visual),
             "text_features": _normalize(textual),
@@ -197,15 +204,23 @@ class DualEncoder(nn.Module):
 
     @torch.no_grad()
     def image_trunk_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` -> what the image tower computes before its projection head."""
+        """Images ``[B, 3, H, W]`` -> what the image tower computes before its first trainable part.
+
+        ``model.trainable=heads``: the projection head's input; ``last_blocks=K``: the input of the first
+        of the last K blocks (:meth:`block_inputs`).
+        """
         self._check_images(images, "images", expected_dim=4)
+        if self.config.trainable_blocks:
+            return self.block_inputs("image", images)
         with self._heads_bypassed():
             return self.clip.encode_image(images)
 
     @torch.no_grad()
     def text_trunk_features(self, text: torch.Tensor) -> torch.Tensor:
-        """Token ids ``[B, L]`` -> what the text tower computes before its projection head."""
+        """Token ids ``[B, L]`` -> what the text tower computes before its first trainable part (as for images)."""
         self._check_text(text)
+        if self.config.trainable_blocks:
+            return self.block_inputs("text", text)
         with self._heads_bypassed():
             return self.clip.encode_text(text)
 
@@ -225,15 +240,18 @@ class DualEncoder(nn.Module):
         frame_features = _normalize(self._apply_head("image", frame_trunk.flatten(0, 1))).view(batch, length, -1)
         return self.temporal(frame_features, frame_mask)
 
-    def encode_text_trunk(self, text_trunk: torch.Tensor) -> torch.Tensor:
-        """Text trunk features ``[B, ...]`` -> unit-norm text features ``[B, D]`` (the head only)."""
-        return _normalize(self._apply_head("text", text_trunk))
+    def encode_text_trunk(self, text_trunk: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """Text trunk features ``[B, ...]`` -> unit-norm text features ``[B, D]`` (the trainable part only;
+        ``last_blocks``: with the token ids ``text [B, L]``)."""
+        return _normalize(self._apply_head("text", text_trunk, text))
 
     def trunk_parameter_names(self) -> list[str]:
         """Names of the image and text tower parameters outside the projection heads (the trunks)."""
         heads = self.head_prefixes()
+        blocks = set(self.last_block_parameter_names(self.config.trainable_blocks)) if self.config.trainable_blocks \
+            else set()
         return [name for name, _ in self.named_parameters() if self.tower_of(name) in ("image", "text")
-                and not any(_under(name, prefix) for prefix in heads)]
+                and name not in blocks and not any(_under(name, prefix) for prefix in heads)]
 
     def head_slots(self) -> dict[str, tuple[nn.Module, str]]:
         """Per tower (``image``, ``text``), the module owning its projection head and the attribute's name."""
@@ -263,7 +281,9 @@ class DualEncoder(nn.Module):
                                  "its trunk and head cannot be split")
         return slots
 
-    def _apply_head(self, tower: str, trunk: torch.Tensor) -> torch.Tensor:
+    def _apply_head(self, tower: str, trunk: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        if self.config.trainable_blocks:
+            return self.encode_from_blocks(tower, trunk, text)
         owner, name = self.head_slots()[tower]
         head = getattr(owner, name)
         # open_clip applies a parameter head as a right matrix product (pooled @ proj), a module head by calling it

@@ -226,7 +226,7 @@ def _build_streams(config: Config, run: _Run, network: torch.nn.Module,
     common = dict(image_size=network.image_size, image_mean=network.image_mean, image_std=network.image_std,
                   tokenizer=network.tokenizer, rank=accelerator.process_index, world_size=accelerator.num_processes,
                   seed=config.seed, feature_caches=run.feature_caches, positives=config.loss.positives,
-                  skipped=run.skipped)
+                  skipped=run.skipped, tokenize_cached=config.model.trainable_blocks is not None)
     streams = {"train": build_train_stream(config.data.train, config.data, batch_size=run.local_batch,
                                            split="train", **common)}
     if config.meta.enabled:
