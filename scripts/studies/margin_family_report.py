@@ -117,11 +117,17 @@ def main() -> None:
             print(row)
         if level == "40":
             print("\nCGD at 40%: the other `detach` setting − the term's default, meta off, seeds 0-4.\n")
-            print("| term | default detach | other setting | Δ other − default |\n|---|---|---|---|")
+            print("| term | default detach | accuracy, default | accuracy, other setting | Δ other − default | "
+                  "non-finite steps skipped (default / other, 5 runs) |\n|---|---|---|---|---|---|")
             for loss, default in CGD_DEFAULT.items():
-                other = per_seed(load(root / "cgd" / loss / "ablation.json"))
+                results = load(root / "cgd" / loss / "ablation.json")
+                other = per_seed(results)
                 stored[f"{level}/cgd/{loss}"] = other
-                print(f"| {LABELS[loss]} | {default} | {cell(other)} | {delta(other, off[level][loss])} |")
+                final = load(root / "final" / loss / "ablation.json")
+                skipped = [sum(run["training"].get("nonfinite_steps_skipped", 0) for run in found["runs"]
+                               if "+meta" not in run["variant"]) if found else "–" for found in (final, results)]
+                print(f"| {LABELS[loss]} | {default} | {cell(off[level][loss])} | {cell(other)} | "
+                      f"{delta(other, off[level][loss])} | {skipped[0]} / {skipped[1]} |")
         if level != "00":
             ab_file = root / "sface_ab.json"
             measured = json.loads(ab_file.read_text()) if ab_file.is_file() else None
