@@ -26,6 +26,7 @@ import platform
 import statistics
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -158,32 +159,32 @@ def bare_video_rate(urls: list[str]) -> float:
     return count / (time.perf_counter() - started)
 
 
-def bare_image_rate(urls: list[str], passes: int) -> float:
-    """The baseline: tar members -> PIL decode to RGB."""
-    started, count = time.perf_counter(), 0
+def image_members(urls: list[str], passes: int, suffixes: tuple[str, ...]) -> Iterator[bytes]:
+    """The bytes of every tar member with one of ``suffixes``, ``passes`` times over."""
     for _ in range(passes):
         for url in urls:
             with tarfile.open(url) as archive:
                 for member in archive:
-                    if member.name.endswith((".jpg", ".jpeg", ".png")):
-                        data = archive.extractfile(member).read()
-                        np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-                        count += 1
+                    if member.name.endswith(suffixes):
+                        yield archive.extractfile(member).read()
+
+
+def bare_image_rate(urls: list[str], passes: int) -> float:
+    """The baseline: tar members -> PIL decode to RGB."""
+    started, count = time.perf_counter(), 0
+    for data in image_members(urls, passes, (".jpg", ".jpeg", ".png")):
+        np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        count += 1
     return count / (time.perf_counter() - started)
 
 
 def floor_image_rate(urls: list[str], passes: int) -> float:
     """The passes a pipeline cannot avoid: tar members -> the fastest exact JPEG decoder -> short side to 224 + crop."""
     started, count = time.perf_counter(), 0
-    for _ in range(passes):
-        for url in urls:
-            with tarfile.open(url) as archive:
-                for member in archive:
-                    if member.name.endswith((".jpg", ".jpeg")):
-                        data = archive.extractfile(member).read()
-                        planes = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-                        resize_center_crop(planes[None], 224)
-                        count += 1
+    for data in image_members(urls, passes, (".jpg", ".jpeg")):
+        planes = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        resize_center_crop(planes[None], 224)
+        count += 1
     return count / (time.perf_counter() - started)
 
 

@@ -66,8 +66,10 @@ def test_reusing_the_train_forward_gives_the_reference_updates(image_text_shards
     reused, expected = _records(tmp_path / "reused"), _records(tmp_path / "reference")
     assert [record["step"] for record in reused] == [1, 2, 3, 4, 5]
     for got, want in zip(reused, expected):
+        # the same curves to 1e-6: by step 5 the key biases' rounding noise (below) reaches the losses at a
+        # few 1e-7, more or less with the thread count (6e-7 on one thread, where rel 1e-6 alone was too tight)
         for key in ("loss/total", "meta/virtual_loss", "meta/meta_loss", "meta/weight_mean"):
-            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (got["step"], key)
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), (got["step"], key)
     assert _weights(tmp_path / "reused") == pytest.approx(_weights(tmp_path / "reference"), rel=1e-6, abs=1e-7)
     trained, wanted = (dict(load_run(tmp_path / name).named_parameters()) for name in ("reused", "reference"))
     for name, parameter in wanted.items():
