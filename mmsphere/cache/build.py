@@ -48,8 +48,9 @@ def check_cacheable(model: torch.nn.Module, data: DataConfig) -> None:
     parameters = dict(model.named_parameters())
     trainable = [name for name in model.trunk_parameter_names() if parameters[name].requires_grad]
     if trainable:
-        raise ConfigError(f"data.feature_cache=true needs frozen tower trunks (model.trainable=heads, or "
-                          f"model.freeze_image and model.freeze_text); {len(trainable)} trunk parameters train, "
+        raise ConfigError(f"data.feature_cache=true needs frozen tower trunks (model.trainable=heads or "
+                          f"last_blocks=K, or model.freeze_image and model.freeze_text); {len(trainable)} trunk "
+                          f"parameters train, "
                           f"e.g. {trainable[0]!r}")
     if data.random_offset:
         raise ConfigError("data.feature_cache=true needs data.random_offset=false: the cache holds one fixed frame "
