@@ -1,4 +1,7 @@
-"""Frozen-tower feature cache: heads-only training steps/s from the cache vs encoding every batch, and the build cost.
+"""Frozen-tower feature cache: training steps/s from the cache vs encoding every batch, and the build cost.
+
+``--trainable heads`` (default) trains the heads from their cached inputs; ``--trainable last_blocks=K``
+trains the last K blocks of each tower too, from the cached input of the first of them.
 
 The offline MiniLM-L6 text + EfficientNet-Lite0 image towers (``runs/offline_towers``), towers
 frozen (``model.trainable: heads``), loss ``angular_margin``, CPU, fp32, no meta weighting,
@@ -61,12 +64,12 @@ def write_shards(directory: Path, shards: int, per_shard: int, seed: int = 0) ->
     return str(directory / f"bench-{{000000..{shards - 1:06d}}}.tar")
 
 
-def make_config(urls: str, output_dir: Path, batch: int, steps: int, cached: bool) -> Config:
-    """Heads-only training of the offline towers on ``urls``, logging every step."""
+def make_config(urls: str, output_dir: Path, batch: int, steps: int, cached: bool, trainable: str = "heads") -> Config:
+    """Training of the offline towers' ``trainable`` part on ``urls``, logging every step."""
     return config_from_dict({
         "output_dir": str(output_dir),
         "seed": 0,
-        "model": {"name": str(ARCHITECTURE), "pretrained": str(TOWERS), "trainable": "heads"},
+        "model": {"name": str(ARCHITECTURE), "pretrained": str(TOWERS), "trainable": trainable},
         "data": {"train": [{"name": "bench", "urls": urls, "modality": "image"}], "workers": 0,
                  "feature_cache": cached},
         "loss": {"terms": {"angular_margin": 1.0}, "margin": 0.1},
@@ -81,12 +84,12 @@ def cache_files(features: Path) -> list[Path]:
     return sorted(features.rglob("*.safetensors")) if features.is_dir() else []
 
 
-def measure_build(urls: str, shard_dir: Path, out: Path, batch: int) -> dict[str, float]:
+def measure_build(urls: str, shard_dir: Path, out: Path, batch: int, trainable: str = "heads") -> dict[str, float]:
     """Build the feature cache from scratch (model loaded beforehand); wall time, size and rate."""
     features = shard_dir / "features"
     if features.exists():
         shutil.rmtree(features)
-    config = make_config(urls, out / "runs" / "build", batch, 1, cached=True)
+    config = make_config(urls, out / "runs" / "build", batch, 1, cached=True, trainable=trainable)
     model = create_model(config.model)
     start = time.perf_counter()
     build_config_caches(model, config, progress=False)
@@ -107,17 +110,46 @@ def _cached_samples(files: list[Path]) -> int:
     return total
 
 
-def timed_run(urls: str, run_dir: Path, batch: int, steps: int, cached: bool) -> dict[str, float]:
+def timed_run(urls: str, run_dir: Path, batch: int, steps: int, cached: bool, trainable: str = "heads") -> dict[str, float]:
     """One fresh training run; steps/s after the first step, and including it, from ``metrics.jsonl``."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    train(make_config(urls, run_dir, batch, steps, cached))
+    train(make_config(urls, run_dir, batch, steps, cached, trainable))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ends = {record["step"]: record["step"] * batch / record["samples_per_s"]
             for record in records if "samples_per_s" in record}
     last = max(ends)
     steady = (last - 1) / (ends[last] - ends[1]) if last > 1 else last / ends[last]
     return {"steps_per_s": steady, "steps_per_s_with_first": last / ends[last], "first_step_s": ends[1]}
+
+
+def trained_part_seconds(batch: int, trainable: str, repeats: int = 5) -> float:
+    """The floor of a cached step: forward + backward of the trained part alone, from block inputs in memory.
+
+    ``last_blocks=K`` only: random images and captions are encoded to the first trained block once, then
+    each repetition runs the towers from there, a contrastive loss and the gradient of every trained tensor.
+    """
+    import torch.nn.functional as F  # noqa: N812
+
+    config = make_config("unused", Path("unused"), batch, 1, cached=False, trainable=trainable)
+    torch.manual_seed(0)
+    model = create_model(config.model).train()
+    images = torch.randn(batch, 3, model.image_size, model.image_size)
+    text = model.tokenizer([f"a {WORDS[index % len(WORDS)]} image number {index}" for index in range(batch)])
+    image_in, text_in = model.block_inputs("image", images), model.block_inputs("text", text)
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+    def step() -> None:
+        image = F.normalize(model.encode_from_blocks("image", image_in), dim=-1)
+        caption = F.normalize(model.encode_from_blocks("text", text_in, text), dim=-1)
+        loss = F.cross_entropy(image @ caption.T * model.clip.logit_scale.exp(), torch.arange(batch))
+        torch.autograd.grad(loss, trained, allow_unused=True)
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - start) / repeats
 
 
 def main(argv: list[str]) -> int:
@@ -130,6 +162,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--per-shard", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", default="runs/bench_cache")
+    parser.add_argument("--trainable", default="heads",
+                        help="model.trainable: heads (the cache holds the heads' inputs) or last_blocks=K")
     args = parser.parse_args(argv)
     if not ARCHITECTURE.is_file():
         print(f"{ARCHITECTURE} missing: pip install -e '.[offline-towers]'; "
@@ -142,20 +176,23 @@ def main(argv: list[str]) -> int:
     out = Path(args.out).resolve()
     shard_dir = out / "shards"
     urls = write_shards(shard_dir, args.shards, args.per_shard)
-    build = measure_build(urls, shard_dir, out, args.batch)
+    build = measure_build(urls, shard_dir, out, args.batch, args.trainable)
 
     runs: dict[str, list[dict[str, float]]] = {"uncached": [], "cached": []}
     for _ in range(args.rounds):
-        runs["uncached"].append(timed_run(urls, out / "runs" / "uncached", args.batch, args.steps, cached=False))
-        runs["cached"].append(timed_run(urls, out / "runs" / "cached", args.batch, args.cached_steps, cached=True))
+        runs["uncached"].append(timed_run(urls, out / "runs" / "uncached", args.batch, args.steps, cached=False,
+                                          trainable=args.trainable))
+        runs["cached"].append(timed_run(urls, out / "runs" / "cached", args.batch, args.cached_steps, cached=True,
+                                        trainable=args.trainable))
 
     def median(variant: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[variant])
 
     uncached, cached = median("uncached", "steps_per_s"), median("cached", "steps_per_s")
+    floor = trained_part_seconds(args.batch, args.trainable) if args.trainable != "heads" else None
     command = "python scripts/benchmark.py cache " + " ".join(argv)
     result: dict[str, Any] = {
-        "command": command.strip(), "batch": args.batch, "samples": build["samples"], "rounds": args.rounds,
+        "command": command.strip(), "trainable": args.trainable, "batch": args.batch, "samples": build["samples"], "rounds": args.rounds,
         "uncached_steps": args.steps, "cached_steps": args.cached_steps, "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "uncached_steps_per_s": uncached, "cached_steps_per_s": cached, "ratio_cached_vs_uncached": cached / uncached,
@@ -163,7 +200,7 @@ def main(argv: list[str]) -> int:
         "cached_steps_per_s_with_first": median("cached", "steps_per_s_with_first"),
         "uncached_first_step_s": median("uncached", "first_step_s"),
         "cached_first_step_s": median("cached", "first_step_s"),
-        **build, "runs": runs,
+        "trained_part_s": floor, **build, "runs": runs,
     }
     print(json.dumps(result, indent=2))
     print(f"\n`{result['command']}` (batch {args.batch}, {build['samples']} samples, CPU, "
@@ -172,6 +209,10 @@ def main(argv: list[str]) -> int:
     print(f"| uncached steps/s | {uncached:.3f} |")
     print(f"| cached steps/s | {cached:.2f} |")
     print(f"| ratio cached/uncached | {cached / uncached:.1f}x |")
+    if floor is not None:
+        print(f"| floor: the trained part alone, forward + backward (s/step) | {floor:.3f} |")
+        print(f"| cached step / floor | {1 / cached / floor:.2f}x |")
+        print(f"| most a cache can give (uncached step / floor) | {1 / uncached / floor:.1f}x |")
     print(f"| cache build s ({build['build_samples_per_s']:.0f} samples/s) | {build['build_s']:.1f} |")
     print(f"| cache MB | {build['cache_mb']:.2f} |")
     print(f"| bytes/sample | {build['bytes_per_sample']:.0f} |")
