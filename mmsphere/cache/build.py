@@ -122,6 +122,8 @@ def cache_for(model: torch.nn.Module, data: DataConfig, modality: str, *, digest
                           "frame_sampling": FRAME_SAMPLING},
         "precision": PRECISIONS[precision],
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
+        # float16 storage rounds every stored value (absent for float32, so that older caches stay valid)
+        **({"storage": data.feature_cache_dtype} if data.feature_cache_dtype != "float32" else {}),
     }
     return make_cache(identity, data.feature_cache_dir)
 
@@ -232,6 +234,9 @@ def build_feature_cache(
             source = source_identity(url)  # before reading: a shard rewritten meanwhile is stale next time
             with _autocast(model, cache.identity["precision"]):
                 features, counts = _encode_shard(model, url, decode_options(cache), batch_size)
+            if cache.identity.get("storage") == "float16":
+                features = dataclasses.replace(features, trunk=features.trunk.half(),
+                                               text_trunk=features.text_trunk.half())
             write_shard_features(cache.path_for(url), features, cache.fingerprint, source)
             report.shards_built += 1
             report.samples += features.trunk.shape[0]

@@ -9,6 +9,8 @@ from mmsphere.data.modalities import MODALITY_REGISTRY
 
 __all__ = ["SourceConfig", "DataConfig"]
 
+FEATURE_CACHE_DTYPES = ("float32", "float16")
+
 
 @dataclass
 class SourceConfig:
@@ -39,9 +41,14 @@ class DataConfig:
     # shards and train, validate and evaluate the heads from it (mmsphere.cache; `mmsphere cache`)
     feature_cache: bool = False
     feature_cache_dir: str | None = None  # None = beside each shard folder, in features/<fingerprint>/
+    # how the cached features are stored: float32, or float16 (half the disk; read back as float32, so the
+    # trained part sees the stored values rounded to float16: BENCHMARKS.md measures what that does to the loss)
+    feature_cache_dtype: str = "float32"
 
     def validate(self) -> None:
         """Raise :class:`~mmsphere.errors.ConfigError` for values that are well-typed but impossible."""
+        require(self.feature_cache_dtype in FEATURE_CACHE_DTYPES,
+                f"data.feature_cache_dtype={self.feature_cache_dtype!r} must be one of {', '.join(FEATURE_CACHE_DTYPES)}")
         require(self.frames >= 1, f"data.frames={self.frames} must be >= 1")
         require(self.workers >= 0, f"data.workers={self.workers} must be >= 0")
         require(self.shuffle_buffer >= 0, f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0")

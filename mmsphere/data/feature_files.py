@@ -35,9 +35,9 @@ with a :class:`DataError` of one line naming it. Both checks run each time a sha
 
 One shard's file holds the tensors
 
-- ``trunk``: float32 ``[N, ...]`` (images) or ``[N, T, ...]`` (videos), one row per decoded sample;
+- ``trunk``: float32 (float16 with ``data.feature_cache_dtype: float16``) ``[N, ...]`` (images) or ``[N, T, ...]`` (videos), one row per decoded sample;
 - ``frame_mask``: bool ``[N, T]`` (videos only);
-- ``text_trunk``: float32 ``[U, ...]``, one row per distinct caption string of the shard;
+- ``text_trunk``: float32 (or float16, as ``trunk``) ``[U, ...]``, one row per distinct caption string of the shard;
 - ``caption_rows``: int64 ``[C]``, for each caption of each sample in order, its row of ``text_trunk``;
 - ``caption_offsets``: int64 ``[N + 1]``, sample ``i``'s captions are ``caption_rows[o[i]:o[i+1]]``;
 
@@ -51,6 +51,8 @@ depend on it).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import hashlib
 import json
@@ -225,6 +227,8 @@ def _load(path: Path, cache: FeatureCache, url: str) -> tuple[ShardFeatures | No
     problem = _structure_problem(features)
     if problem is not None:
         return None, f"is inconsistent ({problem})"
+    if features.trunk.dtype == torch.float16:  # data.feature_cache_dtype=float16: computed on in float32
+        features = dataclasses.replace(features, trunk=features.trunk.float(), text_trunk=features.text_trunk.float())
     current = source_identity(url)
     if stored_source != current:
         changed = sorted(key for key in {*stored_source, *current} if stored_source.get(key) != current.get(key))

@@ -64,14 +64,15 @@ def write_shards(directory: Path, shards: int, per_shard: int, seed: int = 0) ->
     return str(directory / f"bench-{{000000..{shards - 1:06d}}}.tar")
 
 
-def make_config(urls: str, output_dir: Path, batch: int, steps: int, cached: bool, trainable: str = "heads") -> Config:
+def make_config(urls: str, output_dir: Path, batch: int, steps: int, cached: bool, trainable: str = "heads",
+                dtype: str = "float32") -> Config:
     """Training of the offline towers' ``trainable`` part on ``urls``, logging every step."""
     return config_from_dict({
         "output_dir": str(output_dir),
         "seed": 0,
         "model": {"name": str(ARCHITECTURE), "pretrained": str(TOWERS), "trainable": trainable},
         "data": {"train": [{"name": "bench", "urls": urls, "modality": "image"}], "workers": 0,
-                 "feature_cache": cached},
+                 "feature_cache": cached, "feature_cache_dtype": dtype},
         "loss": {"terms": {"angular_margin": 1.0}, "margin": 0.1},
         "meta": {"enabled": False},
         "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-3, "warmup_steps": 0, "log_every": 1,
@@ -84,21 +85,30 @@ def cache_files(features: Path) -> list[Path]:
     return sorted(features.rglob("*.safetensors")) if features.is_dir() else []
 
 
-def measure_build(urls: str, shard_dir: Path, out: Path, batch: int, trainable: str = "heads") -> dict[str, float]:
+def measure_build(urls: str, shard_dir: Path, out: Path, batch: int, trainable: str = "heads",
+                  dtype: str = "float32") -> dict[str, float]:
     """Build the feature cache from scratch (model loaded beforehand); wall time, size and rate."""
     features = shard_dir / "features"
-    if features.exists():
+    config = make_config(urls, out / "runs" / "build", batch, 1, cached=True, trainable=trainable, dtype=dtype)
+    if dtype == "float32" and features.exists():
         shutil.rmtree(features)
-    config = make_config(urls, out / "runs" / "build", batch, 1, cached=True, trainable=trainable)
     model = create_model(config.model)
     start = time.perf_counter()
     build_config_caches(model, config, progress=False)
     seconds = time.perf_counter() - start
-    files = cache_files(features)
+    files = cache_files(features / _fingerprint(config))
     size = sum(path.stat().st_size for path in files)
     samples = _cached_samples(files)
     return {"build_s": seconds, "samples": samples, "build_samples_per_s": samples / seconds,
             "cache_mb": size / 1e6, "bytes_per_sample": size / max(samples, 1), "files": len(files)}
+
+
+def _fingerprint(config: Config) -> str:
+    """The folder name of ``config``'s training cache."""
+    from mmsphere.cache.build import config_caches
+
+    model = create_model(config.model)
+    return next(iter(config_caches(model, config)[0].values())).fingerprint
 
 
 def _cached_samples(files: list[Path]) -> int:
@@ -110,17 +120,20 @@ def _cached_samples(files: list[Path]) -> int:
     return total
 
 
-def timed_run(urls: str, run_dir: Path, batch: int, steps: int, cached: bool, trainable: str = "heads") -> dict[str, float]:
+def timed_run(urls: str, run_dir: Path, batch: int, steps: int, cached: bool, trainable: str = "heads",
+              dtype: str = "float32") -> dict[str, Any]:
     """One fresh training run; steps/s after the first step, and including it, from ``metrics.jsonl``."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    train(make_config(urls, run_dir, batch, steps, cached, trainable))
+    train(make_config(urls, run_dir, batch, steps, cached, trainable, dtype))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ends = {record["step"]: record["step"] * batch / record["samples_per_s"]
             for record in records if "samples_per_s" in record}
     last = max(ends)
     steady = (last - 1) / (ends[last] - ends[1]) if last > 1 else last / ends[last]
-    return {"steps_per_s": steady, "steps_per_s_with_first": last / ends[last], "first_step_s": ends[1]}
+    losses = [record["loss/total"] for record in records if "loss/total" in record]
+    return {"steps_per_s": steady, "steps_per_s_with_first": last / ends[last], "first_step_s": ends[1],
+            "losses": losses}
 
 
 def trained_part_seconds(batch: int, trainable: str, repeats: int = 5) -> float:
@@ -162,6 +175,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--per-shard", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", default="runs/bench_cache")
+    parser.add_argument("--float16", action="store_true",
+                        help="also train from a float16-stored cache: its size and its loss curve against float32's")
     parser.add_argument("--trainable", default="heads",
                         help="model.trainable: heads (the cache holds the heads' inputs) or last_blocks=K")
     args = parser.parse_args(argv)
@@ -185,6 +200,18 @@ def main(argv: list[str]) -> int:
         runs["cached"].append(timed_run(urls, out / "runs" / "cached", args.batch, args.cached_steps, cached=True,
                                         trainable=args.trainable))
 
+    half: dict[str, Any] | None = None
+    if args.float16:
+        # the same cached run from float16-stored features: same seed, same batches; only the stored values differ
+        half_build = measure_build(urls, shard_dir, out, args.batch, args.trainable, dtype="float16")
+        half_run = timed_run(urls, out / "runs" / "cached_fp16", args.batch, args.cached_steps, cached=True,
+                             trainable=args.trainable, dtype="float16")
+        wide = runs["cached"][-1]["losses"]
+        gaps = [abs(a - b) for a, b in zip(half_run["losses"], wide)]
+        half = {"bytes_per_sample": half_build["bytes_per_sample"], "steps_per_s": half_run["steps_per_s"],
+                "max_abs_loss_difference": max(gaps), "final_loss_float32": wide[-1],
+                "final_loss_float16": half_run["losses"][-1], "steps_compared": len(gaps)}
+
     def median(variant: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[variant])
 
@@ -200,7 +227,7 @@ def main(argv: list[str]) -> int:
         "cached_steps_per_s_with_first": median("cached", "steps_per_s_with_first"),
         "uncached_first_step_s": median("uncached", "first_step_s"),
         "cached_first_step_s": median("cached", "first_step_s"),
-        "trained_part_s": floor, **build, "runs": runs,
+        "trained_part_s": floor, "float16": half, **build, "runs": runs,
     }
     print(json.dumps(result, indent=2))
     print(f"\n`{result['command']}` (batch {args.batch}, {build['samples']} samples, CPU, "
@@ -213,6 +240,12 @@ def main(argv: list[str]) -> int:
         print(f"| floor: the trained part alone, forward + backward (s/step) | {floor:.3f} |")
         print(f"| cached step / floor | {1 / cached / floor:.2f}x |")
         print(f"| most a cache can give (uncached step / floor) | {1 / uncached / floor:.1f}x |")
+    if half is not None:
+        print(f"| float16 storage: bytes/sample | {half['bytes_per_sample']:.0f} |")
+        print(f"| float16 storage: cached steps/s | {half['steps_per_s']:.2f} |")
+        print(f"| float16 vs float32 storage: largest loss difference over {half['steps_compared']} steps | "
+              f"{half['max_abs_loss_difference']:.2e} (final loss {half['final_loss_float16']:.6f} vs "
+              f"{half['final_loss_float32']:.6f}) |")
     print(f"| cache build s ({build['build_samples_per_s']:.0f} samples/s) | {build['build_s']:.1f} |")
     print(f"| cache MB | {build['cache_mb']:.2f} |")
     print(f"| bytes/sample | {build['bytes_per_sample']:.0f} |")

@@ -518,3 +518,28 @@ def test_the_cached_layer_is_part_of_the_fingerprint():
         with torch.no_grad():
             model.clip.visual.transformer.resblocks[block].mlp.c_fc.weight.add_(0.01)
         assert (cache_for(model, DataConfig(), "image").fingerprint != fingerprints["last_blocks=1"]) == changes, block
+
+
+def test_float16_storage_halves_the_files_and_reads_back_as_float32(shards, tmp_path):
+    """data.feature_cache_dtype=float16: its own cache (own fingerprint), half-size tensors holding the float32
+    features rounded to float16, read back as float32 (what it does to training: BENCHMARKS.md)."""
+    model = _seeded_model("mmsphere-small", trainable="last_blocks=1")
+    wide = cache_for(model, DataConfig(feature_cache_dir=str(tmp_path / "f32")), "image")
+    half = cache_for(model, DataConfig(feature_cache_dir=str(tmp_path / "f16"), feature_cache_dtype="float16"), "image")
+    assert wide.fingerprint != half.fingerprint and half.identity["storage"] == "float16"
+    assert "storage" not in wide.identity  # float32 caches keep the fingerprints they had
+    for cache in (wide, half):
+        build_feature_cache(model, cache, shards["val"], batch_size=8, progress=False)
+    url = _urls(shards["val"])[0]
+    (wide_tensors, _), (half_tensors, _) = _file_tensors(wide.path_for(url)), _file_tensors(half.path_for(url))
+    for name in ("trunk", "text_trunk"):
+        assert wide_tensors[name].dtype == torch.float32 and half_tensors[name].dtype == torch.float16
+        assert torch.equal(half_tensors[name], wide_tensors[name].half())
+    read = read_shard_features(half, url)
+    assert read.trunk.dtype == torch.float32 and torch.equal(read.trunk, wide_tensors["trunk"].half().float())
+    assert read.text_trunk.dtype == torch.float32
+
+
+def test_bad_feature_cache_dtype_is_refused():
+    with pytest.raises(ConfigError, match="data.feature_cache_dtype='bfloat16' must be one of float32, float16"):
+        DataConfig(feature_cache_dtype="bfloat16").validate()
