@@ -162,6 +162,7 @@ def main() -> None:
             print(f"| face | {cell(face)} | – |")
             print(f"| measured | {cell(measured_acc)} | {delta(measured_acc, face)} |")
             print(f"| defaults | {cell(off[level]['sface'])} | {delta(off[level]['sface'], face)} |")
+            print(f"\nmeasured − defaults: {delta(measured_acc, off[level]['sface'])}")
     FIGURES.mkdir(exist_ok=True)
     (FIGURES / "margin_family_results.json").write_text(json.dumps(
         {key: {str(seed): value for seed, value in values.items()} for key, values in stored.items()}, indent=1))
