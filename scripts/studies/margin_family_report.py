@@ -94,7 +94,7 @@ def main() -> None:
               "(seeds > 0 / < 0).\n")
         header = "| loss | meta off | meta on | Δ on − off | weight AUROC (on) | Δ off − CLIP off |"
         if level != "00":
-            header += " early-stopped (step) | Δ on − early |"
+            header += " early-stopped (step) | Δ early − off | Δ on − early |"
         print(header)
         print("|" + "---|" * (header.count("|") - 1))
         off[level], on[level], early[level] = {}, {}, {}
@@ -113,7 +113,8 @@ def main() -> None:
                 early[level][loss] = per_seed(stopped)
                 stored[f"{level}/early/{loss}"] = early[level][loss]
                 steps = stopped["base_config"]["train"]["max_steps"] if stopped else "–"
-                row += f" {cell(early[level][loss])} ({steps}) | {delta(on[level][loss], early[level][loss])} |"
+                row += (f" {cell(early[level][loss])} ({steps}) | {delta(early[level][loss], off[level][loss])} | "
+                        f"{delta(on[level][loss], early[level][loss])} |")
             print(row)
         if level != "00" and all(len(off[level][loss]) >= 2 for loss in LOSSES):
             mean = lambda values: statistics.fmean(values.values())  # noqa: E731
