@@ -387,6 +387,12 @@ class DualEncoder(nn.Module):
 
     def last_block_parameter_names(self, count: int) -> list[str]:
         """Parameters of the last ``count`` blocks of each tower's stack and of every module the tower runs after them."""
+        found = self.__dict__.setdefault("_last_block_names", {})
+        if count not in found:  # the names are fixed once the towers are built; finding them runs both towers
+            found[count] = self._find_last_block_parameter_names(count)
+        return list(found[count])
+
+    def _find_last_block_parameter_names(self, count: int) -> list[str]:
         names = []
         probes = {"image": lambda: self.clip.encode_image(torch.zeros(1, 3, self.image_size, self.image_size)),
                   "text": lambda: self.clip.encode_text(self.tokenizer(["a"]))}

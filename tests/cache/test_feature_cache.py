@@ -207,12 +207,23 @@ def test_cached_heads_training_matches_decoding_mixed_resnet_accum(shards, tmp_p
             torch.testing.assert_close(value, initial[name], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("meta", [False, True])
-def test_cached_last_block_training_matches_decoding(shards, tmp_path, monkeypatch, meta):
-    """model.trainable=last_blocks=1: the cache holds each tower's last block input; cached == decoded, nothing decoded."""
+@pytest.mark.parametrize(("meta", "video"), [(False, False), (True, False), (False, True)])
+def test_cached_last_block_training_matches_decoding(shards, tmp_path, monkeypatch, meta, video):
+    """model.trainable=last_blocks=1: the cache holds each tower's last block input (every frame's, for video);
+    cached == decoded, nothing decoded."""
+    data = {"val": {"urls": shards["val"], "modality": "image"}, "resampled": False}
+    if video:  # image and video sources mixed, a video validation set
+        data = {"train": [{"urls": shards["train"], "modality": "image"}, {"urls": shards["video"], "modality": "video"}],
+                "val": {"urls": shards["video_val"], "modality": "video"}, "frames": 4, "resampled": False}
     raw = tiny_config(shards, tmp_path / "unused", model={"name": "mmsphere-small", "trainable": "last_blocks=1"},
-                      data={"val": {"urls": shards["val"], "modality": "image"}, "resampled": False},
-                      meta={"enabled": meta, "params": "all"}, train={"max_steps": 4, "val_every": 2})
+                      data=data, meta={"enabled": meta, "params": "all"}, train={"max_steps": 4, "val_every": 2})
+    if video:  # precondition: the 4 steps draw from both sources
+        config = config_from_dict(raw)
+        model = _seeded_model("mmsphere-small", trainable="last_blocks=1")
+        stream = build_train_stream(config.data.train, config.data, image_size=model.image_size,
+                                    image_mean=model.image_mean, image_std=model.image_std, tokenizer=model.tokenizer,
+                                    batch_size=config.train.batch_size)
+        assert {stream.source_of(index, 0) for index in range(4)} == {0, 1}
     plain, cached, plain_params, cached_params = _run_pair(raw, tmp_path, monkeypatch)
     _assert_same_runs(plain, cached, plain_params, cached_params, "mmsphere-small",
                       ["clip.visual.proj", "clip.text_projection", "clip.visual.transformer.resblocks.1.mlp.c_fc.weight",
