@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from intervals import TIE, interval  # noqa: E402  (the study scripts are not a package)
-from margin_family import CGD_DEFAULT, FACE_AB, LOSSES  # noqa: E402
+from margin_family import CGD_DEFAULT, FACE_AB, LOSSES, RSUM  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 LEVELS = ("00", "20", "40")
@@ -164,6 +164,38 @@ def main() -> None:
             print(f"| measured | {cell(measured_acc)} | {delta(measured_acc, face)} |")
             print(f"| defaults | {cell(off[level]['sface'])} | {delta(off[level]['sface'], face)} |")
             print(f"\nmeasured − defaults: {delta(measured_acc, off[level]['sface'])}")
+    coco = args.runs / "coco"
+    if (coco / "choices.json").is_file() or (coco / "tune").is_dir():
+        choices_file = coco / "choices.json"
+        choices = json.loads(choices_file.read_text()) if choices_file.is_file() else {}
+        print("\n### COCO caption retrieval\n")
+        print("Tuning (seed 5, meta off): R@1 + R@5 + R@10 both ways on the 12 validation images; the chosen value "
+              "in bold.\n")
+        print("| loss | candidates | chosen |\n|---|---|---|")
+        for loss, candidates in LOSSES.items():
+            shown = []
+            for label, _, _ in candidates:
+                found = load(coco / "tune" / loss / label.replace("=", "_") / "ablation.json")
+                value = f"{label}: {sum(found['runs'][0]['metrics'][key] for key in RSUM):.1f}" if found \
+                    else f"{label}: –"
+                shown.append(f"**{value}**" if choices.get(loss) == label else value)
+            print(f"| {LABELS[loss]} | {', '.join(shown)} | {choices.get(loss, '–')} |")
+        print("\nTest (the 79 val2017 images, 395 captions), seeds 0-4: R@1 % both ways.\n")
+        print("| loss | t2v R@1 off | t2v R@1 on | Δ on − off | Δ off − CLIP off | v2t R@1 off | Δ off − CLIP off |")
+        print("|---|---|---|---|---|---|---|")
+        found = {loss: load(coco / "final" / loss / "ablation.json") for loss in LOSSES}
+        def metric(loss, index, key):
+            results = found[loss]
+            return per_seed(results, list(results["variants"])[index], key, 1.0) if results else {}
+        for loss in LOSSES:
+            t2v_off, t2v_on = metric(loss, 0, "t2v/R@1"), metric(loss, 1, "t2v/R@1")
+            v2t_off = metric(loss, 0, "v2t/R@1")
+            stored[f"coco/final/{loss}/off/t2v_R@1"], stored[f"coco/final/{loss}/on/t2v_R@1"] = t2v_off, t2v_on
+            stored[f"coco/final/{loss}/off/v2t_R@1"] = v2t_off
+            clip = (metric("clip", 0, "t2v/R@1"), metric("clip", 0, "v2t/R@1"))
+            print(f"| {LABELS[loss]} | {cell(t2v_off)} | {cell(t2v_on)} | {delta(t2v_on, t2v_off)} | "
+                  f"{delta(t2v_off, clip[0]) if loss != 'clip' else '–'} | {cell(v2t_off)} | "
+                  f"{delta(v2t_off, clip[1]) if loss != 'clip' else '–'} |")
     FIGURES.mkdir(exist_ok=True)
     (FIGURES / "margin_family_results.json").write_text(json.dumps(
         {key: {str(seed): value for seed, value in values.items()} for key, values in stored.items()}, indent=1))
