@@ -41,9 +41,12 @@ def _check_every_split(model, tower: str, inputs: torch.Tensor, dummy: torch.Ten
                     handle.remove()
             assert calls == list(range(start, len(stack))), (start, calls)
             torch.testing.assert_close(resumed, full, rtol=1e-5, atol=1e-6)
-            # each sample's cached input is its own: computed alone it is the same
+            # each sample's cached input is its own: computed alone it is the same, up to the rounding of the
+            # kernels a batch of one selects (a CNN's convolutions: a few 1e-6 on values of order 1, depending on
+            # the thread count); another sample's input would differ by the values themselves
             alone = block_input(lambda: encode(inputs[1:2]), stack, start)
-            torch.testing.assert_close(alone[0], cached[1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(alone[0], cached[1], rtol=1e-4, atol=1e-5 * float(cached[1].abs().max()))
+            assert not torch.allclose(cached[0], cached[1], rtol=1e-2, atol=1e-3)
         assert getattr(owner, attribute) is stack  # the stack is restored
     return len(stack)
 
@@ -70,6 +73,7 @@ def test_offline_tower_kinds_split_at_every_block(tiny_towers, tmp_path, monkeyp
     monkeypatch.setattr(offline_towers, "efficientnet_lite0_checkpoint", lambda: tiny_towers["image"])
     paths = export_offline_towers(tmp_path / "export", seed=3)
     model = create_model(ModelConfig(name=paths["name"], pretrained=paths["pretrained"]))
+    torch.manual_seed(0)  # the same inputs whatever the test order
     images = torch.randn(3, 3, 96, 96)
     assert _check_every_split(model, "image", images, torch.zeros(1, 3, 96, 96)) == 7  # EfficientNet's stages
     text = model.tokenizer(["a dog on the beach", "a red bus", "the beach"])
