@@ -141,6 +141,14 @@ def _run_pair(raw: dict, tmp_path: Path, monkeypatch) -> tuple[dict, dict, dict,
         load_run(raw_cached["output_dir"]).named_parameters())
 
 
+def _sources_drawn(config, model, steps: int) -> set[int]:
+    """The sources the first ``steps`` batches of epoch 0 come from."""
+    stream = build_train_stream(config.data.train, config.data, image_size=model.image_size,
+                                image_mean=model.image_mean, image_std=model.image_std, tokenizer=model.tokenizer,
+                                batch_size=config.train.batch_size)
+    return {stream.source_of(index, 0) for index in range(steps)}
+
+
 def _assert_same_runs(plain, cached, plain_params, cached_params, model_name: str, trained: list[str]) -> None:
     assert plain["steps"] == cached["steps"] == 4
     assert sum(plain["skipped_samples"].values()) >= 1, plain["skipped_samples"]  # the bad sample was met
@@ -193,10 +201,7 @@ def test_cached_heads_training_matches_decoding_mixed_resnet_accum(shards, tmp_p
     config = config_from_dict(raw)
     torch.manual_seed(0)
     model = create_model(config.model)
-    stream = build_train_stream(config.data.train, config.data, image_size=model.image_size,
-                                image_mean=model.image_mean, image_std=model.image_std, tokenizer=model.tokenizer,
-                                batch_size=config.train.batch_size)
-    assert {stream.source_of(index, 0) for index in range(4)} == {0, 1}
+    assert _sources_drawn(config, model, steps=4) == {0, 1}
     plain, cached, plain_params, cached_params = _run_pair(raw, tmp_path, monkeypatch)
     _assert_same_runs(plain, cached, plain_params, cached_params, "mmsphere-tiny-rn",
                       ["clip.visual.attnpool.c_proj.weight", "clip.text_projection"])
@@ -220,10 +225,7 @@ def test_cached_last_block_training_matches_decoding(shards, tmp_path, monkeypat
     if video:  # precondition: the 4 steps draw from both sources
         config = config_from_dict(raw)
         model = _seeded_model("mmsphere-small", trainable="last_blocks=1")
-        stream = build_train_stream(config.data.train, config.data, image_size=model.image_size,
-                                    image_mean=model.image_mean, image_std=model.image_std, tokenizer=model.tokenizer,
-                                    batch_size=config.train.batch_size)
-        assert {stream.source_of(index, 0) for index in range(4)} == {0, 1}
+        assert _sources_drawn(config, model, steps=4) == {0, 1}
     plain, cached, plain_params, cached_params = _run_pair(raw, tmp_path, monkeypatch)
     _assert_same_runs(plain, cached, plain_params, cached_params, "mmsphere-small",
                       ["clip.visual.proj", "clip.text_projection", "clip.visual.transformer.resblocks.1.mlp.c_fc.weight",
