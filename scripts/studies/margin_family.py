@@ -9,7 +9,10 @@ Per corruption level (40%, 20%, 0%; the order runs the most telling level first)
    t2v R@10 peaked (to 25 steps), seeds 0-4: early stopping with a clean set;
 4. **cgd** (40%): the terms with a ``detach`` option with the other setting, seeds 0-4;
 5. **sface_ab** (20%, 40%): SFace with the face values (a 0.8, b 1.23) and with a, b measured by
-   ``mmsphere sface-ab`` on the first 4 batches, seeds 0-4.
+   ``mmsphere sface-ab`` on the first 4 batches, seeds 0-4;
+6. **lastblock** (40%, ``--lastblock``): each loss at the value chosen in 1. with the last block of each tower
+   trainable as well (``configs/studies/cifar10_noisy_lastblock.yaml``), seeds 0-4 meta off, and meta on for the
+   losses of ``--lastblock-meta``. Not re-tuned: every arm keeps the value the heads-only tuning chose for it.
 Then COCO retrieval (``configs/studies/coco_family.yaml``: the coco_mini training images split by image
 into 60 train, 8 meta and 12 validation images; the 79 val2017 images are the test set): the same
 tuning, chosen by R@1 + R@5 + R@10 both ways on the validation images, then seeds 0-4 meta off and on.
@@ -31,6 +34,7 @@ import sys
 from pathlib import Path
 
 CONFIG = "configs/studies/cifar10_noisy.yaml"
+LASTBLOCK_CONFIG = "configs/studies/cifar10_noisy_lastblock.yaml"
 ALL10 = "runs/study2/cifar/all10"
 TUNING_SEED = 5
 # each loss: its main hyperparameter's three candidates, as (label, variant, extra overrides)
@@ -51,11 +55,11 @@ FACE_AB = (0.8, 1.23)
 
 
 def ablate(out: Path, variants: list[str], level: str, *, seeds: int, seed: int = 0, overrides: list[str] = (),
-           evaluate_on: str = "test") -> list[str]:
+           evaluate_on: str = "test", config: str = CONFIG) -> list[str]:
     """The ``scripts/ablate.py`` command of one study cell (``evaluate_on``: ``val`` for tuning, ``test`` otherwise)."""
     images = f"{ALL10}/val/shard-000000.tar" if evaluate_on == "val" else f"{ALL10}/test/shard-{{000000..000003}}.tar"
     train = f"[{{name: cifar10_train, urls: '{ALL10}/train_{level}/shard-{{000000..000009}}.tar', modality: image}}]"
-    command = [sys.executable, "scripts/ablate.py", "--config", CONFIG, "--variants", ",".join(variants),
+    command = [sys.executable, "scripts/ablate.py", "--config", config, "--variants", ",".join(variants),
                "--seeds", str(seeds), "--out", str(out), "--ood-id", images, "--classes", f"{ALL10}/classes.txt",
                "--eval-batch-size", "500", f"data.train={train}", f"seed={seed}", *overrides]
     if evaluate_on == "test":
@@ -164,6 +168,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--levels", default="40,20,00", help="CIFAR-10 corruption levels ('' for none)")
     parser.add_argument("--coco", action=argparse.BooleanOptionalAction, default=True, help="the COCO part")
+    parser.add_argument("--lastblock", action="store_true", help="the 40%% arms with the last blocks trainable")
+    parser.add_argument("--lastblock-meta", default="angular_margin,clip,arcface,cam_softmax",
+                        help="the losses whose last-block arm also runs with meta weighting")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     for level in filter(None, args.levels.split(",")):
@@ -197,9 +204,30 @@ def main() -> int:
                 commands.append((root / "cgd" / loss, ablate(root / "cgd" / loss, [f"{variant},detach={not default}"],
                                                             level, seeds=5, overrides=overrides)))
         run_all(commands, args.jobs)
+        if args.lastblock and level == "40":
+            lastblock_phase(root, args.lastblock_meta.split(","), args.jobs)
     if args.coco:
         coco_study(args.out / "coco", args.jobs)
     return 0
+
+
+def lastblock_phase(root: Path, with_meta: list[str], jobs: int) -> None:
+    """Each loss at its chosen value with the last block of each tower trainable, seeds 0-4, meta off (and on)."""
+    choices = {loss: chosen(root / "tune", loss) for loss in LOSSES}
+    # the robust and the reference losses first, so that an interrupted phase has the telling pairs
+    order = ["clip", "arcface", "cam_softmax", "angular_margin", "sface", "sphereface2", "cosface", "sphereface_r"]
+    commands, meta_commands = [], []
+    for loss in order:
+        label, variant, overrides = choices[loss]
+        commands.append((root / "lastblock" / loss, ablate(root / "lastblock" / loss, [variant], "40", seeds=5,
+                                                           overrides=overrides, config=LASTBLOCK_CONFIG)))
+        if loss in with_meta:
+            meta = (root / "lastblock_meta" / loss, ablate(root / "lastblock_meta" / loss, [_with_meta(variant)], "40",
+                                                           seeds=5, overrides=overrides, config=LASTBLOCK_CONFIG))
+            # MAMA + meta is the reference of the "how close to meta weighting" question: right after its own arm
+            (commands if loss == "angular_margin" else meta_commands).append(meta)
+    commands += meta_commands
+    run_all(commands, jobs)
 
 
 def coco_study(root: Path, jobs: int) -> None:

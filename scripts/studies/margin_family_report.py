@@ -67,6 +67,37 @@ def delta(arm: dict[int, float], reference: dict[int, float], decimals: int = 1)
             f"({sum(d > TIE for d in diffs)}/{sum(d < -TIE for d in diffs)})")
 
 
+def lastblock_tables(root: Path, heads_off: dict[str, dict[int, float]], heads_on: dict[str, dict[int, float]],
+                     stored: dict[str, Any]) -> None:
+    """The 40% arms with the last block of each tower trainable, against the heads-only arms (same seeds)."""
+    last_off = {loss: per_seed(load(root / "lastblock" / loss / "ablation.json")) for loss in LOSSES}
+    last_on = {loss: per_seed(load(root / "lastblock_meta" / loss / "ablation.json")) for loss in LOSSES}
+    auroc = {loss: per_seed(load(root / "lastblock_meta" / loss / "ablation.json"), key=WEIGHT_AUROC, scale=1.0)
+             for loss in LOSSES}
+    for loss in LOSSES:
+        stored[f"40/lastblock/{loss}/off"], stored[f"40/lastblock/{loss}/on"] = last_off[loss], last_on[loss]
+    print("\nThe last block of each tower trainable too (40%, each loss at its heads-only choice), seeds 0-4.\n")
+    print("| loss | heads only, off | last block, off | Δ last block − heads | Δ − CLIP (last block) | "
+          "last block + meta | Δ meta on − off | weight AUROC |\n|---|---|---|---|---|---|---|---|")
+    for loss in LOSSES:
+        print(f"| {LABELS[loss]} | {cell(heads_off[loss])} | {cell(last_off[loss])} | "
+              f"{delta(last_off[loss], heads_off[loss])} | "
+              f"{delta(last_off[loss], last_off['clip']) if loss != 'clip' else '–'} | {cell(last_on[loss])} | "
+              f"{delta(last_on[loss], last_off[loss])} | {cell(auroc[loss], 3)} |")
+    done = [loss for loss in LOSSES if len(last_off[loss]) >= 2]
+    if done:
+        mean = lambda values: statistics.fmean(values.values())  # noqa: E731
+        best = max(done, key=lambda loss: mean(last_off[loss]))
+        best_heads = max(LOSSES, key=lambda loss: mean(heads_off[loss]) if heads_off[loss] else float("-inf"))
+        print("\n| comparison (last block, 40%; \"best\" chosen after the fact) | Δ accuracy, paired |\n|---|---|")
+        print(f"| {LABELS[best]} (best without clean data) − CLIP | {delta(last_off[best], last_off['clip'])} |")
+        print(f"| angular margin + meta − {LABELS[best]} | {delta(last_on['angular_margin'], last_off[best])} |")
+        print(f"| {LABELS[best]}, last block − {LABELS[best_heads]}, heads only | "
+              f"{delta(last_off[best], heads_off[best_heads])} |")
+        print(f"| angular margin + meta, last block − heads only | "
+              f"{delta(last_on['angular_margin'], heads_on['angular_margin'])} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/study2/margin_family"))
@@ -164,6 +195,8 @@ def main() -> None:
             print(f"| measured | {cell(measured_acc)} | {delta(measured_acc, face)} |")
             print(f"| defaults | {cell(off[level]['sface'])} | {delta(off[level]['sface'], face)} |")
             print(f"\nmeasured − defaults: {delta(measured_acc, off[level]['sface'])}")
+        if level == "40" and (root / "lastblock").is_dir():
+            lastblock_tables(root, off[level], on[level], stored)
     coco = args.runs / "coco"
     if (coco / "choices.json").is_file() or (coco / "tune").is_dir():
         choices_file = coco / "choices.json"
