@@ -23,7 +23,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from intervals import TIE, interval  # noqa: E402  (the study scripts are not a package)
+from cached_figures import curve  # noqa: E402  (the study scripts are not a package)
+from intervals import TIE, interval  # noqa: E402
 from margin_family import CGD_DEFAULT, FACE_AB, LOSSES, RSUM  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parent / "figures"
@@ -67,6 +68,16 @@ def delta(arm: dict[int, float], reference: dict[int, float], decimals: int = 1)
             f"({sum(d > TIE for d in diffs)}/{sum(d < -TIE for d in diffs)})")
 
 
+def skipped(root: Path, loss: str) -> str:
+    """Non-finite steps skipped, summed over the last-block runs of ``loss`` (meta off / on)."""
+    counts = []
+    for study in (root / "lastblock" / loss, root / "lastblock_meta" / loss):
+        results = load(study / "ablation.json")
+        counts.append(str(sum(run["training"]["nonfinite_steps_skipped"] for run in results["runs"]))
+                      if results else "–")
+    return " / ".join(counts)
+
+
 def lastblock_tables(root: Path, heads_off: dict[str, dict[int, float]], heads_on: dict[str, dict[int, float]],
                      stored: dict[str, Any]) -> None:
     """The 40% arms with the last block of each tower trainable, against the heads-only arms (same seeds)."""
@@ -78,12 +89,13 @@ def lastblock_tables(root: Path, heads_off: dict[str, dict[int, float]], heads_o
         stored[f"40/lastblock/{loss}/off"], stored[f"40/lastblock/{loss}/on"] = last_off[loss], last_on[loss]
     print("\nThe last block of each tower trainable too (40%, each loss at its heads-only choice), seeds 0-4.\n")
     print("| loss | heads only, off | last block, off | Δ last block − heads | Δ − CLIP (last block) | "
-          "last block + meta | Δ meta on − off | weight AUROC |\n|---|---|---|---|---|---|---|---|")
+          "last block + meta | Δ meta on − off | weight AUROC | non-finite steps skipped |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for loss in LOSSES:
         print(f"| {LABELS[loss]} | {cell(heads_off[loss])} | {cell(last_off[loss])} | "
               f"{delta(last_off[loss], heads_off[loss])} | "
               f"{delta(last_off[loss], last_off['clip']) if loss != 'clip' else '–'} | {cell(last_on[loss])} | "
-              f"{delta(last_on[loss], last_off[loss])} | {cell(auroc[loss], 3)} |")
+              f"{delta(last_on[loss], last_off[loss])} | {cell(auroc[loss], 3)} | {skipped(root, loss)} |")
     done = [loss for loss in LOSSES if len(last_off[loss]) >= 2]
     if done:
         mean = lambda values: statistics.fmean(values.values())  # noqa: E731
@@ -92,10 +104,31 @@ def lastblock_tables(root: Path, heads_off: dict[str, dict[int, float]], heads_o
         print("\n| comparison (last block, 40%; \"best\" chosen after the fact) | Δ accuracy, paired |\n|---|---|")
         print(f"| {LABELS[best]} (best without clean data) − CLIP | {delta(last_off[best], last_off['clip'])} |")
         print(f"| angular margin + meta − {LABELS[best]} | {delta(last_on['angular_margin'], last_off[best])} |")
+        if best != best_heads:
+            print(f"| {LABELS[best]} − {LABELS[best_heads]} (the heads-only best), last block | "
+                  f"{delta(last_off[best], last_off[best_heads])} |")
         print(f"| {LABELS[best]}, last block − {LABELS[best_heads]}, heads only | "
               f"{delta(last_off[best], heads_off[best_heads])} |")
         print(f"| angular margin + meta, last block − heads only | "
               f"{delta(last_on['angular_margin'], heads_on['angular_margin'])} |")
+    # whether 400 steps is past each arm's validation peak, heads only and last block alike (REPORT: convergence)
+    print("\nValidation t2v R@10 (every 25 steps, meta off): the step of its peak and last − peak, means over "
+          "seeds.\n\n| loss | heads only: peak step | heads only: last − peak | last block: peak step | "
+          "last block: last − peak |\n|---|---|---|---|---|")
+    for loss in LOSSES:
+        cells = []
+        for study in (root / "final" / loss, root / "lastblock" / loss):
+            results = load(study / "ablation.json")
+            runs = [run for run in results["runs"] if "+meta" not in run["variant"]] if results else []
+            found = [curve(run["run_dir"], "val/t2v/R@10") for run in runs]
+            found = [(steps, values) for steps, values in found if values]
+            if not found:
+                cells += ["–", "–"]
+                continue
+            peaks = [steps[values.index(max(values))] for steps, values in found]
+            cells += [f"{statistics.fmean(peaks):.0f}",
+                      f"{statistics.fmean(values[-1] - max(values) for _, values in found):+.2f}"]
+        print(f"| {LABELS[loss]} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
