@@ -104,6 +104,11 @@ def lastblock_tables(root: Path, heads_off: dict[str, dict[int, float]], heads_o
         print("\n| comparison (last block, 40%; \"best\" chosen after the fact) | Δ accuracy, paired |\n|---|---|")
         print(f"| {LABELS[best]} (best without clean data) − CLIP | {delta(last_off[best], last_off['clip'])} |")
         print(f"| angular margin + meta − {LABELS[best]} | {delta(last_on['angular_margin'], last_off[best])} |")
+        with_meta = [loss for loss in LOSSES if len(last_on[loss]) >= 2]
+        best_on = max(with_meta, key=lambda loss: mean(last_on[loss])) if with_meta else "angular_margin"
+        if best_on != "angular_margin":
+            print(f"| {LABELS[best_on]} + meta (best with meta) − {LABELS[best]} | "
+                  f"{delta(last_on[best_on], last_off[best])} |")
         if best != best_heads:
             print(f"| {LABELS[best]} − {LABELS[best_heads]} (the heads-only best), last block | "
                   f"{delta(last_off[best], last_off[best_heads])} |")
